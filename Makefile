@@ -1,0 +1,57 @@
+# ctr: daily-retrained CTR pipeline. `make demo` and `make test` are the two commands.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+ROOT := $(abspath .)
+
+export AIRFLOW_HOME := $(ROOT)/.airflow
+export AIRFLOW__CORE__DAGS_FOLDER := $(ROOT)/dags
+export AIRFLOW__CORE__PLUGINS_FOLDER := $(ROOT)/plugins
+export AIRFLOW__CORE__LOAD_EXAMPLES := False
+export AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION := True
+export AIRFLOW__API__HOST := 127.0.0.1
+export AIRFLOW__API__PORT := 8080
+export CTR_HOME ?= $(ROOT)/state
+export PATH := $(ROOT)/$(BIN):$(PATH)
+
+DAYS ?= 8
+ROWS ?= 50000
+# The holdout day of the demo run; defaults to the last generated day.
+DATE ?=
+
+.PHONY: venv demo test airflow stop bench lint clean
+
+venv: $(BIN)/.installed
+
+$(BIN)/.installed: requirements.txt pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps -e .
+	$(BIN)/pip check
+	@touch $@
+
+demo: venv
+	$(BIN)/python -m ctr.demo --days $(DAYS) --rows-per-day $(ROWS) $(if $(DATE),--date $(DATE))
+
+test: venv
+	$(BIN)/ruff check plugins dags jobs tests benchmarks
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+airflow: venv
+	$(BIN)/airflow db migrate >/dev/null
+	@echo "Airflow UI on http://127.0.0.1:8080 (credentials in $(AIRFLOW_HOME)/simple_auth_manager_passwords.json.generated)"
+	$(BIN)/airflow standalone
+
+stop: venv
+	$(BIN)/python -m ctr.demo --stop
+
+bench: venv
+	$(BIN)/python benchmarks/run_all.py
+
+lint: venv
+	$(BIN)/ruff check plugins dags jobs tests benchmarks
+
+clean:
+	rm -rf $(VENV) .airflow state

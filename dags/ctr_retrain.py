@@ -1,0 +1,104 @@
+"""ctr_retrain: the daily CTR retraining DAG. Wiring only; the work lives in `ctr.airflow_tasks`.
+
+The run for data interval [D, D+1) (scheduled at D+1 02:00 UTC) validates days D-train_days..D,
+trains on the train_days days before D, evaluates candidate and champion on day D, and deploys
+only a candidate that passes the gate. A rejected candidate ends the run successfully with the
+deploy tasks skipped.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import DAG, CronDataIntervalTimetable, Param, task
+
+IO_RETRIES = {"retries": 3, "retry_delay": timedelta(seconds=30), "retry_exponential_backoff": True,
+              "max_retry_delay": timedelta(minutes=10)}
+
+with DAG(
+    dag_id="ctr_retrain",
+    description="Daily Criteo CTR retraining: check data, train, gate on the champion, register, build, roll out",
+    schedule=CronDataIntervalTimetable("0 2 * * *", timezone="UTC"),
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args={"owner": "ml-platform", "retries": 0},
+    tags=["ctr", "ml"],
+    params={
+        "train_days": Param(7, type="integer", minimum=1, maximum=60, description="days before the holdout day to train on"),
+        "compute": Param("local", enum=["local", "databricks"], description="where training runs"),
+        "seed": Param(42, type="integer", description="training seed"),
+        "sample_fraction": Param(1.0, type="number", exclusiveMinimum=0, maximum=1,
+                                 description="train on this fraction of rows (below 1 only for drills)"),
+        "lgb_params": Param({}, type="object", description="LightGBM parameter overrides"),
+        "max_bad_fraction": Param(0.001, type="number", minimum=0, maximum=1, description="max malformed-line fraction per day"),
+        "min_auc": Param(0.70, type="number", description="gate: candidate AUC floor"),
+        "max_auc_drop": Param(0.005, type="number", description="gate: lower 95% CI bound of AUC diff must be >= -this"),
+        "max_logloss_rise": Param(0.005, type="number", description="gate: max logloss increase over the champion"),
+        "max_ece": Param(0.05, type="number", description="gate: max expected calibration error"),
+        "force_deploy": Param(False, type="boolean", description="deploy even if the gate fails (recorded in tags)"),
+        "verify_rows": Param(100, type="integer", minimum=1, description="holdout rows compared live vs offline"),
+        "fail_verify": Param(False, type="boolean", description="drill: make verify fail to exercise the rollback"),
+    },
+    doc_md=__doc__,
+) as dag:
+
+    @task(**IO_RETRIES)
+    def check_data(**context):
+        from ctr import airflow_tasks
+
+        return airflow_tasks.check_data(context)
+
+    @task
+    def train(checked, **context):
+        from ctr import airflow_tasks
+
+        return airflow_tasks.train_local(context)
+
+    @task
+    def evaluate(trained, **context):
+        from ctr import airflow_tasks
+
+        return airflow_tasks.evaluate(context, trained)
+
+    @task.short_circuit
+    def gate(evaluated, **context):
+        from ctr import airflow_tasks
+
+        return airflow_tasks.gate(context, evaluated)
+
+    @task(**IO_RETRIES)
+    def register(evaluated, **context):
+        from ctr import airflow_tasks
+
+        return airflow_tasks.register(context, evaluated)
+
+    @task(**IO_RETRIES)
+    def build_image(registered, **context):
+        from ctr import airflow_tasks
+
+        return airflow_tasks.build_image(context, registered)
+
+    @task
+    def rollout(image, **context):
+        from ctr import airflow_tasks
+
+        return airflow_tasks.rollout(context, image)
+
+    @task
+    def verify(rolled, **context):
+        from ctr import airflow_tasks
+
+        return airflow_tasks.verify(context, rolled)
+
+    @task(**IO_RETRIES)
+    def promote(verified, **context):
+        from ctr import airflow_tasks
+
+        return airflow_tasks.promote(context, verified)
+
+    evaluated = evaluate(train(check_data()))
+    registered = register(evaluated)
+    gate(evaluated) >> registered
+    promote(verify(rollout(build_image(registered))))

@@ -1,0 +1,242 @@
+"""What each task of the `ctr_retrain` DAG does. The only module of `ctr` that knows about Airflow.
+
+Every function takes the task context and returns a small JSON-able dict (the XCom). Each is
+idempotent for a DAG run: it finds its own earlier result (staged day, bundle with the same
+training spec, registry version by run key, image by content digest, rollout already serving).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from ctr.settings import Settings
+
+log = logging.getLogger("ctr.dag")
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+VARIABLE_FIELDS = ("home", "landing", "registry_uri", "model_name", "serve_host", "serve_port")
+
+
+# ---- context helpers ---------------------------------------------------------------------
+def settings() -> Settings:
+    """CTR_* environment, overridden by Airflow Variables `ctr_<field>` where set."""
+    env = dict(os.environ)
+    try:
+        from airflow.sdk import Variable
+
+        for f in VARIABLE_FIELDS:
+            v = Variable.get(f"ctr_{f}", default=None)
+            if v not in (None, ""):
+                env[f"CTR_{f.upper()}"] = str(v)
+    except Exception as e:  # no Variables backend reachable: environment only
+        log.debug("Airflow Variables not read: %s", e)
+    return Settings.from_env(env)
+
+
+def holdout_day(context: dict[str, Any]) -> dt.date:
+    """The run for data interval [D, D+1) holds out day D."""
+    start = context.get("data_interval_start") or context["logical_date"]
+    return dt.date(start.year, start.month, start.day)
+
+
+def run_key(context: dict[str, Any]) -> str:
+    return f"{context['dag'].dag_id}/{holdout_day(context).isoformat()}"
+
+
+def run_dir(context: dict[str, Any], s: Settings) -> Path:
+    d = s.runs_dir / context["dag"].dag_id / holdout_day(context).isoformat()
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def train_range(context: dict[str, Any]) -> tuple[dt.date, dt.date]:
+    d = holdout_day(context)
+    n = int(context["params"].get("train_days", 7))
+    if n < 1:
+        raise ValueError(f"param train_days={n} must be at least 1")
+    return d - dt.timedelta(days=n), d - dt.timedelta(days=1)
+
+
+def _staging(s: Settings) -> Path:
+    return s.home / "staging"
+
+
+# ---- tasks -------------------------------------------------------------------------------
+def check_data(context: dict[str, Any]) -> dict[str, Any]:
+    """Validate and stage every day the run needs (training range + holdout day)."""
+    from ctr.data.checks import CheckConfig, problems
+    from ctr.data.landing import DayReport, daterange, stage_day
+
+    s = settings()
+    p = context["params"]
+    cfg = CheckConfig(max_bad_fraction=float(p.get("max_bad_fraction", 0.001)))
+    start, _ = train_range(context)
+    day = holdout_day(context)
+    reports: dict[str, DayReport] = {}
+    failures: list[str] = []
+    for d in daterange(start, day):
+        rep = stage_day(s.landing_root, _staging(s), s.home / "quarantine", d)
+        reports[d.isoformat()] = rep
+        history = [reports[h.isoformat()] for h in daterange(d - dt.timedelta(days=cfg.history_days), d - dt.timedelta(days=1))
+                   if h.isoformat() in reports]
+        failures += problems(rep, history, cfg)
+        log.info("day=%s rows=%d ok=%d bad=%d quarantined=%s", d, rep.rows_in, rep.rows_ok, rep.rows_quarantined, rep.quarantine)
+    summary = {k: {"rows_in": r.rows_in, "rows_ok": r.rows_ok, "rows_quarantined": r.rows_quarantined,
+                   "click_rate": round(r.click_rate, 6), "quarantine": r.quarantine} for k, r in reports.items()}
+    if failures:
+        raise ValueError("check_data failed: " + "; ".join(failures))
+    return {"days": summary, "rows_ok": sum(r.rows_ok for r in reports.values())}
+
+
+def _train_spec(context: dict[str, Any], s: Settings) -> dict[str, Any]:
+    p = context["params"]
+    start, end = train_range(context)
+    return {"from": start.isoformat(), "to": end.isoformat(), "seed": int(p.get("seed", s.seed)),
+            "sample_fraction": float(p.get("sample_fraction", 1.0)), "params": p.get("lgb_params") or {},
+            "num_threads": s.num_threads}
+
+
+def train_local(context: dict[str, Any]) -> dict[str, Any]:
+    """Run jobs/train.py in a subprocess (the same entry the Spark job mirrors)."""
+    s = settings()
+    out = run_dir(context, s) / "candidate"
+    spec = _train_spec(context, s)
+    spec_path = run_dir(context, s) / "train_spec.json"
+    if (out / "probe.json").exists() and spec_path.exists() and json.loads(spec_path.read_text()) == spec:
+        log.info("train: bundle for this run and spec already at %s; reusing it", out)
+        return {"bundle": str(out), "reused": True}
+    lineage = {"dag_id": context["dag"].dag_id, "run_id": context["run_id"], "holdout_day": holdout_day(context).isoformat()}
+    cmd = [sys.executable, str(REPO_ROOT / "jobs" / "train.py"), "--staging", str(_staging(s)),
+           "--from", spec["from"], "--to", spec["to"], "--out", str(out), "--seed", str(spec["seed"]),
+           "--num-threads", str(spec["num_threads"]), "--sample-fraction", str(spec["sample_fraction"]),
+           "--params", json.dumps(spec["params"]), "--metadata", json.dumps(lineage)]
+    log.info("train: %s", " ".join(cmd))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    tail: list[str] = []
+    for line in proc.stdout:  # stream progress (rows read, trees built) into the task log
+        log.info("job: %s", line.rstrip())
+        tail = (tail + [line.rstrip()])[-5:]
+    if proc.wait() != 0:
+        raise RuntimeError(f"training job failed (exit {proc.returncode}): {' | '.join(tail)}")
+    spec_path.write_text(json.dumps(spec, sort_keys=True) + "\n")
+    return {"bundle": str(out), "reused": False}
+
+
+def _registry(s: Settings):
+    from ctr.registry import Registry
+
+    return Registry(s.tracking_uri, s.model_name, artifact_root=s.artifact_root, cache_dir=s.home / "registry-cache")
+
+
+def evaluate(context: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]:
+    """Score candidate and champion on the same holdout rows; write metrics.json and the gate decision."""
+    from ctr.evaluation_run import evaluate_day
+
+    s = settings()
+    reg = _registry(s)
+    champ = reg.champion()
+    baseline = reg.download(champ.version) if champ else None
+    doc = evaluate_day(_staging(s), holdout_day(context), Path(trained["bundle"]), baseline, gate_params=context["params"])
+    doc["baseline_version"] = champ.version if champ else None
+    path = run_dir(context, s) / "metrics.json"
+    path.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    c, b = doc["candidate"], doc["baseline"]
+    log.info("evaluate: candidate AUC %.4f logloss %.4f | champion %s | metrics at %s", c["auc"], c["logloss"],
+             f"v{champ.version} AUC {b['auc']:.4f} logloss {b['logloss']:.4f}" if champ else "none", path)
+    return {"metrics_path": str(path), "candidate_auc": c["auc"], "champion_auc": b["auc"] if b else None,
+            "champion_version": champ.version if champ else None, "gate": doc["gate"], "bundle": trained["bundle"]}
+
+
+def gate(context: dict[str, Any], evaluated: dict[str, Any]) -> bool:
+    g = evaluated["gate"]
+    verdict = "PASSED (forced)" if g["forced"] else ("PASSED" if g["passed"] else "REJECTED")
+    log.info("gate: %s", verdict)
+    for r in g["reasons"]:
+        (log.info if g["passed"] else log.warning)("gate: %s", r)
+    context["ti"].xcom_push(key="decision", value={"passed": g["passed"], "forced": g["forced"], "reasons": g["reasons"]})
+    return bool(g["passed"])
+
+
+def register(context: dict[str, Any], evaluated: dict[str, Any]) -> dict[str, Any]:
+    from ctr.bundle import bundle_digest
+    from ctr.train import code_version
+
+    s = settings()
+    doc = json.loads(Path(evaluated["metrics_path"]).read_text())
+    bundle = Path(evaluated["bundle"])
+    start, end = train_range(context)
+    tags = {
+        "dag_id": context["dag"].dag_id, "run_id": context["run_id"],
+        "ctr.logical_date": holdout_day(context).isoformat(),
+        "data_interval": f"{start.isoformat()}..{end.isoformat()}", "holdout_day": holdout_day(context).isoformat(),
+        "metrics": {k: doc["candidate"][k] for k in ("auc", "logloss", "ece")},
+        "auc_diff": doc["auc_diff"], "champion_at_eval": doc.get("baseline_version") or "none",
+        "gate_passed": doc["gate"]["passed"], "gate_forced": doc["gate"]["forced"], "gate_reasons": doc["gate"]["reasons"],
+        "code_version": code_version(), "bundle_digest": bundle_digest(bundle),
+    }
+    metrics = {f"candidate_{k}": doc["candidate"][k] for k in ("auc", "logloss", "ece", "mean_pred")}
+    v = _registry(s).register(bundle, run_key(context), tags, metrics)
+    if doc["gate"]["forced"]:
+        log.warning("register: version %s registered under force_deploy despite: %s", v.version, doc["gate"]["reasons"])
+    return {"version": v.version, "bundle": str(bundle), "model_name": s.model_name}
+
+
+def build_image(context: dict[str, Any], registered: dict[str, Any]) -> dict[str, Any]:
+    from ctr.image import build_context, local_build
+
+    s = settings()
+    ctx = build_context(Path(registered["bundle"]), registered["version"], s.model_name, s.images_dir)
+    log.info("build_image: context %s tag %s", ctx.path, ctx.tag)
+    return local_build(ctx)
+
+
+def _local_rollout(s: Settings):
+    from ctr.rollout.local import LocalRollout
+
+    return LocalRollout(s.serving_dir, s.serve_host, s.serve_port, admin_token=s.admin_token, serve_token=s.serve_token)
+
+
+def rollout(context: dict[str, Any], image: dict[str, Any]) -> dict[str, Any]:
+    s = settings()
+    res = _local_rollout(s).deploy(Path(image["path"]) / "model", image["version"])
+    return {**res.to_json(), "bundle": str(Path(image["path"]) / "model")}
+
+
+def verify(context: dict[str, Any], rolled: dict[str, Any]) -> dict[str, Any]:
+    """Check the live endpoint; on failure roll back and fail the task (promote is then skipped)."""
+    import pyarrow as pa
+
+    from ctr.data.landing import read_staged
+    from ctr.rollout.base import verify_endpoint
+
+    s = settings()
+    n = int(context["params"].get("verify_rows", 100))
+    rows = pa.concat_tables(read_staged(_staging(s), holdout_day(context))).slice(0, n)
+    try:
+        if context["params"].get("fail_verify"):  # operator drill: prove the rollback path end to end
+            raise RuntimeError("fail_verify=true: verification forced to fail")
+        return verify_endpoint(rolled["url"], rolled["version"], Path(rolled["bundle"]), rows, token=s.serve_token)
+    except Exception as e:
+        log.error("verify failed: %s; rolling back", e)
+        back = _local_rollout(s).rollback()
+        log.error("rolled back to %s", back.version if back else "nothing (service stopped)")
+        raise
+
+
+def promote(context: dict[str, Any], verified: dict[str, Any]) -> dict[str, Any]:
+    s = settings()
+    champ = _registry(s).promote(verified["version"])
+    return {"champion": champ.version, "url": verified["url"]}
+
+
+def spec_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,153 @@
+"""The `ctr` command: generate, stage, train, evaluate, score, serve.
+
+Exit status 0 on success; non-zero with a one-line error on stderr otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import sys
+from pathlib import Path
+
+from ctr.settings import Settings
+
+
+def _date(s: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a date YYYY-MM-DD") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ctr", description="Criteo CTR pipeline: data, training, evaluation, scoring")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    g = sub.add_parser("generate", help="write a synthetic Criteo-format landing zone")
+    g.add_argument("--out", required=True, type=Path)
+    g.add_argument("--days", type=int, required=True)
+    g.add_argument("--rows-per-day", type=int, required=True)
+    g.add_argument("--end-date", type=_date, default=dt.date.today() - dt.timedelta(days=1))
+    g.add_argument("--seed", type=int, default=7)
+    g.add_argument("--drift", type=float, default=0.0, help="day-to-day drift of the true effects (0 = none)")
+
+    t = sub.add_parser("train", help="train on an inclusive day range and write a bundle")
+    t.add_argument("--data", required=True, help="landing zone root (folder or abfs:// URL)")
+    t.add_argument("--from", dest="start", type=_date, required=True)
+    t.add_argument("--to", dest="end", type=_date, required=True)
+    t.add_argument("--out", required=True, type=Path)
+    t.add_argument("--engine", choices=["lightgbm", "spark"], default="lightgbm")
+    t.add_argument("--seed", type=int, default=42)
+    t.add_argument("--staging", type=Path, default=None, help="Parquet staging folder (default: CTR_HOME/staging)")
+    t.add_argument("--sample-fraction", type=float, default=1.0)
+    t.add_argument("--params", default="{}", help="JSON object of LightGBM parameter overrides")
+
+    e = sub.add_parser("evaluate", help="score a model (and a baseline) on one day; prints JSON")
+    e.add_argument("--model", required=True, type=Path)
+    e.add_argument("--baseline", type=Path)
+    e.add_argument("--data", required=True)
+    e.add_argument("--day", type=_date, required=True)
+    e.add_argument("--staging", type=Path, default=None)
+
+    s = sub.add_parser("score", help="score files of rows; one output line per input row")
+    s.add_argument("--model", required=True, type=Path)
+    s.add_argument("--input", required=True, nargs="+")
+    s.add_argument("--output", required=True, type=Path)
+
+    v = sub.add_parser("serve", help="run the scoring service")
+    v.add_argument("--model", required=True, type=Path)
+    v.add_argument("--host", default=None)
+    v.add_argument("--port", type=int, default=None)
+    return p
+
+
+def _staging(arg: Path | None, settings: Settings) -> Path:
+    return arg if arg is not None else settings.home / "staging"
+
+
+def _stage_range(data: str, staging: Path, settings: Settings, days: list[dt.date]) -> None:
+    from ctr.data.landing import stage_day
+
+    for d in days:
+        stage_day(data, staging, settings.home / "quarantine", d)
+
+
+def cmd_generate(a: argparse.Namespace, settings: Settings) -> int:
+    from ctr.data.generate import GeneratorConfig, generate
+
+    paths = generate(a.out, a.days, a.rows_per_day, a.end_date, GeneratorConfig(seed=a.seed, drift=a.drift))
+    print(f"wrote {len(paths)} days x {a.rows_per_day} rows under {a.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_train(a: argparse.Namespace, settings: Settings) -> int:
+    from ctr.data.landing import daterange
+
+    if a.end < a.start:
+        raise ValueError(f"--to {a.end} is before --from {a.start}")
+    params = json.loads(a.params)
+    if a.engine == "spark":
+        from ctr.spark_job import run_local_spark_job
+
+        run_local_spark_job(data=a.data, start=a.start, end=a.end, out=a.out, seed=a.seed, params=params)
+        return 0
+    from ctr.train import TrainConfig, train
+
+    staging = _staging(a.staging, settings)
+    _stage_range(a.data, staging, settings, daterange(a.start, a.end))
+    train(staging, a.out, TrainConfig(start=a.start, end=a.end, seed=a.seed, sample_fraction=a.sample_fraction,
+                                      params=params, num_threads=settings.num_threads))
+    print(f"bundle written to {a.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace, settings: Settings) -> int:
+    from ctr.evaluation_run import evaluate_day
+
+    staging = _staging(a.staging, settings)
+    _stage_range(a.data, staging, settings, [a.day])
+    doc = evaluate_day(staging, a.day, a.model, a.baseline)
+    print(json.dumps(doc, indent=1, sort_keys=True))
+    return 0
+
+
+def cmd_score(a: argparse.Namespace, settings: Settings) -> int:
+    from ctr.scoring import score_files
+
+    n_ok, n_bad = score_files(a.model, a.input, a.output)
+    print(f"scored {n_ok} rows, rejected {n_bad}; wrote {a.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(a: argparse.Namespace, settings: Settings) -> int:
+    from ctr.serving.app import serve
+
+    serve(a.model, host=a.host or settings.serve_host, port=a.port or settings.serve_port)
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "train": cmd_train, "evaluate": cmd_evaluate, "score": cmd_score, "serve": cmd_serve}
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[a.cmd](a, Settings.from_env())
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # one line, naming the problem; -v shows the traceback
+        if a.verbose:
+            logging.exception("ctr %s failed", a.cmd)
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"ctr {a.cmd}: error: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""`make demo`: sample data, one full DAG run with `airflow dags test`, a live endpoint, a summary.
+
+    python -m ctr.demo [--days 8] [--rows-per-day 50000] [--date YYYY-MM-DD]
+    python -m ctr.demo --stop
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from ctr.settings import Settings
+
+
+def _airflow(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("airflow") or str(Path(sys.executable).with_name("airflow"))
+    return subprocess.run([exe, *args], text=True, check=check)
+
+
+def ensure_landing(s: Settings, day: dt.date, days: int, rows: int) -> None:
+    from ctr.data.generate import GeneratorConfig, write_day
+    from ctr.data.landing import list_days
+
+    have = set(list_days(s.landing_root))
+    wanted = [day - dt.timedelta(days=i) for i in range(days - 1, -1, -1)]
+    missing = [d for d in wanted if d not in have]
+    for d in missing:
+        write_day(Path(s.landing_root), d, rows, GeneratorConfig())
+    if missing:
+        print(f"demo: generated {len(missing)} day(s) x {rows} rows under {s.landing_root}")
+
+
+def summary(s: Settings, day: dt.date) -> int:
+    from ctr.registry import Registry
+
+    run = s.runs_dir / "ctr_retrain" / day.isoformat()
+    metrics_path = run / "metrics.json"
+    if not metrics_path.exists():
+        print(f"demo: no metrics at {metrics_path}; the DAG run failed before evaluate (see the log above)")
+        return 1
+    m = json.loads(metrics_path.read_text())
+    reg = Registry(s.tracking_uri, s.model_name, artifact_root=s.artifact_root)
+    mine = reg.find(f"ctr_retrain/{day.isoformat()}")
+    champ = reg.champion()
+    state_path = s.serving_dir / "state.json"
+    live = json.loads(state_path.read_text()) if state_path.exists() else {}
+    c, b = m["candidate"], m["baseline"]
+    print("\n================ ctr_retrain demo ================")
+    print(f"holdout day          {day}  ({m['rows']} rows)")
+    print(f"candidate AUC        {c['auc']:.4f}   logloss {c['logloss']:.4f}")
+    if b:
+        d = m["auc_diff"]
+        print(f"champion AUC         {b['auc']:.4f}   logloss {b['logloss']:.4f}  (version {m.get('baseline_version')})")
+        print(f"AUC diff             {d['estimate']:+.4f}  95% CI [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] ({d['method']})")
+    else:
+        print("champion AUC         none (first model)")
+    print(f"gate                 {'PASSED' if m['gate']['passed'] else 'REJECTED'}")
+    for r in m["gate"]["reasons"]:
+        print(f"  - {r}")
+    print(f"registered version   {mine.version if mine else 'none (rejected)'}   champion: {champ.version if champ else 'none'}")
+    if live.get("url"):
+        url = live["url"]
+        token = f' -H "Authorization: Bearer $CTR_SERVE_TOKEN"' if s.serve_token else ""
+        print(f"scoring endpoint     {url}  (serving version {live.get('version')})")
+        print("try it:")
+        print(f"  curl -s {url}/v1/score -H 'Content-Type: application/json'{token} \\")
+        print("    -d '{\"rows\": [{\"I1\": 3, \"I2\": 20, \"C1\": \"05db9164\", \"C9\": \"a73ee510\"}]}'")
+        print(f"reports: {run}   registry: {s.tracking_uri}   stop the service: make stop")
+    print("==================================================")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--days", type=int, default=8)
+    p.add_argument("--rows-per-day", type=int, default=50_000)
+    p.add_argument("--date", type=dt.date.fromisoformat, default=None)
+    p.add_argument("--stop", action="store_true")
+    a = p.parse_args(argv)
+    s = Settings.from_env()
+    if a.stop:
+        from ctr.rollout.local import LocalRollout
+
+        stopped = LocalRollout(s.serving_dir, s.serve_host, s.serve_port).stop()
+        print("demo: scoring service stopped" if stopped else "demo: no scoring service was running")
+        return 0
+    from ctr.data.landing import list_days
+
+    s.home.mkdir(parents=True, exist_ok=True)
+    existing = list_days(s.landing_root)
+    day = a.date or (existing[-1] if existing else dt.date.today() - dt.timedelta(days=1))
+    ensure_landing(s, day, a.days, a.rows_per_day)
+    _airflow("db", "migrate")
+    print(f"demo: airflow dags test ctr_retrain {day}  (AIRFLOW_HOME={os.environ.get('AIRFLOW_HOME')})")
+    r = _airflow("dags", "test", "ctr_retrain", day.isoformat(), check=False)
+    rc = summary(s, day)
+    return r.returncode or rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

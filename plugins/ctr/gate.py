@@ -1,0 +1,70 @@
+"""The promotion gate: decides from freshly computed metrics (evaluate.compare), never from tags.
+
+Rules (each threshold is a DAG param; defaults below):
+  * candidate AUC >= min_auc                                     (always)
+  * candidate ECE <= max_ece                                     (always)
+  * lower 95% CI bound of AUC(candidate) - AUC(champion) >= -max_auc_drop   (with a champion)
+  * logloss(candidate) - logloss(champion) <= max_logloss_rise              (with a champion)
+`force_deploy` passes a failing candidate, and says so in the reasons.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    min_auc: float = 0.70
+    max_auc_drop: float = 0.005
+    max_logloss_rise: float = 0.005
+    max_ece: float = 0.03
+    force_deploy: bool = False
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> GateConfig:
+        kw = {k: params[k] for k in asdict(cls()) if k in params and params[k] is not None}
+        for k, v in kw.items():
+            kw[k] = bool(v) if k == "force_deploy" else float(v)
+        return cls(**kw)
+
+
+def decide(metrics: dict[str, Any], cfg: GateConfig) -> dict[str, Any]:
+    """Return {"passed", "forced", "reasons", "checks"}; reasons name every failed rule with numbers."""
+    cand = metrics["candidate"]
+    checks: list[dict[str, Any]] = []
+
+    def check(rule: str, ok: bool, detail: str) -> None:
+        checks.append({"rule": rule, "ok": bool(ok), "detail": detail})
+
+    a = cand["auc"]
+    check("min_auc", not math.isnan(a) and a >= cfg.min_auc, f"candidate AUC {a:.4f} vs floor {cfg.min_auc:.4f}")
+    e = cand["ece"]
+    check("max_ece", not math.isnan(e) and e <= cfg.max_ece, f"candidate ECE {e:.4f} vs limit {cfg.max_ece:.4f}")
+    base = metrics.get("baseline")
+    if base is not None:
+        d = metrics["auc_diff"]
+        check(
+            "max_auc_drop",
+            not math.isnan(d["ci_low"]) and d["ci_low"] >= -cfg.max_auc_drop,
+            f"AUC diff {d['estimate']:+.4f} (95% CI {d['ci_low']:+.4f}..{d['ci_high']:+.4f}, {d['method']}); "
+            f"lower bound must be >= {-cfg.max_auc_drop:+.4f} (champion AUC {base['auc']:.4f})",
+        )
+        rise = cand["logloss"] - base["logloss"]
+        check(
+            "max_logloss_rise",
+            rise <= cfg.max_logloss_rise,
+            f"logloss {cand['logloss']:.4f} vs champion {base['logloss']:.4f} (rise {rise:+.4f}, limit {cfg.max_logloss_rise:+.4f})",
+        )
+    failed = [c for c in checks if not c["ok"]]
+    reasons = [f"{c['rule']}: {c['detail']}" for c in failed]
+    passed = not failed
+    forced = False
+    if failed and cfg.force_deploy:
+        passed, forced = True, True
+        reasons.append("force_deploy=true: deploying despite the failed rules above")
+    if passed and not failed:
+        reasons.append("all rules passed" + ("" if base is not None else " (first model: absolute floors only)"))
+    return {"passed": passed, "forced": forced, "reasons": reasons, "checks": checks, "config": asdict(cfg)}

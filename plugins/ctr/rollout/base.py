@@ -1,0 +1,70 @@
+"""What every rollout returns, and the post-rollout verification shared by all targets."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pyarrow as pa
+
+from ctr.data.generate import to_tsv_bytes
+from ctr.schema import ALL_COLUMNS, FEATURE_COLUMNS
+
+log = logging.getLogger(__name__)
+
+VERIFY_TOLERANCE = 1e-9
+
+
+class RolloutError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class RolloutResult:
+    url: str
+    version: str
+    previous_version: str | None
+    previous_ref: str | None     # previous bundle path (local) or image (AKS)
+    changed: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def verify_endpoint(url: str, version: str, bundle_dir: Path, rows: pa.Table, token: str = "") -> dict[str, Any]:
+    """The live endpoint must report `version` and reproduce `ctr score` on `rows` within 1e-9."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    ready = httpx.get(f"{url}/readyz", timeout=10).json()
+    if str(ready.get("model_version")) != str(version):
+        raise RolloutError(f"verify: {url}/readyz reports version {ready.get('model_version')!r}, expected {version!r}")
+    records = [{k: v for k, v in r.items() if v is not None and k in FEATURE_COLUMNS} for r in rows.to_pylist()]
+    r = httpx.post(f"{url}/v1/score", json={"rows": records}, headers=headers, timeout=30)
+    if r.status_code != 200:
+        raise RolloutError(f"verify: {url}/v1/score answered HTTP {r.status_code}: {r.text[:300]}")
+    live = r.json()
+    if str(live.get("model_version")) != str(version):
+        raise RolloutError(f"verify: scores came from version {live.get('model_version')!r}, expected {version!r}")
+    offline = _ctr_score(bundle_dir, rows)
+    diffs = [abs(a - b) for a, b in zip(live["probabilities"], offline, strict=True)]
+    worst = max(diffs) if diffs else 0.0
+    if len(live["probabilities"]) != len(offline) or worst > VERIFY_TOLERANCE:
+        raise RolloutError(f"verify: live scores differ from `ctr score` by up to {worst:.3g} (> {VERIFY_TOLERANCE})")
+    log.info("verify: %s serves version %s; %d rows match `ctr score` (max |diff| %.3g)", url, version, len(diffs), worst)
+    return {"url": url, "version": str(version), "rows": len(diffs), "max_abs_diff": worst}
+
+
+def _ctr_score(bundle_dir: Path, rows: pa.Table) -> list[float]:
+    with tempfile.TemporaryDirectory(prefix="ctr-verify-") as d:
+        src, out = Path(d) / "rows.tsv", Path(d) / "scores.csv"
+        src.write_bytes(to_tsv_bytes(rows.select(ALL_COLUMNS)))
+        subprocess.run([sys.executable, "-m", "ctr.cli", "score", "--model", str(bundle_dir), "--input", str(src),
+                        "--output", str(out)], check=True, capture_output=True, text=True)
+        with open(out) as fh:
+            return [float(r["probability"]) for r in csv.DictReader(fh)]

@@ -1,0 +1,143 @@
+"""Local rollout: one scoring service on 127.0.0.1, hot-swapped in place.
+
+The service loads and probe-checks a new bundle before it swaps its model reference, so no
+request fails and none is computed by a mix of versions; a refused bundle leaves the old one
+serving. State (pid, URL, current and previous bundle) lives in `serving/state.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from ctr.rollout.base import RolloutError, RolloutResult
+
+log = logging.getLogger(__name__)
+
+
+class LocalRollout:
+    def __init__(self, state_dir: Path, host: str = "127.0.0.1", port: int = 8765, admin_token: str = "",
+                 serve_token: str = "", start_timeout: float = 60.0) -> None:
+        self.state_dir = state_dir
+        self.host, self.port = host, port
+        self.url = f"http://{host}:{port}"
+        self.admin_token = admin_token
+        self.serve_token = serve_token
+        self.start_timeout = start_timeout
+        self.state_path = state_dir / "state.json"
+
+    # ---- state -------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        if self.state_path.exists():
+            return json.loads(self.state_path.read_text())
+        return {}
+
+    def _save(self, st: dict[str, Any]) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(st, indent=1, sort_keys=True) + "\n")
+        tmp.replace(self.state_path)
+
+    def readyz(self, timeout: float = 2.0) -> dict[str, Any] | None:
+        try:
+            r = httpx.get(f"{self.url}/readyz", timeout=timeout)
+            return r.json() if r.status_code == 200 else None
+        except httpx.HTTPError:
+            return None
+
+    # ---- actions -----------------------------------------------------------------------
+    def deploy(self, bundle: Path, version: str) -> RolloutResult:
+        st = self.state()
+        live = self.readyz()
+        if live is None:
+            self._start(bundle)
+            live = self.readyz()
+            previous = None
+        elif live.get("model_version") == str(version) and st.get("bundle") == str(bundle):
+            log.info("rollout: %s already serves version %s; nothing to do", self.url, version)
+            return RolloutResult(self.url, str(version), st.get("previous_version"), st.get("previous_bundle"), changed=False)
+        else:
+            previous = {"bundle": live.get("bundle"), "version": live.get("model_version")}
+            self._swap(bundle)
+            live = self.readyz()
+        if live is None or live.get("model_version") != str(version):
+            raise RolloutError(f"after rollout {self.url} reports {live and live.get('model_version')}, expected {version}")
+        st.update(bundle=str(bundle), version=str(version), url=self.url,
+                  previous_bundle=previous and previous["bundle"], previous_version=previous and previous["version"])
+        self._save(st)
+        log.info("rollout: %s now serves version %s (previous %s)", self.url, version, st["previous_version"])
+        return RolloutResult(self.url, str(version), st["previous_version"], st["previous_bundle"], changed=True)
+
+    def rollback(self) -> RolloutResult | None:
+        st = self.state()
+        prev = st.get("previous_bundle")
+        if not prev:
+            log.warning("rollback: no previous model recorded; stopping the service at %s", self.url)
+            self.stop()
+            return None
+        self._swap(Path(prev))
+        st.update(bundle=prev, version=st.get("previous_version"), previous_bundle=None, previous_version=None)
+        self._save(st)
+        log.warning("rollback: %s serves version %s again", self.url, st["version"])
+        return RolloutResult(self.url, str(st["version"]), None, None, changed=True)
+
+    def _swap(self, bundle: Path) -> None:
+        headers = {"Authorization": f"Bearer {self.admin_token}"} if self.admin_token else {}
+        try:
+            r = httpx.post(f"{self.url}/admin/load", json={"bundle": str(bundle)}, headers=headers, timeout=120)
+        except httpx.HTTPError as e:
+            raise RolloutError(f"could not reach {self.url}/admin/load: {e}") from None
+        if r.status_code != 200:
+            raise RolloutError(f"{self.url} refused bundle {bundle}: HTTP {r.status_code} {r.text[:300]}")
+
+    def _start(self, bundle: Path) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.state_dir / "serve.log"
+        env = {**os.environ, "CTR_ADMIN_TOKEN": self.admin_token, "CTR_SERVE_TOKEN": self.serve_token}
+        cmd = [sys.executable, "-m", "ctr.cli", "serve", "--model", str(bundle), "--host", self.host, "--port", str(self.port)]
+        with open(log_path, "ab") as lf:
+            proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=env, start_new_session=True, close_fds=True)
+        st = self.state()
+        st["pid"] = proc.pid
+        self._save(st)
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                tail = log_path.read_text(errors="replace").splitlines()[-5:]
+                raise RolloutError(f"scoring service exited with {proc.returncode} at start: {' | '.join(tail)}")
+            if self.readyz(timeout=0.5):
+                log.info("rollout: started scoring service pid=%d on %s (log %s)", proc.pid, self.url, log_path)
+                return
+            time.sleep(0.2)
+        proc.kill()
+        raise RolloutError(f"scoring service did not become ready on {self.url} within {self.start_timeout:.0f}s; see {log_path}")
+
+    def stop(self) -> bool:
+        st = self.state()
+        pid = st.get("pid")
+        stopped = False
+        if pid:
+            try:
+                os.kill(int(pid), signal.SIGTERM)
+                for _ in range(100):
+                    os.kill(int(pid), 0)
+                    time.sleep(0.1)
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                stopped = True
+            except PermissionError:
+                pass
+        for k in ("pid", "bundle", "version", "previous_bundle", "previous_version"):
+            st.pop(k, None)
+        self._save(st)
+        return stopped
