@@ -8,7 +8,6 @@ training spec, registry version by run key, image by content digest, rollout alr
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import logging
 import os
@@ -42,8 +41,14 @@ def settings() -> Settings:
 
 
 def holdout_day(context: dict[str, Any]) -> dt.date:
-    """The run for data interval [D, D+1) holds out day D."""
-    start = context.get("data_interval_start") or context["logical_date"]
+    """The run with logical date D (UTC) holds out day D.
+
+    A scheduled run for the interval [D 02:00, D+1 02:00) has logical date D 02:00, and
+    `airflow dags test ctr_retrain D` / backfills / triggers with a logical date name D directly.
+    A run triggered without a logical date falls back to its data interval's start.
+    """
+    start = context.get("logical_date") or context["data_interval_start"]
+    start = start.in_timezone("UTC") if hasattr(start, "in_timezone") else start.astimezone(dt.timezone.utc)
     return dt.date(start.year, start.month, start.day)
 
 
@@ -91,8 +96,10 @@ def check_data(context: dict[str, Any]) -> dict[str, Any]:
         log.info("day=%s rows=%d ok=%d bad=%d quarantined=%s", d, rep.rows_in, rep.rows_ok, rep.rows_quarantined, rep.quarantine)
     summary = {k: {"rows_in": r.rows_in, "rows_ok": r.rows_ok, "rows_quarantined": r.rows_quarantined,
                    "click_rate": round(r.click_rate, 6), "quarantine": r.quarantine} for k, r in reports.items()}
-    if failures:
-        raise ValueError("check_data failed: " + "; ".join(failures))
+    if failures:  # bad data does not get better by retrying
+        from airflow.sdk.exceptions import AirflowFailException
+
+        raise AirflowFailException("check_data failed: " + "; ".join(failures))
     return {"days": summary, "rows_ok": sum(r.rows_ok for r in reports.values())}
 
 
@@ -237,6 +244,3 @@ def promote(context: dict[str, Any], verified: dict[str, Any]) -> dict[str, Any]
     champ = _registry(s).promote(verified["version"])
     return {"champion": champ.version, "url": verified["url"]}
 
-
-def spec_hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]

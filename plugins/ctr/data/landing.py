@@ -1,7 +1,7 @@
 """The landing zone (`day=YYYY-MM-DD/*.tsv[.gz]`), validation per day and Parquet staging.
 
 Roots are local folders or fsspec URLs (`abfs://container/prefix`, `az://...`); credentials for
-Azure come from `ctr.data.azure.storage_options` (see there). Each validated day is staged once
+Azure come from `ctr.data.azure_storage.storage_options` (see there). Each validated day is staged once
 as `staging/day=D/part-*.parquet` plus `staging/day=D/_report.json`; later stages and re-runs
 read the staged Parquet instead of re-parsing text.
 """
@@ -62,7 +62,7 @@ class DayReport:
 def _fs(root: str):
     import fsspec
 
-    from ctr.data.azure import storage_options
+    from ctr.data.azure_storage import storage_options
 
     if "://" in root and not root.startswith("file://"):
         protocol = root.split("://", 1)[0]
