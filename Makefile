@@ -20,7 +20,7 @@ ROWS ?= 50000
 # The holdout day of the demo run; defaults to the last generated day.
 DATE ?=
 
-.PHONY: venv demo test airflow stop bench lint clean
+.PHONY: venv demo test airflow stop bench lint clean node-deps system-deps
 
 venv: $(BIN)/.installed
 
@@ -35,9 +35,21 @@ $(BIN)/.installed: requirements.txt pyproject.toml
 demo: venv
 	$(BIN)/python -m ctr.demo --days $(DAYS) --rows-per-day $(ROWS) $(if $(DATE),--date $(DATE))
 
-test: venv
+test: venv node-deps system-deps
 	$(BIN)/ruff check plugins dags jobs tests benchmarks
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# npm packages the tests start (Azurite), pinned in package.json / package-lock.json
+node-deps: node_modules/.installed
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+# Debian packages the tests drive (headless Chromium for the UI check); needs root, as in CI
+system-deps:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "system-deps: chromium missing and not root; the browser check will be skipped"; fi; }
 
 airflow: venv
 	$(BIN)/airflow db migrate >/dev/null

@@ -60,6 +60,7 @@ class LocalRollout:
         live = self.readyz()
         if live is None:
             self._start(bundle)
+            st = self.state()  # now holds the new pid
             live = self.readyz()
             previous = None
         elif live.get("model_version") == str(version) and st.get("bundle") == str(bundle):

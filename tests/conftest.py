@@ -1,0 +1,95 @@
+"""Shared fixtures: tiny generated landing zones, staged days, a trained bundle, free ports.
+
+Everything is generated here (never committed) and started on 127.0.0.1 with free ports.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+RAW_SAMPLE = SHARED_DATA / "criteo_raw_sample_100.tsv"
+CSV_SAMPLE = SHARED_DATA / "criteo_deepctr_sample_200.csv"
+END_DAY = dt.date(2026, 11, 20)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_landing(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 days x 6,000 generated rows ending END_DAY (holdout END_DAY, train the 7 before)."""
+    from ctr.data.generate import GeneratorConfig, generate
+
+    root = tmp_path_factory.mktemp("landing")
+    generate(root, 8, 6000, END_DAY, GeneratorConfig(seed=7))
+    return root
+
+
+@pytest.fixture(scope="session")
+def staged(tiny_landing: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from ctr.data.landing import daterange, stage_day
+
+    staging = tmp_path_factory.mktemp("staging")
+    q = tmp_path_factory.mktemp("quarantine")
+    for d in daterange(END_DAY - dt.timedelta(days=7), END_DAY):
+        stage_day(str(tiny_landing), staging, q, d)
+    return staging
+
+
+@pytest.fixture(scope="session")
+def trained_bundle(staged: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from ctr.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("bundle") / "model"
+    train(staged, out, TrainConfig(start=END_DAY - dt.timedelta(days=7), end=END_DAY - dt.timedelta(days=1), rounds=60))
+    return out
+
+
+def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            if httpx.get(url, timeout=1.0).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+@pytest.fixture
+def scoring_server(trained_bundle: Path, tmp_path: Path) -> Iterator[str]:
+    """`ctr serve` on a free loopback port, stopped afterwards; yields its base URL."""
+    port = free_port()
+    env = {**os.environ, "CTR_SERVE_TOKEN": "", "CTR_ADMIN_TOKEN": ""}
+    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "ctr.cli", "serve", "--model", str(trained_bundle),
+                             "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/healthz", proc=proc)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
