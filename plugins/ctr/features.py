@@ -54,12 +54,7 @@ class VocabCounter:
                     d[v] = d.get(v, 0) + n
 
     def vocabulary(self, min_count: int, max_vocab: int) -> dict[str, list[str]]:
-        out = {}
-        for c in CAT_COLUMNS:
-            kept = [(n, v) for v, n in self.counts[c].items() if n >= min_count]
-            kept.sort(key=lambda t: (-t[0], t[1]))
-            out[c] = [v for _, v in kept[:max_vocab]]
-        return out
+        return select_vocabulary(self.counts, min_count, max_vocab)
 
     def notes(self, vocab: Mapping[str, list[str]]) -> list[str]:
         """Plain-language warnings about degenerate columns (all missing, all unique)."""
@@ -71,6 +66,17 @@ class VocabCounter:
             elif distinct and distinct == self.rows - self.missing[c] and not vocab[c]:
                 notes.append(f"{c}: every value is unique ({distinct}); all map to the rare code")
         return notes
+
+
+def select_vocabulary(counts: Mapping[str, Mapping[str, int]], min_count: int, max_vocab: int) -> dict[str, list[str]]:
+    """The vocabulary rule, shared by the local path and the Spark job: per column, values seen at
+    least `min_count` times, most frequent first, ties broken by value, at most `max_vocab`."""
+    out = {}
+    for c in CAT_COLUMNS:
+        kept = [(n, v) for v, n in counts.get(c, {}).items() if n >= min_count]
+        kept.sort(key=lambda t: (-t[0], t[1]))
+        out[c] = [v for _, v in kept[:max_vocab]]
+    return out
 
 
 @dataclass
