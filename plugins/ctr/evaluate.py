@@ -2,7 +2,9 @@
 
 Metrics per model: AUC, logloss, expected calibration error (20 equal-mass bins), mean
 predicted probability and the observed click rate. With a baseline, the AUC difference comes
-with a 95% confidence interval from DeLong's paired test (fast O(n log n) form, Sun & Xu 2014).
+with a 95% confidence interval from DeLong's paired test (fast O(n log n) form, Sun & Xu 2014);
+`bootstrap_diff` is the paired bootstrap (fixed seed) kept as a cross-check and as an option.
+`roc_points` and `reliability` give the curves the report draws, from the same bins as the ECE.
 """
 
 from __future__ import annotations
@@ -42,6 +44,30 @@ def ece(y: np.ndarray, p: np.ndarray, bins: int = ECE_BINS) -> float:
     for idx in np.array_split(order, min(bins, len(p))):
         total += len(idx) * abs(float(p[idx].mean()) - float(y[idx].mean()))
     return total / len(p)
+
+
+def reliability(y: np.ndarray, p: np.ndarray, bins: int = ECE_BINS) -> dict[str, list[float]]:
+    """Equal-mass bins of the predicted probability (the ECE's bins): mean prediction, click rate, rows."""
+    order = np.argsort(p, kind="stable")
+    groups = [idx for idx in np.array_split(order, min(bins, len(p))) if len(idx)] if len(p) else []
+    return {"mean_pred": [float(p[g].mean()) for g in groups], "observed": [float(y[g].mean()) for g in groups],
+            "rows": [int(len(g)) for g in groups]}
+
+
+def roc_points(y: np.ndarray, p: np.ndarray, max_points: int = 2000) -> tuple[np.ndarray, np.ndarray]:
+    """(false positive rate, true positive rate) at every distinct threshold, thinned to max_points."""
+    y = np.asarray(y, dtype=bool)
+    order = np.argsort(-p, kind="stable")
+    ps, ys = p[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(ps)), len(ps) - 1] if len(ps) else np.empty(0, dtype=int)
+    tp = np.cumsum(ys)[last]
+    fp = (last + 1) - tp
+    tpr = np.r_[0.0, tp / max(int(y.sum()), 1)]
+    fpr = np.r_[0.0, fp / max(int((~y).sum()), 1)]
+    if len(fpr) > max_points:
+        keep = np.unique(np.r_[np.linspace(0, len(fpr) - 1, max_points).astype(int), len(fpr) - 1])
+        fpr, tpr = fpr[keep], tpr[keep]
+    return fpr, tpr
 
 
 def model_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
@@ -88,8 +114,31 @@ def delong_diff(y: np.ndarray, p_candidate: np.ndarray, p_baseline: np.ndarray) 
     return AucDiff(est, est - half, est + half)
 
 
-def compare(y: np.ndarray, p_candidate: np.ndarray, p_baseline: np.ndarray | None) -> dict[str, Any]:
+def bootstrap_diff(y: np.ndarray, p_candidate: np.ndarray, p_baseline: np.ndarray, n_boot: int = 1000,
+                   seed: int = 0) -> AucDiff:
+    """AUC(candidate) - AUC(baseline) with a 95% percentile CI from a paired bootstrap (same resampled rows)."""
+    y = np.asarray(y, dtype=bool)
+    rng = np.random.default_rng(seed)
+    est = auc(y, p_candidate) - auc(y, p_baseline)
+    diffs = np.empty(n_boot)
+    for b in range(n_boot):
+        idx = rng.integers(0, len(y), len(y))
+        diffs[b] = auc(y[idx], p_candidate[idx]) - auc(y[idx], p_baseline[idx])
+    diffs = diffs[~np.isnan(diffs)]
+    if len(diffs) == 0:
+        return AucDiff(math.nan, math.nan, math.nan, "bootstrap")
+    lo, hi = np.quantile(diffs, [0.025, 0.975])
+    return AucDiff(float(est), float(lo), float(hi), f"paired bootstrap n={n_boot} seed={seed}")
+
+
+METHODS = ("delong", "bootstrap")
+
+
+def compare(y: np.ndarray, p_candidate: np.ndarray, p_baseline: np.ndarray | None,
+            method: str = "delong") -> dict[str, Any]:
     """The metrics document (without the gate decision, which gate.py adds)."""
+    if method not in METHODS:
+        raise ValueError(f"AUC difference method {method!r} is unknown; use one of {', '.join(METHODS)}")
     y = np.asarray(y, dtype=np.float64)
     out: dict[str, Any] = {
         "rows": int(len(y)),
@@ -99,5 +148,6 @@ def compare(y: np.ndarray, p_candidate: np.ndarray, p_baseline: np.ndarray | Non
     }
     if p_baseline is not None:
         out["baseline"] = model_metrics(y, p_baseline)
-        out["auc_diff"] = delong_diff(y, p_candidate, p_baseline).to_json()
+        diff = delong_diff(y, p_candidate, p_baseline) if method == "delong" else bootstrap_diff(y, p_candidate, p_baseline)
+        out["auc_diff"] = diff.to_json()
     return out
