@@ -1,0 +1,85 @@
+"""Whole-DAG runs with `airflow dags test` in subprocesses, each installation in its own tmp dirs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, free_port
+
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class AirflowInstall:
+    """An isolated Airflow home + CTR home: a real sqlite metadata DB, this repo's DAGs and plugins."""
+
+    root: Path
+    landing: Path
+    serve_port: int = field(default_factory=free_port)
+
+    @property
+    def ctr_home(self) -> Path:
+        return self.root / "ctr"
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "CTR_"))}
+        env.update(
+            AIRFLOW_HOME=str(self.root / "airflow"),
+            AIRFLOW__CORE__DAGS_FOLDER=str(REPO / "dags"),
+            AIRFLOW__CORE__PLUGINS_FOLDER=str(REPO / "plugins"),
+            AIRFLOW__CORE__LOAD_EXAMPLES="False",
+            AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="True",
+            CTR_HOME=str(self.ctr_home),
+            CTR_LANDING=str(self.landing),
+            CTR_SERVE_PORT=str(self.serve_port),
+            CTR_IO_RETRIES="0",
+            PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        )
+        return env
+
+    def airflow(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run([str(BIN / "airflow"), *args], env=self.env, text=True, capture_output=True, timeout=timeout)
+        log = self.root / "airflow-cli.log"
+        with open(log, "a") as fh:
+            fh.write(f"$ airflow {' '.join(args)}\n{r.stdout}\n{r.stderr}\n")
+        if check and r.returncode != 0:
+            raise AssertionError(f"airflow {' '.join(args)} exited {r.returncode}; tail:\n{(r.stdout + r.stderr)[-3000:]}")
+        return r
+
+    def dags_test(self, day: str, conf: dict | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        args = ["dags", "test", "ctr_retrain", day]
+        if conf:
+            args += ["--conf", json.dumps(conf)]
+        return self.airflow(*args, check=check)
+
+    def metrics(self, day: str) -> dict:
+        return json.loads((self.ctr_home / "runs" / "ctr_retrain" / day / "metrics.json").read_text())
+
+    def stop_service(self) -> None:
+        from ctr.rollout.local import LocalRollout
+
+        LocalRollout(self.ctr_home / "serving", "127.0.0.1", self.serve_port).stop()
+
+
+@pytest.fixture(scope="module")
+def airflow_install(tmp_path_factory: pytest.TempPathFactory):
+    """Factory fixture: make_install(landing) -> a migrated AirflowInstall; services stopped at the end."""
+    made: list[AirflowInstall] = []
+
+    def make(landing: Path) -> AirflowInstall:
+        inst = AirflowInstall(tmp_path_factory.mktemp("install"), landing)
+        inst.airflow("db", "migrate")
+        made.append(inst)
+        return inst
+
+    yield make
+    for inst in made:
+        inst.stop_service()
