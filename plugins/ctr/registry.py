@@ -1,15 +1,18 @@
-"""MLflow model registry: one version per DAG run, lineage tags, the champion pointer.
+"""MLflow model registry: one run and one version per DAG run, lineage tags, the champion pointer.
 
-Works against any MLflow tracking URI: the local sqlite default, an Azure ML workspace
-(azureml-mlflow's `azureml://` URI) or Databricks. Rules:
-  * a version is found by its run key tag (`ctr.run_key` = "<dag_id>/<logical date>"), so a
-    re-run returns its existing version; nothing ever looks up "the latest version";
-  * registration is create-then-reconcile: if two processes raced on the same key, the lowest
-    version wins and the others are deleted;
+Works against any MLflow tracking URI: the local sqlite default, an MLflow server, an Azure ML
+workspace (azureml-mlflow's `azureml://` URI) or Databricks. Rules:
+  * a DAG run is identified by its run key tag (`ctr.run_key` = "<dag_id>/<logical date>"): the
+    evaluation creates (or finds) one MLflow run with that tag, the metrics, metrics.json and the
+    report; register adds the bundle to the same run and creates the version with the same tag;
+  * a re-run finds its existing run and version by that tag; nothing ever looks up "the latest
+    version";
+  * creation is create-then-reconcile: if two processes raced on the same key, the lowest version
+    (earliest run) wins and the others are deleted; on sqlite a file lock serialises writers;
   * the champion is the alias `champion` where the registry has aliases, and the registered
-    model tag `ctr.champion_version` always (Azure ML's registry has no aliases), read through
-    one function; promotion picks the newest logical date among verified versions, under a
-    lock when the registry is local, so concurrent backfill runs converge on one champion.
+    model tag `ctr.champion_version` always (Azure ML's registry has no aliases), both read
+    through `champion()`; `promote` re-reads the verified versions after every write until the
+    pointer names the newest verified logical date, so concurrent backfill runs converge.
 """
 
 from __future__ import annotations
@@ -18,12 +21,14 @@ import contextlib
 import fcntl
 import json
 import logging
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +38,10 @@ PROMOTED_TAG = "ctr.verified"
 CHAMPION_ALIAS = "champion"
 CHAMPION_TAG = "ctr.champion_version"
 EXPERIMENT = "ctr_retrain"
+MODEL_ARTIFACT_PATH = "model"
+EVALUATION_ARTIFACT_PATH = "evaluation"
 TAG_MAX = 5000
+PROMOTE_ROUNDS = 6
 
 
 @dataclass(frozen=True)
@@ -48,9 +56,20 @@ class VersionInfo:
     def logical_date(self) -> str:
         return self.tags.get(LOGICAL_DATE_TAG, "")
 
+    @property
+    def run_key(self) -> str:
+        return self.tags.get(RUN_KEY_TAG, "")
+
 
 def _info(mv: Any) -> VersionInfo:
     return VersionInfo(mv.name, str(mv.version), mv.source, mv.run_id, dict(mv.tags or {}))
+
+
+def _quoted(value: str) -> str:
+    """A filter-string literal; run keys are "<dag_id>/<date>" and never need more than this."""
+    if "'" in value:
+        raise ValueError(f"run key {value!r} contains a quote; dag ids and dates never should")
+    return f"'{value}'"
 
 
 class Registry:
@@ -61,39 +80,55 @@ class Registry:
         self.tracking_uri = tracking_uri
         self.model_name = model_name
         self.artifact_root = artifact_root
-        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         self.cache_dir = cache_dir or Path(tempfile.gettempdir()) / "ctr-registry-cache"
-        self._lock_path = None
+        self._lock_path: Path | None = None
+        self._lock_held = False
+        self._experiment_id: str | None = None
         if tracking_uri.startswith("sqlite:///"):
             self._lock_path = Path(tracking_uri.removeprefix("sqlite:///")).with_suffix(".lock")
+        with self._lock():  # a fresh sqlite file is migrated by the client's store: once, not racing
+            self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+            if self._lock_path is not None:  # build both sqlite stores now, inside the lock
+                self.client.search_registered_models(max_results=1)
 
     # ---- helpers -----------------------------------------------------------------------
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
-        if self._lock_path is None:
+        """Serialise writers of a local sqlite registry across processes; a no-op for servers."""
+        if self._lock_path is None or self._lock_held:  # servers; or already held by this object (re-entry)
             yield
             return
         self._lock_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self._lock_path, "a") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
+            self._lock_held = True
             try:
                 yield
             finally:
+                self._lock_held = False
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
-    def _experiment_id(self) -> str:
+    def experiment_id(self) -> str:
+        """The `ctr_retrain` experiment's id, created on first use (cached)."""
+        if self._experiment_id is None:
+            self._experiment_id = self._find_or_create_experiment()
+        return self._experiment_id
+
+    def _find_or_create_experiment(self) -> str:
         from mlflow.exceptions import MlflowException
 
-        exp = self.client.get_experiment_by_name(EXPERIMENT)
-        if exp is not None:
-            return exp.experiment_id
-        location = self.artifact_root.resolve().as_uri() if self.artifact_root else None
-        try:
-            return self.client.create_experiment(EXPERIMENT, artifact_location=location)
-        except MlflowException:  # created concurrently
+        with self._lock():
             exp = self.client.get_experiment_by_name(EXPERIMENT)
-            assert exp is not None
-            return exp.experiment_id
+            if exp is not None:
+                return exp.experiment_id
+            location = self.artifact_root.resolve().as_uri() if self.artifact_root else None
+            try:
+                return self.client.create_experiment(EXPERIMENT, artifact_location=location)
+            except MlflowException:  # created concurrently by another process
+                exp = self.client.get_experiment_by_name(EXPERIMENT)
+                if exp is None:
+                    raise
+                return exp.experiment_id
 
     def _ensure_model(self) -> None:
         from mlflow.exceptions import MlflowException
@@ -101,52 +136,124 @@ class Registry:
         try:
             self.client.get_registered_model(self.model_name)
         except MlflowException:
-            with contextlib.suppress(MlflowException):
+            with contextlib.suppress(MlflowException):  # lost a creation race: fine, it exists now
                 self.client.create_registered_model(self.model_name, description="Criteo CTR LightGBM (ctr_retrain DAG)")
+
+    # ---- runs --------------------------------------------------------------------------
+    def find_run(self, run_key: str) -> str | None:
+        """The MLflow run id of a DAG run's evaluation/registration (the earliest if a race left several)."""
+        runs = self._runs(run_key)
+        return runs[0].info.run_id if runs else None
+
+    def _runs(self, run_key: str) -> list[Any]:
+        runs = list(self.client.search_runs([self.experiment_id()], f"tags.`{RUN_KEY_TAG}` = {_quoted(run_key)}"))
+        return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+
+    def ensure_run(self, run_key: str, tags: dict[str, Any] | None = None) -> str:
+        """Find or create the one MLflow run of `run_key`; returns its run id."""
+        found = self.find_run(run_key)
+        if found:
+            return found
+        exp = self.experiment_id()
+        with self._lock():
+            found = self.find_run(run_key)
+            if found:
+                return found
+            run = self.client.create_run(exp, tags={**{k: _tag(v) for k, v in (tags or {}).items()}, RUN_KEY_TAG: run_key},
+                                         run_name=run_key.replace("/", "_"))
+            self.client.set_terminated(run.info.run_id)
+        runs = self._runs(run_key)
+        for dup in runs[1:]:  # lost a race on the same key (remote registries): keep the earliest
+            log.warning("registry: duplicate run %s for %s; keeping %s", dup.info.run_id, run_key, runs[0].info.run_id)
+            self.client.delete_run(dup.info.run_id)
+        log.info("registry: run %s created for %s", runs[0].info.run_id, run_key)
+        return runs[0].info.run_id
+
+    def log_evaluation(self, run_id: str, doc: dict[str, Any], files: list[Path]) -> None:
+        """Metrics, gate decision and the report files (metrics.json, report.html, PNGs) on the run."""
+        from mlflow.entities import Metric, RunTag
+
+        flat: dict[str, float] = {}
+        for side in ("candidate", "baseline"):
+            for k, v in (doc.get(side) or {}).items():
+                flat[f"{side}_{k}"] = v
+        for k, v in (doc.get("auc_diff") or {}).items():
+            if k != "method":
+                flat[f"auc_diff_{k}"] = v
+        flat["rows"] = doc["rows"]
+        g = doc["gate"]
+        tags = {"gate.decision": "PASSED (forced)" if g["forced"] else ("PASSED" if g["passed"] else "REJECTED"),
+                "gate.passed": g["passed"], "gate.forced": g["forced"], "gate.reasons": g["reasons"],
+                "holdout_day": doc.get("day"), "champion_at_eval": doc.get("baseline_version") or "none",
+                "auc_diff.method": (doc.get("auc_diff") or {}).get("method", "none")}
+        with self._lock():
+            self.client.log_batch(
+                run_id,
+                metrics=[Metric(k, float(v), 0, 0) for k, v in flat.items() if v is not None],
+                tags=[RunTag(k, _tag(v)) for k, v in tags.items()],
+            )
+            for f in files:
+                self.client.log_artifact(run_id, str(f), artifact_path=EVALUATION_ARTIFACT_PATH)
 
     # ---- versions ----------------------------------------------------------------------
     def find(self, run_key: str) -> VersionInfo | None:
         """The version registered for a run key, if any (the lowest when a race left several)."""
-        found = self._search(f"tags.`{RUN_KEY_TAG}` = '{run_key}'")
+        found = self._search(RUN_KEY_TAG, run_key)
         return found[0] if found else None
 
-    def _search(self, tag_filter: str) -> list[VersionInfo]:
-        flt = f"name = '{self.model_name}' and {tag_filter}"
-        out = [_info(mv) for mv in self.client.search_model_versions(flt)]
+    def _search(self, tag: str, value: str) -> list[VersionInfo]:
+        """Versions of this model with tag == value, lowest version first (paged; never 'latest')."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            out = self._paged(f"name = {_quoted(self.model_name)} and tags.`{tag}` = {_quoted(value)}")
+        except MlflowException as e:  # registries that cannot filter on tags: filter here
+            log.info("registry: tag filter unsupported (%s); filtering %s versions locally", type(e).__name__, self.model_name)
+            out = [v for v in self._paged(f"name = {_quoted(self.model_name)}") if v.tags.get(tag) == value]
         return sorted(out, key=lambda v: int(v.version))
+
+    def _paged(self, flt: str) -> list[VersionInfo]:
+        out: list[VersionInfo] = []
+        token = None
+        while True:
+            page = self.client.search_model_versions(flt, page_token=token)
+            out += [_info(mv) for mv in page]
+            token = page.token
+            if not token:
+                return out
 
     def get(self, version: str) -> VersionInfo:
         return _info(self.client.get_model_version(self.model_name, str(version)))
 
-    def register(self, bundle_dir: Path, run_key: str, tags: dict[str, Any], metrics: dict[str, float]) -> VersionInfo:
-        """Register `bundle_dir` for `run_key`, or return the version already registered for it."""
+    def register(self, bundle_dir: Path, run_key: str, tags: dict[str, Any], metrics: dict[str, float],
+                 run_id: str | None = None) -> VersionInfo:
+        """Register `bundle_dir` for `run_key` in the DAG run's MLflow run, or return the version already there."""
         existing = self.find(run_key)
         if existing:
             log.info("registry: %s already has version %s for %s; reusing it", self.model_name, existing.version, run_key)
             return existing
         self._ensure_model()
+        rid = run_id or self.ensure_run(run_key, tags)
         all_tags = {k: _tag(v) for k, v in {**tags, RUN_KEY_TAG: run_key}.items()}
         with self._lock():
             existing = self.find(run_key)
             if existing:
                 return existing
-            run = self.client.create_run(self._experiment_id(), tags={RUN_KEY_TAG: run_key}, run_name=run_key.replace("/", "_"))
-            rid = run.info.run_id
-            for k, v in metrics.items():
-                if v is not None:
-                    self.client.log_metric(rid, k, float(v))
-            self.client.log_artifacts(rid, str(bundle_dir), artifact_path="model")
-            self.client.set_terminated(rid)
-            mv = self.client.create_model_version(
-                self.model_name, source=f"{run.info.artifact_uri}/model", run_id=rid, tags=all_tags,
-                description=f"trained by {run_key}",
-            )
+            from mlflow.entities import Metric
+
+            self.client.log_batch(rid, metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items() if v is not None])
+            self.client.log_artifacts(rid, str(bundle_dir), artifact_path=MODEL_ARTIFACT_PATH)
+            source = f"{self.client.get_run(rid).info.artifact_uri}/{MODEL_ARTIFACT_PATH}"
+            mv = self.client.create_model_version(self.model_name, source=source, run_id=rid, tags=all_tags,
+                                                  description=f"trained by {run_key}")
         winner = self.find(run_key)
-        assert winner is not None
+        if winner is None:
+            raise RuntimeError(f"registry {self.tracking_uri}: version {mv.version} of {self.model_name} was created "
+                               f"but is not found by tag {RUN_KEY_TAG}={run_key}; does the registry store version tags?")
         if winner.version != str(mv.version):  # lost a race on the same key (remote registries)
             log.warning("registry: duplicate version %s for %s; keeping %s", mv.version, run_key, winner.version)
             self.client.delete_model_version(self.model_name, str(mv.version))
-        log.info("registry: %s version %s registered for %s", self.model_name, winner.version, run_key)
+        log.info("registry: %s version %s registered for %s (run %s)", self.model_name, winner.version, run_key, rid)
         return winner
 
     def set_tags(self, version: str, tags: dict[str, Any]) -> None:
@@ -174,13 +281,12 @@ class Registry:
 
     # ---- champion ----------------------------------------------------------------------
     def champion(self) -> VersionInfo | None:
+        """The champion: alias `champion` where aliases exist, else the registered-model tag."""
         from mlflow.exceptions import MlflowException
 
         try:
             return _info(self.client.get_model_version_by_alias(self.model_name, CHAMPION_ALIAS))
-        except MlflowException:
-            pass
-        except NotImplementedError:
+        except (MlflowException, NotImplementedError):  # no such alias, or no aliases at all (Azure ML)
             pass
         try:
             rm = self.client.get_registered_model(self.model_name)
@@ -190,22 +296,32 @@ class Registry:
         return self.get(v) if v else None
 
     def promote(self, version: str) -> VersionInfo:
-        """Mark `version` verified and point the champion at the newest verified logical date."""
+        """Mark `version` verified and point the champion at the newest verified logical date.
+
+        After each write the verified set is read again; the loop ends when the pointer already
+        names the best version, so whichever of several concurrent promoters writes last leaves
+        the right champion (each re-reads after its own write).
+        """
+        best: VersionInfo | None = None
         with self._lock():
             self.set_tags(version, {PROMOTED_TAG: "true"})
-            for _ in range(3):
-                verified = self._search(f"tags.`{PROMOTED_TAG}` = 'true'")
+            for _ in range(PROMOTE_ROUNDS):
+                verified = self._search(PROMOTED_TAG, "true")
                 best = max(verified, key=lambda v: (v.logical_date, int(v.version)))
-                self._point(best.version)
                 now = self.champion()
-                if now is not None and now.version == best.version:
+                if now is not None and now.version == best.version and self._tag_pointer() == best.version:
                     break
+                self._point(best.version)
+        assert best is not None
         if best.version != str(version):
             log.warning("promote: version %s verified, but version %s (logical date %s) is newer and stays champion",
                         version, best.version, best.logical_date)
         else:
             log.info("promote: champion -> %s version %s", self.model_name, version)
         return best
+
+    def _tag_pointer(self) -> str | None:
+        return (self.client.get_registered_model(self.model_name).tags or {}).get(CHAMPION_TAG)
 
     def _point(self, version: str) -> None:
         from mlflow.exceptions import MlflowException
@@ -215,6 +331,45 @@ class Registry:
             self.client.set_registered_model_alias(self.model_name, CHAMPION_ALIAS, str(version))
         except (MlflowException, NotImplementedError) as e:  # Azure ML: no aliases; the tag stands
             log.info("registry has no aliases (%s); champion kept as tag %s", type(e).__name__, CHAMPION_TAG)
+
+
+# ---- UI links --------------------------------------------------------------------------------
+_AZUREML_WS = re.compile(r"/subscriptions/([^/]+)/resourceGroups/([^/]+)/providers/Microsoft\.MachineLearningServices/"
+                         r"workspaces/([^/?]+)", re.IGNORECASE)
+
+
+def ui_links(tracking_uri: str, ui_base: str, experiment_id: str | None, run_id: str | None,
+             model_name: str | None = None, version: str | None = None) -> dict[str, str]:
+    """Browser URLs of a run and a model version: {"run": ..., "model_version": ...} (empty when unknown).
+
+    The page layout follows the tracking URI: Databricks (`databricks...`: /ml/...), Azure ML
+    (`azureml://...`: ml.azure.com with the workspace id), else the MLflow UI's hash routes under
+    `ui_base` (an MLflow server's own http(s) URI is its UI).
+    """
+    base = (ui_base or (tracking_uri if tracking_uri.startswith(("http://", "https://")) else "")).rstrip("/")
+    out = {"run": "", "model_version": ""}
+    ws = _AZUREML_WS.search(tracking_uri) if tracking_uri.startswith("azureml:") else None
+    if ws:
+        wsid = quote(f"/subscriptions/{ws[1]}/resourcegroups/{ws[2]}/workspaces/{ws[3]}", safe="")
+        studio = base or "https://ml.azure.com"
+        if run_id:
+            out["run"] = f"{studio}/runs/{run_id}?wsid={wsid}"
+        if model_name and version:
+            out["model_version"] = f"{studio}/model/{quote(model_name)}:{version}/details?wsid={wsid}"
+        return out
+    if not base:
+        return out
+    if tracking_uri.startswith("databricks"):
+        if experiment_id and run_id:
+            out["run"] = f"{base}/ml/experiments/{experiment_id}/runs/{run_id}"
+        if model_name and version:
+            out["model_version"] = f"{base}/ml/models/{quote(model_name)}/versions/{version}"
+        return out
+    if experiment_id and run_id:
+        out["run"] = f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    if model_name and version:
+        out["model_version"] = f"{base}/#/models/{quote(model_name)}/versions/{version}"
+    return out
 
 
 def _tag(v: Any) -> str:
