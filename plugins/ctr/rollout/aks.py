@@ -72,12 +72,17 @@ def api_client_from_kubeconfig(kubeconfig: dict[str, Any], context: str | None =
 
 
 def kubeconfig_from_aks(credential: Any, subscription_id: str, resource_group: str, cluster: str,
-                        **client_kwargs: Any) -> dict[str, Any]:
+                        arm_endpoint: str = "https://management.azure.com") -> dict[str, Any]:
     """Cluster user credentials; an AAD cluster's exec (kubelogin) user gets a token from `credential` instead."""
     from azure.mgmt.containerservice import ContainerServiceClient
 
-    with ContainerServiceClient(credential, subscription_id, **client_kwargs) as cs:
-        res = cs.managed_clusters.list_cluster_user_credentials(resource_group, cluster)
+    kw: dict[str, Any] = {"base_url": arm_endpoint}
+    call: dict[str, Any] = {}
+    if arm_endpoint.startswith(("http://127.0.0.1", "http://localhost")):  # loopback contract server only
+        kw["credential_scopes"] = ["https://management.azure.com/.default"]
+        call["enforce_https"] = False
+    with ContainerServiceClient(credential, subscription_id, **kw) as cs:
+        res = cs.managed_clusters.list_cluster_user_credentials(resource_group, cluster, **call)
     if not res.kubeconfigs:
         raise RolloutError(f"AKS {resource_group}/{cluster} returned no kubeconfig; does the identity have the "
                            "'Azure Kubernetes Service Cluster User Role'?")

@@ -1,0 +1,140 @@
+"""AksRollout against a local server speaking the Kubernetes API (and AKS's credential call)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from azure.core.credentials import AccessToken
+from ctr.rollout.aks import AksConfig, AksRollout, api_client_from_kubeconfig, kubeconfig_from_aks
+from ctr.rollout.base import RolloutError
+from kubernetes import client
+
+from tests.integration.fake_kube_api import TOKEN, FakeKube
+
+V1 = "ctrprod.azurecr.io/ctr-scorer:1-aaaaaaaaaaaa"
+V2 = "ctrprod.azurecr.io/ctr-scorer:2-bbbbbbbbbbbb"
+BAD = "ctrprod.azurecr.io/ctr-scorer:3-cccccccccccc"
+
+
+def _api(fake: FakeKube, token: str = TOKEN) -> client.ApiClient:
+    cfg = client.Configuration()
+    cfg.host = fake.url
+    cfg.api_key = {"authorization": f"Bearer {token}"}
+    return client.ApiClient(cfg)
+
+
+def _rollout(fake: FakeKube, timeout: float = 20.0, **cfg: object) -> AksRollout:
+    return AksRollout(_api(fake), AksConfig(replicas=2, **cfg), timeout=timeout, poll_interval=0.01)
+
+
+def test_rolling_update_waits_for_generation_and_replicas(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="ctr.rollout.aks")
+    with FakeKube() as fake:
+        r = _rollout(fake)
+        first = r.deploy(V1, "1")
+        assert first.previous_ref is None and fake.image_of("ctr", "ctr-scorer") == V1
+        second = r.deploy(V2, "2")
+        assert (second.version, second.previous_version, second.previous_ref) == ("2", "1", V1)
+        assert second.url == "http://ctr-scorer.ctr.svc.cluster.local"
+        assert fake.image_of("ctr", "ctr-scorer") == V2
+        sim = fake.sims[("ctr", "ctr-scorer")]
+        assert sim.min_available_during_rollout == 2  # maxUnavailable: 0 held throughout
+        # every object went through server-side apply; the wait read the status subresource
+        applied = {p for m, p, ct in fake.requests if m == "PATCH" and ct == "application/apply-patch+yaml"}
+        assert applied == {"/apis/apps/v1/namespaces/ctr/deployments/ctr-scorer", "/api/v1/namespaces/ctr/services/ctr-scorer",
+                           "/apis/policy/v1/namespaces/ctr/poddisruptionbudgets/ctr-scorer",
+                           "/apis/autoscaling/v2/namespaces/ctr/horizontalpodautoscalers/ctr-scorer"}
+        assert any(p.endswith("/deployments/ctr-scorer/status") for _, p, _ in fake.requests)
+        # the wait did not stop before the controller observed the new generation
+        assert "observedGeneration 1/2" in caplog.text and "updated 2/2, available 2/2, total 2" in caplog.text
+        # same image again: nothing applied
+        n = len([1 for m, *_ in fake.requests if m == "PATCH"])
+        assert r.deploy(V2, "2").changed is False
+        assert len([1 for m, *_ in fake.requests if m == "PATCH"]) == n
+
+
+def test_replica_count_left_to_the_hpa_after_creation() -> None:
+    with FakeKube() as fake:
+        r = _rollout(fake)
+        r.deploy(V1, "1")
+        fake.objects[("Deployment", "ctr", "ctr-scorer")]["spec"]["replicas"] = 4  # the HPA scaled out
+        r.deploy(V2, "2")
+        assert fake.objects[("Deployment", "ctr", "ctr-scorer")]["spec"]["replicas"] == 4
+
+
+def test_crash_looping_new_replicaset_is_rolled_back() -> None:
+    with FakeKube(crashing={BAD}) as fake:
+        r = _rollout(fake)
+        r.deploy(V1, "1")
+        with pytest.raises(RolloutError) as e:
+            r.deploy(BAD, "3")
+        assert "CrashLoopBackOff" in str(e.value) and f"rolled back to {V1}" in str(e.value)
+        assert fake.image_of("ctr", "ctr-scorer") == V1
+        assert r.current()["version"] == "1"
+        assert fake.sims[("ctr", "ctr-scorer")].min_available_during_rollout == 2
+
+
+def test_progress_deadline_is_a_failure() -> None:
+    with FakeKube(crashing={BAD}, deadline_reads=2) as fake:
+        r = _rollout(fake)
+        r.deploy(V1, "1")
+        r._crashing_pod = lambda image: None  # type: ignore[method-assign]  # only the Deployment condition speaks
+        with pytest.raises(RolloutError, match="exceeded its progress deadline.*rolled back"):
+            r.deploy(BAD, "3")
+        assert fake.image_of("ctr", "ctr-scorer") == V1
+
+
+def test_rollout_that_never_becomes_ready_times_out_and_rolls_back() -> None:
+    with FakeKube(stuck={BAD}) as fake:
+        r = _rollout(fake, timeout=0.5)
+        r.deploy(V1, "1")
+        r.timeout = 0.5
+        t0 = time.monotonic()
+        with pytest.raises(RolloutError, match="not rolled out within 0s"):
+            r.deploy(BAD, "3")
+        assert time.monotonic() - t0 < 15
+        assert fake.image_of("ctr", "ctr-scorer") == V1
+
+
+def test_verify_failure_rollback_restores_previous_image() -> None:
+    with FakeKube() as fake:
+        r = _rollout(fake)
+        r.deploy(V1, "1")
+        res = r.deploy(V2, "2")
+        back = r.rollback(res.previous_ref, res.previous_version)
+        assert back is not None and back.version == "1"
+        assert fake.image_of("ctr", "ctr-scorer") == V1 and r.current()["version"] == "1"
+
+
+def test_missing_token_secret_is_named_and_nothing_applied() -> None:
+    with FakeKube(secrets={}) as fake:
+        with pytest.raises(RolloutError, match="secret ctr/ctr-scorer-token is missing.*kubectl -n ctr create secret"):
+            _rollout(fake).deploy(V1, "1")
+        assert not [m for m, *_ in fake.requests if m == "PATCH"]
+
+
+def test_wrong_token_is_refused() -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    with FakeKube() as fake:
+        r = AksRollout(_api(fake, token="wrong"), AksConfig())
+        with pytest.raises((ApiException, RolloutError), match="401|Unauthorized"):
+            r.deploy(V1, "1")
+
+
+class AadCredential:
+    def get_token(self, *scopes: str, **kwargs: object) -> AccessToken:
+        # the AKS AAD server app scope gets the cluster token; ARM gets another
+        tok = TOKEN if scopes == ("6dae42f8-4368-4678-94ff-3960e28e3630/.default",) else "arm-token"
+        return AccessToken(tok, int(time.time()) + 3600)
+
+
+def test_credentials_fetched_from_aks_drive_the_rollout() -> None:
+    with FakeKube() as fake:
+        kc = kubeconfig_from_aks(AadCredential(), "sub-1", "rg-ctr", "aks-ctr", arm_endpoint=fake.url)
+        assert kc["users"][0]["user"] == {"token": TOKEN}  # kubelogin exec replaced by an AAD token
+        r = AksRollout(api_client_from_kubeconfig(kc), AksConfig(replicas=2), timeout=20, poll_interval=0.01)
+        assert r.deploy(V1, "1").version == "1"
+        assert ("POST", "/subscriptions/sub-1/resourceGroups/rg-ctr/providers/Microsoft.ContainerService/managedClusters/"
+                "aks-ctr/listClusterUserCredential", "") in [(m, p, "") for m, p, _ in fake.requests]
