@@ -42,6 +42,8 @@ with DAG(
         "force_deploy": Param(False, type="boolean", description="deploy even if the gate fails (recorded in tags)"),
         "verify_rows": Param(100, type="integer", minimum=1, description="holdout rows compared live vs offline"),
         "fail_verify": Param(False, type="boolean", description="drill: make verify fail to exercise the rollback"),
+        "image_builder": Param("local", enum=["local", "acr"], description="local build context [+ docker] or ACR Tasks"),
+        "deploy_target": Param("local", enum=["local", "aks"], description="local scoring service hot swap or AKS rolling update"),
     },
     doc_md=__doc__,
 ) as dag:

@@ -206,23 +206,3 @@ def _enum(v: Any) -> str:
 def _raise_for(r: httpx.Response, what: str) -> None:
     if r.status_code >= 400:
         raise AcrBuildError(f"{what} failed: HTTP {r.status_code} {r.text[:300]}")
-
-
-def credential_from_airflow(conn_id: str) -> tuple[Any, dict[str, str]]:
-    """An azure-identity credential and the extras of an Airflow Azure connection.
-
-    Service principal: login = client id, password = secret, extra `tenantId`. Otherwise the
-    managed identity / workload identity of the worker (DefaultAzureCredential), optionally the
-    user-assigned one named by extra `managed_identity_client_id`.
-    """
-    from airflow.sdk import BaseHook
-    from azure.identity import ClientSecretCredential, DefaultAzureCredential
-
-    conn = BaseHook.get_connection(conn_id)
-    extras = {k.removeprefix("extra__azure__"): str(v) for k, v in (conn.extra_dejson or {}).items()}
-    if conn.login and conn.password and extras.get("tenantId"):
-        log.info("acr: connection %s: service principal %s", conn_id, conn.login)
-        return ClientSecretCredential(extras["tenantId"], conn.login, conn.password), extras
-    log.info("acr: connection %s: managed identity / DefaultAzureCredential", conn_id)
-    mi = extras.get("managed_identity_client_id") or None
-    return DefaultAzureCredential(managed_identity_client_id=mi), extras

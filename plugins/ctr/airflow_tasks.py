@@ -197,13 +197,61 @@ def register(context: dict[str, Any], evaluated: dict[str, Any]) -> dict[str, An
     return {"version": v.version, "bundle": str(bundle), "model_name": s.model_name}
 
 
+# ---- build / roll out / verify / promote (image_builder: local | acr, deploy_target: local | aks) ----------
+def _deploy_var(name: str, default: str = "") -> str:
+    """Airflow Variable `ctr_<name>`, else env CTR_<NAME>, else default (names only, never secrets)."""
+    v = os.environ.get(f"CTR_{name.upper()}", "")
+    try:
+        from airflow.sdk import Variable
+
+        v = Variable.get(f"ctr_{name}", default=None) or v
+    except Exception as e:  # no Variables backend reachable: environment only
+        log.debug("Airflow Variable ctr_%s not read: %s", name, e)
+    return str(v or default)
+
+
+def _azure_credential(conn_id: str) -> tuple[Any, dict[str, str]]:
+    """azure-identity credential + extras from an Airflow Azure connection: service principal
+    (login=client id, password=secret, extra tenantId) or the worker's managed identity."""
+    from airflow.sdk import BaseHook
+    from azure.identity import ClientSecretCredential, DefaultAzureCredential
+
+    conn = BaseHook.get_connection(conn_id)
+    extras = {k.removeprefix("extra__azure__"): str(v) for k, v in (conn.extra_dejson or {}).items()}
+    if conn.login and conn.password and extras.get("tenantId"):
+        log.info("azure connection %s: service principal %s", conn_id, conn.login)
+        return ClientSecretCredential(extras["tenantId"], conn.login, conn.password), extras
+    log.info("azure connection %s: managed identity (DefaultAzureCredential)", conn_id)
+    return DefaultAzureCredential(managed_identity_client_id=extras.get("managed_identity_client_id") or None), extras
+
+
+def _subscription(extras: dict[str, str], conn_id: str) -> str:
+    sub = extras.get("subscriptionId") or _deploy_var("azure_subscription_id")
+    if not sub:
+        raise ValueError(f"no subscription: set extra subscriptionId on connection {conn_id} or Variable ctr_azure_subscription_id")
+    return sub
+
+
 def build_image(context: dict[str, Any], registered: dict[str, Any]) -> dict[str, Any]:
     from ctr.image import build_context, local_build
 
     s = settings()
     ctx = build_context(Path(registered["bundle"]), registered["version"], s.model_name, s.images_dir)
     log.info("build_image: context %s tag %s", ctx.path, ctx.tag)
-    return local_build(ctx)
+    if context["params"].get("image_builder", "local") != "acr":
+        return local_build(ctx)
+    from ctr.acr import AcrBuilder, AcrTarget
+
+    conn_id = _deploy_var("azure_conn_id", "azure_default")
+    cred, extras = _azure_credential(conn_id)
+    registry, rg = _deploy_var("acr_registry"), _deploy_var("acr_resource_group")
+    if not registry or not rg:
+        raise ValueError("image_builder=acr needs Variables ctr_acr_registry and ctr_acr_resource_group")
+    builder = AcrBuilder(cred, AcrTarget(_subscription(extras, conn_id), rg, registry))
+    try:
+        return builder.build(ctx)
+    finally:
+        builder.close()
 
 
 def _local_rollout(s: Settings):
@@ -212,10 +260,33 @@ def _local_rollout(s: Settings):
     return LocalRollout(s.serving_dir, s.serve_host, s.serve_port, admin_token=s.admin_token, serve_token=s.serve_token)
 
 
+def _aks_rollout():
+    from ctr.rollout.aks import AksConfig, AksRollout, api_client_from_kubeconfig, kubeconfig_from_aks
+
+    cfg = AksConfig(namespace=_deploy_var("aks_namespace", "ctr"), url=_deploy_var("aks_url"))
+    kube_conn = _deploy_var("kube_conn_id")
+    if kube_conn:  # a cncf-kubernetes connection holding a kubeconfig (or in-cluster)
+        from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+
+        return AksRollout(KubernetesHook(conn_id=kube_conn).get_conn(), cfg)
+    conn_id = _deploy_var("azure_conn_id", "azure_default")
+    cred, extras = _azure_credential(conn_id)
+    cluster, rg = _deploy_var("aks_cluster"), _deploy_var("aks_resource_group")
+    if not cluster or not rg:
+        raise ValueError("deploy_target=aks needs Variable ctr_kube_conn_id, or ctr_aks_cluster and ctr_aks_resource_group")
+    return AksRollout(api_client_from_kubeconfig(kubeconfig_from_aks(cred, _subscription(extras, conn_id), rg, cluster)), cfg)
+
+
 def rollout(context: dict[str, Any], image: dict[str, Any]) -> dict[str, Any]:
     s = settings()
-    res = _local_rollout(s).deploy(Path(image["path"]) / "model", image["version"])
-    return {**res.to_json(), "bundle": str(Path(image["path"]) / "model")}
+    bundle = str(Path(image["path"]) / "model")
+    if context["params"].get("deploy_target", "local") == "aks":
+        if not image.get("image"):
+            raise ValueError("deploy_target=aks pulls the image from ACR: run with image_builder=acr")
+        res = _aks_rollout().deploy(image["image"], image["version"])
+        return {**res.to_json(), "bundle": bundle, "target": "aks"}
+    res = _local_rollout(s).deploy(Path(bundle), image["version"])
+    return {**res.to_json(), "bundle": bundle, "target": "local"}
 
 
 def verify(context: dict[str, Any], rolled: dict[str, Any]) -> dict[str, Any]:
@@ -233,9 +304,12 @@ def verify(context: dict[str, Any], rolled: dict[str, Any]) -> dict[str, Any]:
             raise RuntimeError("fail_verify=true: verification forced to fail")
         return verify_endpoint(rolled["url"], rolled["version"], Path(rolled["bundle"]), rows, token=s.serve_token)
     except Exception as e:
-        log.error("verify failed: %s; rolling back", e)
-        back = _local_rollout(s).rollback()
-        log.error("rolled back to %s", back.version if back else "nothing (service stopped)")
+        log.error("verify failed: %s; rolling back (champion pointer unchanged)", e)
+        if rolled.get("target") == "aks":
+            back = _aks_rollout().rollback(rolled.get("previous_ref"), rolled.get("previous_version"))
+        else:
+            back = _local_rollout(s).rollback()
+        log.error("rolled back to %s", back.version if back else "nothing (no previous version)")
         raise
 
 
