@@ -37,7 +37,31 @@ def settings() -> Settings:
                 env[f"CTR_{f.upper()}"] = str(v)
     except Exception as e:  # no Variables backend reachable: environment only
         log.debug("Airflow Variables not read: %s", e)
+    azure_env_from_connection(env)
     return Settings.from_env(env)
+
+
+def azure_env_from_connection(env: dict[str, str]) -> None:
+    """For an Azure landing zone, fill CTR_AZURE_* (in `env` and this task process) from the Airflow
+    WASB connection `CTR_AZURE_CONN_ID` (default wasb_default), unless CTR_AZURE_* are already set."""
+    from ctr.data.azure_storage import ENV_KEYS, env_from_connection, is_azure_url
+
+    landing = env.get("CTR_LANDING", "")
+    if not is_azure_url(landing) or any(env.get(k) for k in ENV_KEYS):
+        return
+    conn_id = env.get("CTR_AZURE_CONN_ID", "wasb_default")
+    try:
+        from airflow.sdk import BaseHook
+
+        conn = BaseHook.get_connection(conn_id)
+    except Exception as e:
+        log.warning("landing %s: Airflow connection %r not readable (%s); falling back to DefaultAzureCredential",
+                    landing, conn_id, e)
+        return
+    values = env_from_connection(conn.host, conn.login, conn.password, conn.extra_dejson)
+    env.update(values)
+    os.environ.update(values)  # read by ctr.data.azure_storage.storage_options in this task process
+    log.info("landing %s: Azure credentials from Airflow connection %r (%s)", landing, conn_id, ", ".join(sorted(values)))
 
 
 def holdout_day(context: dict[str, Any]) -> dt.date:

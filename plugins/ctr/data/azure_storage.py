@@ -3,19 +3,34 @@
 Resolution order (first match wins), all from the environment so nothing secret lives in code:
   1. CTR_AZURE_CONNECTION_STRING                      (also how tests reach Azurite)
   2. CTR_AZURE_ACCOUNT_NAME + CTR_AZURE_ACCOUNT_KEY
-  3. CTR_AZURE_ACCOUNT_NAME + AZURE_TENANT_ID/AZURE_CLIENT_ID/AZURE_CLIENT_SECRET (service principal)
-  4. CTR_AZURE_ACCOUNT_NAME alone: DefaultAzureCredential (managed identity, az login, ...)
-In the DAG, `ctr.airflow_tasks` fills these from the Airflow WASB/Azure connection first.
+  3. CTR_AZURE_ACCOUNT_NAME + CTR_AZURE_SAS_TOKEN
+  4. CTR_AZURE_ACCOUNT_NAME + a service principal: CTR_AZURE_TENANT_ID / CTR_AZURE_CLIENT_ID /
+     CTR_AZURE_CLIENT_SECRET (or the standard AZURE_TENANT_ID / AZURE_CLIENT_ID / AZURE_CLIENT_SECRET)
+  5. CTR_AZURE_ACCOUNT_NAME alone: DefaultAzureCredential (managed identity, workload identity, az login)
+In the DAG, `ctr.airflow_tasks` fills these from the Airflow WASB/Azure connection first
+(`env_from_connection`, which follows the WasbHook's reading of a connection).
 """
 
 from __future__ import annotations
 
 import os
 from typing import Any
+from urllib.parse import urlparse
+
+AZURE_PROTOCOLS = ("abfs", "abfss", "az", "adl")
+ENV_KEYS = (
+    "CTR_AZURE_CONNECTION_STRING", "CTR_AZURE_ACCOUNT_NAME", "CTR_AZURE_ACCOUNT_KEY", "CTR_AZURE_SAS_TOKEN",
+    "CTR_AZURE_TENANT_ID", "CTR_AZURE_CLIENT_ID", "CTR_AZURE_CLIENT_SECRET",
+)
+
+
+def is_azure_url(path: str) -> bool:
+    return "://" in path and path.split("://", 1)[0] in AZURE_PROTOCOLS
 
 
 def storage_options(protocol: str, env: dict[str, str] | None = None) -> dict[str, Any]:
-    if protocol not in ("abfs", "abfss", "az", "adl"):
+    """adlfs keyword arguments for `protocol` from CTR_AZURE_* (and AZURE_*) variables; {} if not Azure."""
+    if protocol not in AZURE_PROTOCOLS:
         return {}
     env = dict(os.environ if env is None else env)
     conn = env.get("CTR_AZURE_CONNECTION_STRING")
@@ -25,16 +40,55 @@ def storage_options(protocol: str, env: dict[str, str] | None = None) -> dict[st
     if not account:
         raise ValueError(
             f"{protocol}:// landing zone needs credentials: set CTR_AZURE_CONNECTION_STRING, or "
-            "CTR_AZURE_ACCOUNT_NAME with CTR_AZURE_ACCOUNT_KEY / a service principal / a managed identity"
+            "CTR_AZURE_ACCOUNT_NAME with CTR_AZURE_ACCOUNT_KEY / CTR_AZURE_SAS_TOKEN / a service principal "
+            "(CTR_AZURE_TENANT_ID, CTR_AZURE_CLIENT_ID, CTR_AZURE_CLIENT_SECRET) / a managed identity, "
+            "or configure the Airflow connection named by CTR_AZURE_CONN_ID (default wasb_default)"
         )
     key = env.get("CTR_AZURE_ACCOUNT_KEY")
     if key:
         return {"account_name": account, "account_key": key}
-    if env.get("AZURE_CLIENT_SECRET"):
-        return {
-            "account_name": account,
-            "tenant_id": env["AZURE_TENANT_ID"],
-            "client_id": env["AZURE_CLIENT_ID"],
-            "client_secret": env["AZURE_CLIENT_SECRET"],
-        }
+    sas = env.get("CTR_AZURE_SAS_TOKEN")
+    if sas:
+        return {"account_name": account, "sas_token": sas}
+    secret = env.get("CTR_AZURE_CLIENT_SECRET") or env.get("AZURE_CLIENT_SECRET")
+    if secret:
+        tenant = env.get("CTR_AZURE_TENANT_ID") or env.get("AZURE_TENANT_ID")
+        client = env.get("CTR_AZURE_CLIENT_ID") or env.get("AZURE_CLIENT_ID")
+        if not (tenant and client):
+            raise ValueError("a service principal needs CTR_AZURE_TENANT_ID and CTR_AZURE_CLIENT_ID "
+                             "besides CTR_AZURE_CLIENT_SECRET")
+        return {"account_name": account, "tenant_id": tenant, "client_id": client, "client_secret": secret}
     return {"account_name": account, "anon": False}
+
+
+def _account_name(host: str | None, login: str | None, use_login: bool) -> str | None:
+    """The storage account from a connection's host (name or https://NAME.blob.core.windows.net)."""
+    if host:
+        netloc = urlparse(host).netloc if "://" in host else host
+        return netloc.split(".", 1)[0] or None
+    return login if use_login else None
+
+
+def env_from_connection(
+    host: str | None, login: str | None, password: str | None, extra: dict[str, Any] | None
+) -> dict[str, str]:
+    """CTR_AZURE_* variables equivalent to an Airflow `wasb` connection, read as the WasbHook reads it.
+
+    connection_string in extra; else tenant_id in extra = service principal (login = client id,
+    password = secret, host = account); else shared_access_key / sas_token / account_key in extra or
+    password = account key with login = account; else the account alone (DefaultAzureCredential).
+    """
+    extra = {k.removeprefix("extra__wasb__"): v for k, v in (extra or {}).items() if v not in (None, "")}
+    if extra.get("connection_string"):
+        return {"CTR_AZURE_CONNECTION_STRING": str(extra["connection_string"])}
+    tenant = extra.get("tenant_id")
+    account = _account_name(host, login, use_login=not tenant)
+    out: dict[str, str] = {"CTR_AZURE_ACCOUNT_NAME": account} if account else {}
+    if tenant:
+        out.update(CTR_AZURE_TENANT_ID=str(tenant), CTR_AZURE_CLIENT_ID=str(login or extra.get("client_id", "")),
+                   CTR_AZURE_CLIENT_SECRET=str(password or extra.get("client_secret", "")))
+    elif extra.get("shared_access_key") or extra.get("account_key") or password:
+        out["CTR_AZURE_ACCOUNT_KEY"] = str(extra.get("shared_access_key") or extra.get("account_key") or password)
+    elif extra.get("sas_token"):
+        out["CTR_AZURE_SAS_TOKEN"] = str(extra["sas_token"])
+    return out
