@@ -101,7 +101,7 @@ def _staging(s: Settings) -> Path:
 # ---- tasks -------------------------------------------------------------------------------
 def check_data(context: dict[str, Any]) -> dict[str, Any]:
     """Validate and stage every day the run needs (training range + holdout day)."""
-    from ctr.data.checks import CheckConfig, problems
+    from ctr.data.checks import CheckConfig, problems, trailing_history
     from ctr.data.landing import DayReport, daterange, stage_day
 
     s = settings()
@@ -114,8 +114,7 @@ def check_data(context: dict[str, Any]) -> dict[str, Any]:
     for d in daterange(start, day):
         rep = stage_day(s.landing_root, _staging(s), s.home / "quarantine", d)
         reports[d.isoformat()] = rep
-        history = [reports[h.isoformat()] for h in daterange(d - dt.timedelta(days=cfg.history_days), d - dt.timedelta(days=1))
-                   if h.isoformat() in reports]
+        history = trailing_history(_staging(s), d, reports, cfg)  # this run's days or earlier runs' reports
         failures += problems(rep, history, cfg)
         log.info("day=%s rows=%d ok=%d bad=%d quarantined=%s", d, rep.rows_in, rep.rows_ok, rep.rows_quarantined, rep.quarantine)
     summary = {k: {"rows_in": r.rows_in, "rows_ok": r.rows_ok, "rows_quarantined": r.rows_quarantined,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import statistics
 from dataclasses import dataclass
+from pathlib import Path
 
-from ctr.data.landing import DayReport
+from ctr.data.landing import DayReport, load_report
 
 
 @dataclass(frozen=True)
@@ -38,4 +40,18 @@ def problems(report: DayReport, history: list[DayReport], cfg: CheckConfig) -> l
         lo, hi = cfg.click_rate_band
         if med_ctr > 0 and not (lo * med_ctr <= report.click_rate <= hi * med_ctr):
             out.append(f"{d}: click rate {report.click_rate:.4f} outside [{lo:g}x, {hi:g}x] of trailing median {med_ctr:.4f}")
+    return out
+
+
+def trailing_history(
+    staging_root: Path, day: dt.date, known: dict[str, DayReport], cfg: CheckConfig
+) -> list[DayReport]:
+    """Reports of the `history_days` days before `day`, oldest first: from `known` (this run) or from
+    earlier runs' staged `_report.json`; days never staged are simply absent."""
+    out = []
+    for i in range(cfg.history_days, 0, -1):
+        d = day - dt.timedelta(days=i)
+        rep = known.get(d.isoformat()) or load_report(staging_root, d)
+        if rep is not None:
+            out.append(rep)
     return out

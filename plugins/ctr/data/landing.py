@@ -13,14 +13,14 @@ import json
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ctr.data.reader import BadRow, iter_chunks
+from ctr.data.reader import BadRow, Chunk, DataFormatError, iter_chunks
 from ctr.schema import ARROW_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ def _fs(root: str):
     if "://" in root and not root.startswith("file://"):
         protocol = root.split("://", 1)[0]
         fs = fsspec.filesystem(protocol, **storage_options(protocol))
+        fs.invalidate_cache()  # instances are cached per process; a day may have landed since
         return fs, root
     return fsspec.filesystem("file"), str(Path(root.removeprefix("file://")).resolve())
 
@@ -77,6 +78,7 @@ def day_dir(root: str, day: dt.date) -> str:
 
 def list_days(root: str) -> list[dt.date]:
     fs, base = _fs(root)
+    _check_container(fs, root, base)
     days = []
     try:
         entries = fs.ls(base, detail=False)
@@ -92,9 +94,25 @@ def list_days(root: str) -> list[dt.date]:
     return sorted(days)
 
 
+def _check_container(fs, root: str, base: str) -> None:
+    """An Azure root whose container is absent fails with the container, account and fix named."""
+    from ctr.data.azure_storage import is_azure_url
+
+    if not is_azure_url(root):
+        return
+    container = base.split("://", 1)[-1].split("/", 1)[0].split("@", 1)[0]
+    if not fs.exists(container):
+        account = getattr(fs, "account_name", None) or "?"
+        raise LandingZoneError(
+            f"landing zone {root}: container {container!r} does not exist in storage account {account!r}; "
+            "create it or fix CTR_LANDING / the connection's account"
+        )
+
+
 def list_day_files(root: str, day: dt.date) -> list[str]:
     """Data files of one day, sorted; fails with the path it looked at when there are none."""
     fs, base = _fs(root)
+    _check_container(fs, root, base)
     path = day_dir(base, day)
     try:
         entries = sorted(str(e) for e in fs.ls(path, detail=False))
@@ -134,10 +152,11 @@ def stage_day(
     out_dir = staging_root / f"day={day.isoformat()}"
     report_path = out_dir / "_report.json"
     if report_path.exists() and not force:
-        d = json.loads(report_path.read_text())
-        d.pop("bad_fraction", None)
-        d.pop("click_rate", None)
-        return DayReport(**d)
+        rep = load_report(staging_root, day)
+        assert rep is not None
+        log.info("day=%s already staged at %s (rows=%d ok=%d bad=%d); reusing it", day, out_dir, rep.rows_in,
+                 rep.rows_ok, rep.rows_quarantined)
+        return rep
     files = list_day_files(landing_root, day)
     tmp_dir = staging_root / f".tmp-day={day.isoformat()}"
     if tmp_dir.exists():
@@ -153,7 +172,7 @@ def stage_day(
         for i, f in enumerate(files):
             writer = pq.ParquetWriter(tmp_dir / f"part-{i:05d}.parquet", ARROW_SCHEMA, compression="zstd")
             try:
-                for chunk in iter_chunks(f):
+                for chunk in _chunks_naming_file(f, day):
                     writer.write_table(chunk.table)
                     rep.rows_in += chunk.rows_in
                     rep.rows_ok += chunk.table.num_rows
@@ -166,7 +185,9 @@ def stage_day(
                     log.info("day=%s file=%s rows_read=%d bad=%d", day, f.rsplit("/", 1)[-1], rep.rows_in, rep.rows_quarantined)
             finally:
                 writer.close()
-    assert rep.rows_in == rep.rows_ok + rep.rows_quarantined
+    if rep.rows_in != rep.rows_ok + rep.rows_quarantined:  # the reader's contract; never lose a row
+        raise LandingZoneError(f"day={day.isoformat()}: rows_in {rep.rows_in} != rows_ok {rep.rows_ok} + "
+                               f"rows_quarantined {rep.rows_quarantined}; this is a bug in ctr.data.reader")
     rep.quarantine = str(q_path) if rep.rows_quarantined else None
     if not rep.rows_quarantined:
         q_path.unlink()
@@ -182,6 +203,23 @@ def stage_day(
         day, rep.rows_in, rep.rows_ok, rep.rows_quarantined, rep.quarantine, rep.click_rate, time.monotonic() - t0,
     )
     return rep
+
+
+def _chunks_naming_file(path: str, day: dt.date) -> Iterator[Chunk]:
+    try:
+        yield from iter_chunks(path)
+    except (DataFormatError, OSError) as e:
+        raise LandingZoneError(f"landing zone day={day.isoformat()} file {path}: {e}") from e
+
+
+def load_report(staging_root: Path, day: dt.date) -> DayReport | None:
+    """The `_report.json` of a staged day, or None when the day is not staged."""
+    path = staging_root / f"day={day.isoformat()}" / "_report.json"
+    if not path.exists():
+        return None
+    d = json.loads(path.read_text())
+    known = {f.name for f in fields(DayReport)}
+    return DayReport(**{k: v for k, v in d.items() if k in known})
 
 
 def read_staged(staging_root: Path, day: dt.date, columns: list[str] | None = None) -> Iterator[pa.Table]:
