@@ -13,6 +13,7 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import DAG, CronDataIntervalTimetable, Param, task
+from ctr.notify import on_task_failure
 
 # I/O tasks retry with exponential backoff (a late export, a flaky registry); CTR_IO_RETRIES=0 for drills/tests.
 IO_RETRIES = {"retries": int(os.environ.get("CTR_IO_RETRIES", "3")), "retry_delay": timedelta(seconds=30), "retry_exponential_backoff": True,
@@ -25,7 +26,7 @@ with DAG(
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
-    default_args={"owner": "ml-platform", "retries": 0},
+    default_args={"owner": "ml-platform", "retries": 0, "on_failure_callback": [on_task_failure()]},
     tags=["ctr", "ml"],
     params={
         "train_days": Param(7, type="integer", minimum=1, maximum=60, description="days before the holdout day to train on"),

@@ -193,6 +193,12 @@ def gate(context: dict[str, Any], evaluated: dict[str, Any]) -> bool:
     for r in g["reasons"]:
         (log.info if g["passed"] else log.warning)("gate: %s", r)
     context["ti"].xcom_push(key="decision", value={"passed": g["passed"], "forced": g["forced"], "reasons": g["reasons"]})
+    if not g["passed"]:
+        from ctr import notify
+
+        notify.send(context, "gate_rejected", f"ctr: candidate for {holdout_day(context)} REJECTED by the gate; "
+                    "champion unchanged: " + "; ".join(g["reasons"]), reasons=g["reasons"],
+                    candidate_auc=evaluated.get("candidate_auc"), champion_version=evaluated.get("champion_version"))
     return bool(g["passed"])
 
 
@@ -333,6 +339,11 @@ def verify(context: dict[str, Any], rolled: dict[str, Any]) -> dict[str, Any]:
         else:
             back = _local_rollout(s).rollback()
         log.error("rolled back to %s", back.version if back else "nothing (no previous version)")
+        from ctr import notify
+
+        notify.send(context, "rollback", f"ctr: version {rolled.get('version')} failed verification ({e}); "
+                    f"rolled back to {back.version if back else 'nothing'}", failed_version=rolled.get("version"),
+                    restored_version=back.version if back else None, error=str(e)[:500])
         raise
 
 
