@@ -12,7 +12,6 @@ import json
 
 import httpx
 import pytest
-
 from ctr.data.generate import GeneratorConfig, generate
 from ctr.registry import Registry
 

@@ -81,6 +81,14 @@ def test_holdout_day_is_logical_date():
     class _Dag:
         dag_id = "ctr_retrain"
 
-    ctx = {"logical_date": dt.datetime(2026, 11, 20, 2, 0, tzinfo=dt.timezone.utc), "params": {"train_days": 7}, "dag": _Dag()}
+    ctx = {"logical_date": dt.datetime(2026, 11, 20, 2, 0, tzinfo=dt.UTC), "params": {"train_days": 7}, "dag": _Dag()}
     assert holdout_day(ctx) == dt.date(2026, 11, 20)
     assert train_range(ctx) == (dt.date(2026, 11, 13), dt.date(2026, 11, 19))
+
+
+def test_plugins_folder_does_not_load_ctr_modules_as_plugins():
+    """Airflow imports every .py under plugins/ by bare file name unless .airflowignore excludes it."""
+    from airflow._shared.module_loading import find_path_from_directory
+
+    files = [f for f in find_path_from_directory(str(REPO / "plugins"), ".airflowignore", "glob") if f.endswith(".py")]
+    assert not [f for f in files if "/ctr/" in f], files
