@@ -1,75 +1,75 @@
-"""The scoring service: a lean ASGI app around `Booster.predict` (no DataFrame per request).
+"""The scoring service: a lean ASGI app (no framework, no DataFrame per request).
 
-Routes (ENGINEERING.md §3): POST /v1/score, POST /invocations, GET /healthz, GET /readyz,
-GET /metrics, GET /openapi.json, and POST /admin/load for the local rollout's hot swap.
+Routes (ENGINEERING.md §3): POST /v1/score (JSON rows, or raw Criteo TSV lines), POST /invocations
+(MLflow dataframe_split / dataframe_records), GET /healthz, GET /readyz, GET /metrics,
+GET /openapi.json, and POST /admin/load, the local rollout's hot swap.
 
-Each request reads the current model reference once, so a response is always computed by
-exactly one version, which it names in the body and the `X-Model-Version` header. A new bundle
-is loaded and probe-checked before the reference is swapped; a bad one is refused.
+Every response that carries predictions names the version that computed them (body and
+`X-Model-Version`); see model.py for why a response can never mix versions. Client mistakes are
+4xx JSON errors naming row and field (validation.py); a 5xx is always our bug and is logged.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
+import datetime as dt
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
 
-from ctr.bundle import Bundle, BundleError
+from ctr.schema import ALL_COLUMNS
+from ctr.serving.auth import check_admin, check_token
 from ctr.serving.metrics import Metrics
+from ctr.serving.model import BATCH_THREADED_ROWS, ModelHolder, ServedModel
 from ctr.serving.openapi import OPENAPI
-from ctr.serving.validation import RequestError, check_row, rows_from_split
+from ctr.serving.validation import RequestError, check_rows, invocation_rows, parse_json, score_rows
 
 log = logging.getLogger("ctr.serving")
 
-MAX_BODY_BYTES = int(os.environ.get("CTR_MAX_BODY_BYTES", 8 * 1024 * 1024))
-MAX_ROWS = int(os.environ.get("CTR_MAX_ROWS", 10_000))
-OPEN_PATHS = {"/healthz", "/readyz", "/metrics", "/openapi.json"}
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+DEFAULT_MAX_ROWS = 10_000
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
+JSON_TYPES = frozenset({b"application/json"})
+TSV_TYPES = frozenset({b"text/tab-separated-values", b"text/plain"})
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
-
-
-class ModelHolder:
-    """The served bundle; replaced atomically by `load`."""
-
-    def __init__(self, bundle: Bundle) -> None:
-        self.bundle = bundle
-        self.loaded_at = time.time()
-        self.previous: Bundle | None = None
-        self._lock = asyncio.Lock()
-
-    async def load(self, path: str) -> Bundle:
-        async with self._lock:
-            loop = asyncio.get_running_loop()
-            new = await loop.run_in_executor(None, Bundle.load, Path(path))  # probe-checked
-            self.previous, self.bundle = self.bundle, new
-            self.loaded_at = time.time()
-            log.info("model swapped: %s -> %s (%s)", self.previous.version, new.version, path)
-            return new
+Handler = Callable[[dict[str, Any], dict[bytes, bytes], bytes, Send], Awaitable[int]]
 
 
 class ScoringApp:
-    def __init__(self, bundle: Bundle, token: str = "", admin_token: str = "") -> None:
-        self.holder = ModelHolder(bundle)
+    def __init__(self, model: ServedModel, token: str = "", admin_token: str = "",
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_rows: int = DEFAULT_MAX_ROWS) -> None:
+        self.holder = ModelHolder(model)
         self.token = token.encode()
         self.admin_token = admin_token.encode()
+        self.max_body_bytes = max_body_bytes
+        self.max_rows = max_rows
         self.metrics = Metrics()
         self.inflight = 0
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ctr-predict")
+        self._routes: dict[str, tuple[str, Handler]] = {
+            "/v1/score": ("POST", self._score),
+            "/invocations": ("POST", self._invocations),
+            "/healthz": ("GET", self._healthz),
+            "/readyz": ("GET", self._readyz),
+            "/metrics": ("GET", self._metrics),
+            "/openapi.json": ("GET", self._openapi),
+            "/admin/load": ("POST", self._admin_load),
+        }
 
     # ---- ASGI entry ------------------------------------------------------------------
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
-            return
         if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                await self._lifespan(receive, send)
             return
         t0 = time.perf_counter()
         path = scope["path"]
@@ -79,10 +79,10 @@ class ScoringApp:
             status = await self._dispatch(scope, receive, send)
         except RequestError as e:
             status = e.status
-            await _json(send, e.status, e.to_json())
-        except Exception:  # a bug of ours: 500, logged, never the client's fault
-            log.exception("unhandled error on %s", path)
-            await _json(send, 500, {"error": "internal error"})
+            await _error(send, e, self._routes.get(path))
+        except Exception:  # our bug, never the client's: logged with the traceback, answered 500
+            log.exception("unhandled error path=%s", path)
+            await _safe_send_json(send, 500, {"error": "internal error; see the service log"})
         finally:
             self.inflight -= 1
             self.metrics.observe_request(path, status, time.perf_counter() - t0)
@@ -93,177 +93,174 @@ class ScoringApp:
             if msg["type"] == "lifespan.startup":
                 await send({"type": "lifespan.startup.complete"})
             elif msg["type"] == "lifespan.shutdown":
+                self._pool.shutdown(wait=True)
+                log.info("scoring service stopped model_version=%s", self.holder.current.version)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
     async def _dispatch(self, scope: dict[str, Any], receive: Receive, send: Send) -> int:
-        path, method = scope["path"], scope["method"]
-        headers = dict(scope.get("headers") or [])
-        routes = {
-            "/v1/score": ("POST", self._score),
-            "/invocations": ("POST", self._invocations),
-            "/healthz": ("GET", self._healthz),
-            "/readyz": ("GET", self._readyz),
-            "/metrics": ("GET", self._metrics),
-            "/openapi.json": ("GET", self._openapi),
-            "/admin/load": ("POST", self._admin_load),
-        }
-        if path not in routes:
-            raise RequestError(404, f"no route {path}")
-        want, handler = routes[path]
-        if method != want:
-            raise RequestError(405, f"{path} takes {want}, not {method}")
+        path = scope["path"]
+        route = self._routes.get(path)
+        if route is None:
+            raise RequestError(404, f"no route {path[:100]!r}; see /openapi.json")
+        want, handler = route
+        if scope["method"] != want:
+            raise RequestError(405, f"{path} takes {want}, not {scope['method'][:10]}")
+        headers = dict(scope["headers"])
         if path == "/admin/load":
-            self._check_admin(scope, headers)
-        elif path not in OPEN_PATHS and self.token:
-            self._check_token(headers)
-        body = await _read_body(receive, headers) if want == "POST" else b""
-        return await handler(headers, body, send)
+            check_admin(scope, headers, self.admin_token)
+        elif self.token and path not in OPEN_PATHS:
+            check_token(headers, self.token)
+        body = await self._read_body(receive, headers) if want == "POST" else b""
+        return await handler(scope, headers, body, send)
 
-    def _check_token(self, headers: dict[bytes, bytes]) -> None:
-        auth = headers.get(b"authorization", b"")
-        if not auth.startswith(b"Bearer ") or not hmac.compare_digest(auth[7:].strip(), self.token):
-            raise RequestError(401, "missing or wrong bearer token")
-
-    def _check_admin(self, scope: dict[str, Any], headers: dict[bytes, bytes]) -> None:
-        if self.admin_token:
-            auth = headers.get(b"authorization", b"")
-            if not auth.startswith(b"Bearer ") or not hmac.compare_digest(auth[7:].strip(), self.admin_token):
-                raise RequestError(401, "missing or wrong admin token")
-            return
-        client = (scope.get("client") or ("", 0))[0]
-        if client not in ("127.0.0.1", "::1", "localhost"):
-            raise RequestError(403, "admin endpoint is loopback-only when CTR_ADMIN_TOKEN is unset")
-
-    # ---- handlers --------------------------------------------------------------------
-    async def _score(self, headers: dict[bytes, bytes], body: bytes, send: Send) -> int:
-        ctype = headers.get(b"content-type", b"application/json").split(b";")[0].strip().lower()
-        bundle = self.holder.bundle  # one reference per request: no mixed versions
-        if ctype == b"application/json":
-            payload = _parse_json(body)
-            if not isinstance(payload, dict) or not isinstance(payload.get("rows"), list):
-                raise RequestError(422, "body must be {\"rows\": [ {feature: value, ...}, ... ]}")
-            rows = payload["rows"]
-            _check_count(len(rows))
-            probs = self._predict_rows(bundle, [check_row(i, r) for i, r in enumerate(rows)])
-        elif ctype in (b"text/tab-separated-values", b"text/plain"):
-            probs = self._predict_tsv(bundle, body)
-        else:
-            raise RequestError(415, f"unsupported content type {ctype.decode(errors='replace')!r}; "
-                                    "use application/json or text/tab-separated-values")
-        return await self._respond(send, bundle, {"model_version": bundle.version, "probabilities": probs})
-
-    async def _invocations(self, headers: dict[bytes, bytes], body: bytes, send: Send) -> int:
-        ctype = headers.get(b"content-type", b"application/json").split(b";")[0].strip().lower()
-        if ctype != b"application/json":
-            raise RequestError(415, "/invocations takes application/json (dataframe_split or dataframe_records)")
-        payload = _parse_json(body)
-        bundle = self.holder.bundle
-        if isinstance(payload, dict) and "dataframe_split" in payload:
-            rows = rows_from_split(payload["dataframe_split"])
-        elif isinstance(payload, dict) and "dataframe_records" in payload:
-            rows = payload["dataframe_records"]
-            if not isinstance(rows, list):
-                raise RequestError(422, "dataframe_records must be a list of objects")
-        else:
-            raise RequestError(422, "body must hold 'dataframe_split' or 'dataframe_records'")
-        _check_count(len(rows))
-        probs = self._predict_rows(bundle, [check_row(i, r) for i, r in enumerate(rows)])
-        return await self._respond(send, bundle, {"predictions": probs, "model_version": bundle.version})
-
-    def _predict_rows(self, bundle: Bundle, rows: list[dict[str, Any]]) -> list[float]:
-        if not rows:
-            return []
-        p = bundle.predict_rows(rows)
-        self.metrics.observe_predictions(p)
-        return p.tolist()
-
-    def _predict_tsv(self, bundle: Bundle, body: bytes) -> list[float | None]:
-        from ctr.data.reader import read_text
-
-        text = body.decode("utf-8", errors="replace")
-        lines = text.count("\n") + (0 if text.endswith("\n") or not text else 1)
-        _check_count(lines)
-        table, bad = read_text(text, require_label=False)
-        if bad:
-            b = bad[0]
-            raise RequestError(422, f"line {b.line}: {b.reason}", row=b.line - 1)
-        p = bundle.predict_table(table) if table.num_rows else np.empty(0)
-        self.metrics.observe_predictions(p)
-        return p.tolist()
-
-    async def _respond(self, send: Send, bundle: Bundle, doc: dict[str, Any]) -> int:
-        await _json(send, 200, doc, extra=[(b"x-model-version", bundle.version.encode())])
-        return 200
-
-    async def _healthz(self, headers: dict[bytes, bytes], body: bytes, send: Send) -> int:
-        await _json(send, 200, {"status": "ok"})
-        return 200
-
-    async def _readyz(self, headers: dict[bytes, bytes], body: bytes, send: Send) -> int:
-        b = self.holder.bundle
-        await _json(send, 200, {"status": "ready", "model_version": b.version, "digest": b.digest,
-                                "loaded_at": self.holder.loaded_at, "bundle": str(b.path)},
-                    extra=[(b"x-model-version", b.version.encode())])
-        return 200
-
-    async def _metrics(self, headers: dict[bytes, bytes], body: bytes, send: Send) -> int:
-        text = self.metrics.render(self.holder.bundle.version, self.inflight).encode()
-        await _send(send, 200, text, b"text/plain; version=0.0.4")
-        return 200
-
-    async def _openapi(self, headers: dict[bytes, bytes], body: bytes, send: Send) -> int:
-        await _json(send, 200, OPENAPI)
-        return 200
-
-    async def _admin_load(self, headers: dict[bytes, bytes], body: bytes, send: Send) -> int:
-        payload = _parse_json(body)
-        if not isinstance(payload, dict) or not isinstance(payload.get("bundle"), str):
-            raise RequestError(422, "body must be {\"bundle\": \"/path/to/bundle\"}")
-        try:
-            new = await self.holder.load(payload["bundle"])
-        except (BundleError, OSError) as e:
-            log.error("refused bundle %s: %s", payload["bundle"], e)
-            raise RequestError(409, f"bundle refused, still serving {self.holder.bundle.version}: {e}") from None
-        await _json(send, 200, {"model_version": new.version, "previous": self.holder.previous.version if self.holder.previous else None})
-        return 200
-
-
-def _check_count(n: int) -> None:
-    if n > MAX_ROWS:
-        raise RequestError(413, f"{n} rows exceed the per-request limit of {MAX_ROWS}")
-
-
-def _parse_json(body: bytes) -> Any:
-    if not body.strip():
-        raise RequestError(400, "empty body; expected JSON")
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as e:
-        raise RequestError(400, f"body is not valid JSON: {e}") from None
-
-
-async def _read_body(receive: Receive, headers: dict[bytes, bytes]) -> bytes:
-    declared = headers.get(b"content-length")
-    if declared is not None:
-        try:
-            if int(declared) > MAX_BODY_BYTES:
-                raise RequestError(413, f"body of {int(declared)} bytes exceeds the limit of {MAX_BODY_BYTES}")
-        except ValueError:
-            raise RequestError(400, "invalid Content-Length") from None
-    chunks, size = [], 0
-    while True:
+    async def _read_body(self, receive: Receive, headers: dict[bytes, bytes]) -> bytes:
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise RequestError(400, "Content-Length is not a number")
+            if int(declared) > self.max_body_bytes:
+                raise RequestError(413, f"body of {int(declared)} bytes exceeds the limit of {self.max_body_bytes}")
         msg = await receive()
-        if msg["type"] == "http.disconnect":
-            break
-        part = msg.get("body", b"")
-        size += len(part)
-        if size > MAX_BODY_BYTES:
-            raise RequestError(413, f"body exceeds the limit of {MAX_BODY_BYTES} bytes")
-        chunks.append(part)
+        body = msg.get("body", b"")
         if not msg.get("more_body"):
-            break
-    return b"".join(chunks)
+            if len(body) > self.max_body_bytes:
+                raise RequestError(413, f"body exceeds the limit of {self.max_body_bytes} bytes")
+            return body
+        chunks, size = [body], len(body)
+        while msg.get("more_body"):
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                break
+            part = msg.get("body", b"")
+            size += len(part)
+            if size > self.max_body_bytes:
+                raise RequestError(413, f"body exceeds the limit of {self.max_body_bytes} bytes")
+            chunks.append(part)
+        return b"".join(chunks)
+
+    def _check_count(self, n: int) -> None:
+        if n > self.max_rows:
+            raise RequestError(413, f"{n} rows exceed the per-request limit of {self.max_rows}; split the batch")
+
+    # ---- scoring ---------------------------------------------------------------------
+    async def _score(self, scope: dict[str, Any], headers: dict[bytes, bytes], body: bytes, send: Send) -> int:
+        ctype = _content_type(headers)
+        model = self.holder.current  # one reference per request: one version per response
+        if ctype in JSON_TYPES:
+            rows = score_rows(parse_json(body))
+            self._check_count(len(rows))
+            probs = await self._predict_rows(model, check_rows(rows))
+        elif ctype in TSV_TYPES:
+            probs = await self._predict_tsv(model, body)
+        else:
+            raise RequestError(415, f"unsupported content type {ctype.decode(errors='replace')[:60]!r}; "
+                                    "use application/json or text/tab-separated-values")
+        return await _respond(send, model, b'{"model_version":', b',"probabilities":', probs)
+
+    async def _invocations(self, scope: dict[str, Any], headers: dict[bytes, bytes], body: bytes, send: Send) -> int:
+        ctype = _content_type(headers)
+        if ctype not in JSON_TYPES:
+            raise RequestError(415, f"/invocations takes application/json (dataframe_split or dataframe_records), "
+                                    f"not {ctype.decode(errors='replace')[:60]!r}")
+        model = self.holder.current
+        rows = invocation_rows(parse_json(body))
+        self._check_count(len(rows))
+        probs = await self._predict_rows(model, check_rows(rows))
+        return await _respond(send, model, b'{"model_version":', b',"predictions":', probs)
+
+    async def _predict_rows(self, model: ServedModel, rows: list[dict[str, Any]]) -> np.ndarray:
+        if len(rows) < BATCH_THREADED_ROWS:
+            p = model.predict_rows(rows)
+        else:
+            row = model.bundle.transform.row
+            x = np.array([row(r) for r in rows], dtype=np.float64)
+            p = await asyncio.get_running_loop().run_in_executor(self._pool, model.predict_matrix, x)
+        self.metrics.observe_predictions(p)
+        return p
+
+    async def _predict_tsv(self, model: ServedModel, body: bytes) -> np.ndarray:
+        n = body.count(b"\n") + (0 if body.endswith(b"\n") else 1)
+        if not body.strip():
+            raise RequestError(400, "empty body; expected raw Criteo lines (label, I1..I13, C1..C26, tab-separated)")
+        self._check_count(n)
+        x = model.encode_tsv(body)
+        if x is None:
+            x = _tsv_reference(model, body)
+        if len(x) < BATCH_THREADED_ROWS:
+            p = model.predict_matrix(x)
+        else:
+            p = await asyncio.get_running_loop().run_in_executor(self._pool, model.predict_matrix, x)
+        self.metrics.observe_predictions(p)
+        return p
+
+    # ---- health, metrics, docs -------------------------------------------------------
+    async def _healthz(self, scope: dict[str, Any], headers: dict[bytes, bytes], body: bytes, send: Send) -> int:
+        await _send_json(send, 200, {"status": "ok"})
+        return 200
+
+    async def _readyz(self, scope: dict[str, Any], headers: dict[bytes, bytes], body: bytes, send: Send) -> int:
+        m = self.holder.current
+        doc = {"status": "ready", "model_version": m.version, "digest": m.bundle.digest, "bundle": str(m.bundle.path),
+               "loaded_at": m.loaded_at,
+               "loaded_at_iso": dt.datetime.fromtimestamp(m.loaded_at, dt.UTC).isoformat(timespec="seconds"),
+               "fast_paths": {"single_row": m.single is not None, "tsv": m.tsv is not None}}
+        await _send_json(send, 200, doc, [(b"x-model-version", m.header)])
+        return 200
+
+    async def _metrics(self, scope: dict[str, Any], headers: dict[bytes, bytes], body: bytes, send: Send) -> int:
+        m = self.holder.current
+        text = self.metrics.render(m.version, m.loaded_at, self.inflight).encode()
+        await _send(send, 200, text, b"text/plain; version=0.0.4; charset=utf-8")
+        return 200
+
+    async def _openapi(self, scope: dict[str, Any], headers: dict[bytes, bytes], body: bytes, send: Send) -> int:
+        await _send_json(send, 200, OPENAPI)
+        return 200
+
+    # ---- hot swap (the local rollout's contract) -------------------------------------
+    async def _admin_load(self, scope: dict[str, Any], headers: dict[bytes, bytes], body: bytes, send: Send) -> int:
+        payload = parse_json(body)
+        if not isinstance(payload, dict) or not isinstance(payload.get("bundle"), str) or not payload["bundle"]:
+            raise RequestError(422, 'body must be {"bundle": "/path/to/bundle"}', field="bundle")
+        path = payload["bundle"]
+        try:
+            new, old = await self.holder.load(path)
+        except Exception as e:  # any failure to load or verify refuses the bundle; the old one keeps serving
+            current = self.holder.current.version
+            log.error("bundle refused bundle=%s still_serving=%s reason=%s", path, current, e)
+            raise RequestError(409, f"bundle {path} refused, still serving {current}: {e}") from None
+        await _send_json(send, 200, {"model_version": new.version, "previous": old.version},
+                         [(b"x-model-version", new.header)])
+        return 200
+
+
+# ---- helpers ---------------------------------------------------------------------------
+def _content_type(headers: dict[bytes, bytes]) -> bytes:
+    raw = headers.get(b"content-type")
+    return b"application/json" if raw is None else raw.split(b";", 1)[0].strip().lower()
+
+
+def _tsv_reference(model: ServedModel, body: bytes) -> np.ndarray:
+    """The general reader (pads short lines, reads headers) and Bundle transform; names bad lines."""
+    from ctr.data.reader import DataFormatError, read_text
+
+    try:
+        table, bad = read_text(body.decode("utf-8", errors="replace"), require_label=False)
+    except DataFormatError as e:
+        raise RequestError(422, f"TSV body: {e}") from None
+    if bad:
+        b = bad[0]
+        field = b.reason.split(":", 1)[0]
+        raise RequestError(422, f"line {b.line}: {b.reason}", row=b.line - 1,
+                           field=field if field in ALL_COLUMNS else None)
+    return model.bundle.transform.transform_table(table)
+
+
+async def _respond(send: Send, model: ServedModel, head: bytes, key: bytes, probs: np.ndarray) -> int:
+    body = b"".join((head, orjson.dumps(model.version), key, orjson.dumps(probs, option=orjson.OPT_SERIALIZE_NUMPY), b"}"))
+    await _send(send, 200, body, b"application/json", [(b"x-model-version", model.header)])
+    return 200
 
 
 async def _send(send: Send, status: int, body: bytes, ctype: bytes, extra: list[tuple[bytes, bytes]] | None = None) -> None:
@@ -274,23 +271,57 @@ async def _send(send: Send, status: int, body: bytes, ctype: bytes, extra: list[
     await send({"type": "http.response.body", "body": body})
 
 
-async def _json(send: Send, status: int, doc: Any, extra: list[tuple[bytes, bytes]] | None = None) -> None:
-    await _send(send, status, orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY), b"application/json", extra)
+async def _send_json(send: Send, status: int, doc: Any, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    await _send(send, status, orjson.dumps(doc), b"application/json", extra)
+
+
+async def _safe_send_json(send: Send, status: int, doc: Any, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    try:
+        await _send_json(send, status, doc, extra)
+    except Exception as e:  # response already started or client gone: nothing more to say
+        log.debug("could not send error response status=%d: %s", status, e)
+
+
+async def _error(send: Send, e: RequestError, route: tuple[str, Handler] | None) -> None:
+    extra = []
+    if e.status == 401:
+        extra.append((b"www-authenticate", b'Bearer realm="ctr"'))
+    elif e.status == 405 and route is not None:
+        extra.append((b"allow", route[0].encode()))
+    await _safe_send_json(send, e.status, e.to_json(), extra)
 
 
 def create_app(model_dir: str | Path, token: str | None = None, admin_token: str | None = None) -> ScoringApp:
-    bundle = Bundle.load(Path(model_dir))
+    """The app for a bundle directory; tokens default to CTR_SERVE_TOKEN / CTR_ADMIN_TOKEN."""
     return ScoringApp(
-        bundle,
+        ServedModel.load(model_dir),
         token=os.environ.get("CTR_SERVE_TOKEN", "") if token is None else token,
         admin_token=os.environ.get("CTR_ADMIN_TOKEN", "") if admin_token is None else admin_token,
+        max_body_bytes=_env_int("CTR_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES),
+        max_rows=_env_int("CTR_MAX_ROWS", DEFAULT_MAX_ROWS),
     )
 
 
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "")
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not an integer") from None
+
+
 def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8765) -> None:
+    """Run the service until SIGTERM/SIGINT; in-flight requests are drained (up to 30 s)."""
+    import gc
+
     import uvicorn
 
     app = create_app(model_dir)
-    log.info("serving model %s from %s on http://%s:%d", app.holder.bundle.version, model_dir, host, port)
-    uvicorn.run(app, host=host, port=port, http="httptools", loop="uvloop", access_log=False,
-                log_level="warning", timeout_graceful_shutdown=30)
+    gc.collect()
+    gc.freeze()  # the loaded model is long-lived: keep it out of the collector's way (steadier p99)
+    log.info("serving model_version=%s bundle=%s url=http://%s:%d auth=%s",
+             app.holder.current.version, model_dir, host, port, "on" if app.token else "off")
+    uvicorn.run(app, host=host, port=port, http="httptools", loop="uvloop", lifespan="on", access_log=False,
+                server_header=False, log_level="warning", timeout_graceful_shutdown=30)

@@ -1,0 +1,121 @@
+"""The served model: a probe-checked Bundle plus its verified fast paths, swapped as one object.
+
+A request takes `holder.current` once and uses only that object, so its answer comes from exactly
+one version (transform, booster and name together); a swap replaces the reference only after the
+new bundle has been loaded, probe-checked and its fast paths verified.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ctr.bundle import Bundle
+from ctr.serving.fast import SingleRowPredictor, TsvEncoder, probe_tsv
+
+log = logging.getLogger("ctr.serving")
+
+# Batches at least this big are predicted on LightGBM's threads, off the event loop.
+BATCH_THREADED_ROWS = 256
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    bundle: Bundle
+    loaded_at: float
+    single: SingleRowPredictor | None
+    tsv: TsvEncoder | None
+
+    @property
+    def version(self) -> str:
+        return self.bundle.version
+
+    @property
+    def header(self) -> bytes:
+        return self.bundle.version.encode()
+
+    @classmethod
+    def load(cls, path: str | Path) -> ServedModel:
+        """Load and probe-check a bundle (BundleError if refused), then verify the fast paths."""
+        return cls.build(Bundle.load(Path(path)))
+
+    @classmethod
+    def build(cls, bundle: Bundle) -> ServedModel:
+        probe = json.loads((bundle.path / "probe.json").read_text())
+        rows: list[dict[str, Any]] = probe["rows"]
+        want = bundle.predict_rows(rows)
+        single = _verified_single(bundle, rows, want)
+        tsv = _verified_tsv(bundle, rows, want)
+        log.info("model ready version=%s bundle=%s single_row_fast=%s tsv_fast=%s",
+                 bundle.version, bundle.path, single is not None, tsv is not None)
+        return cls(bundle=bundle, loaded_at=time.time(), single=single, tsv=tsv)
+
+    # ---- scoring (the numbers are the Bundle's; see fast.py) ------------------------------
+    def predict_rows(self, rows: list[dict[str, Any]]) -> np.ndarray:
+        if len(rows) == 1 and self.single is not None:
+            return np.array([self.single.predict(self.bundle.transform.row(rows[0]))])
+        return self.bundle.predict_rows(rows)
+
+    def encode_tsv(self, body: bytes) -> np.ndarray | None:
+        """Raw Criteo lines -> feature matrix, or None when the general reader must decide."""
+        return self.tsv.encode(body) if self.tsv is not None else None
+
+    def predict_matrix(self, x: np.ndarray) -> np.ndarray:
+        return self.bundle.predict_matrix(x, num_threads=1)
+
+
+def _verified_single(bundle: Bundle, rows: list[dict[str, Any]], want: np.ndarray) -> SingleRowPredictor | None:
+    try:
+        single = SingleRowPredictor(bundle.booster)
+        got = np.array([single.predict(bundle.transform.row(r)) for r in rows])
+    except Exception as e:  # the fast path is an optimisation; the Bundle's own path always works
+        log.warning("single-row fast path off for %s: %s", bundle.path, e)
+        return None
+    if not np.array_equal(got, want):
+        log.warning("single-row fast path off for %s: differs from Booster.predict on probe rows", bundle.path)
+        return None
+    return single
+
+
+def _verified_tsv(bundle: Bundle, rows: list[dict[str, Any]], want: np.ndarray) -> TsvEncoder | None:
+    from ctr.data.reader import read_text
+
+    try:
+        enc = TsvEncoder(bundle.transform)
+        text = probe_tsv(rows)
+        x = enc.encode(text)
+        table, bad = read_text(text.decode(), require_label=False)
+        ref = bundle.transform.transform_table(table) if not bad else None
+    except Exception as e:
+        log.warning("TSV fast path off for %s: %s", bundle.path, e)
+        return None
+    if x is None or ref is None or not np.array_equal(x, ref, equal_nan=True) \
+            or not np.array_equal(bundle.predict_matrix(x), want):
+        log.warning("TSV fast path off for %s: differs from the reader + transform_table on probe rows", bundle.path)
+        return None
+    return enc
+
+
+class ModelHolder:
+    """The current model; `load` swaps it atomically after the new one passed its checks."""
+
+    def __init__(self, model: ServedModel) -> None:
+        self.current = model
+        self.previous: ServedModel | None = None
+        self._lock = asyncio.Lock()
+
+    async def load(self, path: str) -> tuple[ServedModel, ServedModel]:
+        """Load `path` off the event loop; returns (new, previous). Raises if refused."""
+        async with self._lock:
+            loop = asyncio.get_running_loop()
+            new = await loop.run_in_executor(None, ServedModel.load, path)
+            old, self.current, self.previous = self.current, new, self.current
+            log.info("model swapped from=%s to=%s bundle=%s", old.version, new.version, path)
+            return new, old
