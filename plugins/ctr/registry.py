@@ -24,6 +24,7 @@ import logging
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,6 +152,8 @@ class Registry:
 
     def ensure_run(self, run_key: str, tags: dict[str, Any] | None = None) -> str:
         """Find or create the one MLflow run of `run_key`; returns its run id."""
+        from mlflow.exceptions import MlflowException
+
         found = self.find_run(run_key)
         if found:
             return found
@@ -165,7 +168,8 @@ class Registry:
         runs = self._runs(run_key)
         for dup in runs[1:]:  # lost a race on the same key (remote registries): keep the earliest
             log.warning("registry: duplicate run %s for %s; keeping %s", dup.info.run_id, run_key, runs[0].info.run_id)
-            self.client.delete_run(dup.info.run_id)
+            with contextlib.suppress(MlflowException):  # the other racer may have deleted it already
+                self.client.delete_run(dup.info.run_id)
         log.info("registry: run %s created for %s", runs[0].info.run_id, run_key)
         return runs[0].info.run_id
 
@@ -252,7 +256,10 @@ class Registry:
                                f"but is not found by tag {RUN_KEY_TAG}={run_key}; does the registry store version tags?")
         if winner.version != str(mv.version):  # lost a race on the same key (remote registries)
             log.warning("registry: duplicate version %s for %s; keeping %s", mv.version, run_key, winner.version)
-            self.client.delete_model_version(self.model_name, str(mv.version))
+            from mlflow.exceptions import MlflowException
+
+            with contextlib.suppress(MlflowException):
+                self.client.delete_model_version(self.model_name, str(mv.version))
         log.info("registry: %s version %s registered for %s (run %s)", self.model_name, winner.version, run_key, rid)
         return winner
 
@@ -326,7 +333,17 @@ class Registry:
     def _point(self, version: str) -> None:
         from mlflow.exceptions import MlflowException
 
-        self.client.set_registered_model_tag(self.model_name, CHAMPION_TAG, str(version))
+        # An MLflow server's sqlite store inserts a new tag without an upsert: two writers of the
+        # same tag can collide (UNIQUE constraint); the loser writes again.
+        for attempt in range(1, 6):
+            try:
+                self.client.set_registered_model_tag(self.model_name, CHAMPION_TAG, str(version))
+                break
+            except MlflowException as e:
+                if attempt == 5:
+                    raise
+                log.info("registry: champion tag write collided (%s); retry %d", str(e).splitlines()[0][:120], attempt)
+                time.sleep(0.05 * attempt)
         try:
             self.client.set_registered_model_alias(self.model_name, CHAMPION_ALIAS, str(version))
         except (MlflowException, NotImplementedError) as e:  # Azure ML: no aliases; the tag stands
