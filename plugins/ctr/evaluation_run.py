@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,10 @@ import numpy as np
 from ctr.bundle import Bundle
 from ctr.data.landing import read_staged
 from ctr.evaluate import compare
+from ctr.gate import verdict
 from ctr.schema import LABEL
+
+log = logging.getLogger(__name__)
 
 
 def score_day(staging: Path, day: dt.date, bundles: list[Bundle]) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -27,16 +31,29 @@ def score_day(staging: Path, day: dt.date, bundles: list[Bundle]) -> tuple[np.nd
 
 
 def evaluate_day(staging: Path, day: dt.date, model: Path, baseline: Path | None = None,
-                 gate_params: dict[str, Any] | None = None) -> dict[str, Any]:
+                 gate_params: dict[str, Any] | None = None, report_dir: Path | None = None,
+                 title: str | None = None) -> dict[str, Any]:
+    """Score `model` (and `baseline`) freshly on the rows of `day`; the metrics document with the gate decision.
+
+    With `report_dir`, also writes report.html and its PNGs there (the document's "report" key).
+    """
     from ctr.gate import GateConfig, decide
 
+    cfg = GateConfig.from_params(gate_params or {})  # bad params fail before any scoring
     bundles = [Bundle.load(model)] + ([Bundle.load(baseline)] if baseline else [])
     y, probs = score_day(staging, day, bundles)
     if len(y) == 0:
-        raise ValueError(f"holdout day={day.isoformat()} has no valid rows under {staging}")
+        raise ValueError(f"holdout day={day.isoformat()} has no valid rows under {staging}; stage it first")
     doc = compare(y, probs[0], probs[1] if baseline else None)
     doc["day"] = day.isoformat()
     doc["candidate_version"] = bundles[0].version
     doc["baseline_version"] = bundles[1].version if baseline else None
-    doc["gate"] = decide(doc, GateConfig.from_params(gate_params or {}))
+    doc["gate"] = decide(doc, cfg)
+    log.info("evaluate: day=%s rows=%d candidate_auc=%.4f baseline_auc=%s gate=%s", day, len(y), doc["candidate"]["auc"],
+             f"{doc['baseline']['auc']:.4f}" if baseline else "none", verdict(doc["gate"]))
+    if report_dir is not None:
+        from ctr.report import write_report
+
+        doc["report"] = str(write_report(report_dir, y, probs[0], probs[1] if baseline else None, doc,
+                                         title=title or f"ctr evaluation, holdout day {day.isoformat()}"))
     return doc

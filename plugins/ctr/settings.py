@@ -25,6 +25,7 @@ class Settings:
     # landing zone root: a local folder or an fsspec URL (abfs://container/prefix, az://...)
     landing: str = ""
     registry_uri: str = ""           # MLflow tracking/registry URI; default sqlite under home
+    mlflow_ui_url: str = ""          # MLflow UI base for Airflow links; default: registry_uri when http(s)
     model_name: str = "ctr-lightgbm"
     serve_host: str = "127.0.0.1"
     serve_port: int = 8765
