@@ -21,7 +21,7 @@ from ctr.settings import Settings
 log = logging.getLogger("ctr.dag")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-VARIABLE_FIELDS = ("home", "landing", "registry_uri", "model_name", "serve_host", "serve_port")
+VARIABLE_FIELDS = ("home", "landing", "registry_uri", "mlflow_ui_url", "model_name", "serve_host", "serve_port")
 
 
 # ---- context helpers ---------------------------------------------------------------------
@@ -168,22 +168,38 @@ def _registry(s: Settings):
 
 
 def evaluate(context: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]:
-    """Score candidate and champion on the same holdout rows; write metrics.json and the gate decision."""
+    """Score candidate and champion freshly on the same holdout rows; write metrics.json and the report
+    next to the bundle, log both to the DAG run's MLflow run, push the "MLflow run" link."""
+    from ctr.airflow_links import push_links
     from ctr.evaluation_run import evaluate_day
+    from ctr.registry import ui_links
 
     s = settings()
     reg = _registry(s)
     champ = reg.champion()
     baseline = reg.download(champ.version) if champ else None
-    doc = evaluate_day(_staging(s), holdout_day(context), Path(trained["bundle"]), baseline, gate_params=context["params"])
+    out = run_dir(context, s)
+    day = holdout_day(context)
+    doc = evaluate_day(_staging(s), day, Path(trained["bundle"]), baseline, gate_params=context["params"],
+                       report_dir=out / "report", title=f"{run_key(context)}: candidate vs champion "
+                       f"{'v' + champ.version if champ else '(none)'} on {day.isoformat()}")
     doc["baseline_version"] = champ.version if champ else None
-    path = run_dir(context, s) / "metrics.json"
+    path = out / "metrics.json"
     path.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    report = Path(doc["report"])
+    rid = reg.ensure_run(run_key(context), {"dag_id": context["dag"].dag_id, "run_id": context["run_id"],
+                                            "ctr.logical_date": day.isoformat()})
+    reg.log_evaluation(rid, doc, [path, report, *sorted(report.parent.glob("*.png"))])
+    links = ui_links(s.tracking_uri, s.mlflow_ui_url, reg.experiment_id(), rid)
+    push_links(context["ti"], links)
     c, b = doc["candidate"], doc["baseline"]
-    log.info("evaluate: candidate AUC %.4f logloss %.4f | champion %s | metrics at %s", c["auc"], c["logloss"],
-             f"v{champ.version} AUC {b['auc']:.4f} logloss {b['logloss']:.4f}" if champ else "none", path)
+    log.info("evaluate: candidate AUC %.4f logloss %.4f ECE %.4f | champion %s | metrics at %s", c["auc"], c["logloss"],
+             c["ece"], f"v{champ.version} AUC {b['auc']:.4f} logloss {b['logloss']:.4f}" if champ else "none", path)
+    log.info("evaluate: report at %s (MLflow run %s, artifacts evaluation/report.html)%s", report, rid,
+             f" {links['run']}" if links["run"] else "")
     return {"metrics_path": str(path), "candidate_auc": c["auc"], "champion_auc": b["auc"] if b else None,
-            "champion_version": champ.version if champ else None, "gate": doc["gate"], "bundle": trained["bundle"]}
+            "champion_version": champ.version if champ else None, "gate": doc["gate"], "bundle": trained["bundle"],
+            "report": str(report), "mlflow_run_id": rid, "mlflow_run_url": links["run"] or None}
 
 
 def gate(context: dict[str, Any], evaluated: dict[str, Any]) -> bool:
@@ -203,27 +219,40 @@ def gate(context: dict[str, Any], evaluated: dict[str, Any]) -> bool:
 
 
 def register(context: dict[str, Any], evaluated: dict[str, Any]) -> dict[str, Any]:
+    """Register the candidate in the DAG run's MLflow run with lineage tags (or find the version already there)."""
+    from ctr.airflow_links import push_links
     from ctr.bundle import bundle_digest
+    from ctr.gate import verdict
+    from ctr.registry import ui_links
     from ctr.train import code_version
 
     s = settings()
     doc = json.loads(Path(evaluated["metrics_path"]).read_text())
     bundle = Path(evaluated["bundle"])
     start, end = train_range(context)
+    interval_start, interval_end = context.get("data_interval_start"), context.get("data_interval_end")
     tags = {
         "dag_id": context["dag"].dag_id, "run_id": context["run_id"],
         "ctr.logical_date": holdout_day(context).isoformat(),
         "data_interval": f"{start.isoformat()}..{end.isoformat()}", "holdout_day": holdout_day(context).isoformat(),
-        "metrics": {k: doc["candidate"][k] for k in ("auc", "logloss", "ece")},
+        "airflow_data_interval": f"{interval_start.isoformat() if interval_start else ''}..{interval_end.isoformat() if interval_end else ''}",
+        "metrics": {k: doc["candidate"][k] for k in ("auc", "logloss", "ece", "mean_pred", "ctr")}, "rows": doc["rows"],
         "auc_diff": doc["auc_diff"], "champion_at_eval": doc.get("baseline_version") or "none",
-        "gate_passed": doc["gate"]["passed"], "gate_forced": doc["gate"]["forced"], "gate_reasons": doc["gate"]["reasons"],
+        "gate_decision": verdict(doc["gate"]), "gate_passed": doc["gate"]["passed"], "gate_forced": doc["gate"]["forced"],
+        "gate_reasons": doc["gate"]["reasons"], "gate_config": doc["gate"].get("config"),
         "code_version": code_version(), "bundle_digest": bundle_digest(bundle),
     }
     metrics = {f"candidate_{k}": doc["candidate"][k] for k in ("auc", "logloss", "ece", "mean_pred")}
-    v = _registry(s).register(bundle, run_key(context), tags, metrics)
+    reg = _registry(s)
+    v = reg.register(bundle, run_key(context), tags, metrics, run_id=evaluated.get("mlflow_run_id"))
+    links = ui_links(s.tracking_uri, s.mlflow_ui_url, reg.experiment_id(), v.run_id, s.model_name, v.version)
+    push_links(context["ti"], links)
     if doc["gate"]["forced"]:
         log.warning("register: version %s registered under force_deploy despite: %s", v.version, doc["gate"]["reasons"])
-    return {"version": v.version, "bundle": str(bundle), "model_name": s.model_name}
+    log.info("register: %s version %s for %s%s", s.model_name, v.version, run_key(context),
+             f" {links['model_version']}" if links["model_version"] else "")
+    return {"version": v.version, "bundle": str(bundle), "model_name": s.model_name,
+            "mlflow_model_version_url": links["model_version"] or None}
 
 
 # ---- build / roll out / verify / promote (image_builder: local | acr, deploy_target: local | aks) ----------
