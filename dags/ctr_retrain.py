@@ -13,6 +13,7 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import DAG, CronDataIntervalTimetable, Param, task
+from ctr.airflow_links import mlflow_model_task, mlflow_run_task
 from ctr.notify import on_task_failure
 
 # I/O tasks retry with exponential backoff (a late export, a flaky registry); CTR_IO_RETRIES=0 for drills/tests.
@@ -61,7 +62,7 @@ with DAG(
 
         return airflow_tasks.train_local(context)
 
-    @task
+    @mlflow_run_task  # extra link "MLflow run"
     def evaluate(trained, **context):
         from ctr import airflow_tasks
 
@@ -73,7 +74,7 @@ with DAG(
 
         return airflow_tasks.gate(context, evaluated)
 
-    @task(**IO_RETRIES)
+    @mlflow_model_task(**IO_RETRIES)  # extra links "MLflow run", "MLflow model version"
     def register(evaluated, **context):
         from ctr import airflow_tasks
 
