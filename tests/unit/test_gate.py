@@ -101,3 +101,19 @@ def test_params_are_validated_and_coerced() -> None:
         GateConfig.from_params({"max_auc_drop": "lots"})
     with pytest.raises(ValueError, match=">= 0"):
         GateConfig.from_params({"max_ece": -0.1})
+
+
+def test_dag_params_default_to_the_gate_defaults() -> None:
+    """The DAG's gate params (read from the file, without importing Airflow) match GateConfig's defaults."""
+    import ast
+    from dataclasses import asdict
+    from pathlib import Path
+
+    tree = ast.parse((Path(__file__).resolve().parents[2] / "dags" / "ctr_retrain.py").read_text())
+    params = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Dict):
+            for k, v in zip(node.keys, node.values, strict=True):
+                if isinstance(k, ast.Constant) and isinstance(v, ast.Call) and getattr(v.func, "id", "") == "Param":
+                    params[k.value] = ast.literal_eval(v.args[0])
+    assert {k: params[k] for k in asdict(GateConfig())} == asdict(GateConfig())
