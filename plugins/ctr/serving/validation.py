@@ -44,8 +44,8 @@ class RequestError(ValueError):
 
 def _printable(s: str, limit: int) -> str:
     """Client-supplied text made safe for a JSON error (no lone surrogates, bounded length)."""
-    s = s if len(s) <= limit else s[:limit] + "..."
-    return s.encode("utf-8", "backslashreplace").decode("utf-8")
+    s = s.encode("utf-8", "backslashreplace").decode("utf-8")
+    return s if len(s) <= limit else s[:limit] + "..."
 
 
 def _shown(v: Any) -> str:
