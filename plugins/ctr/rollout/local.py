@@ -1,8 +1,12 @@
 """Local rollout: one scoring service on 127.0.0.1, hot-swapped in place.
 
-The service loads and probe-checks a new bundle before it swaps its model reference, so no
-request fails and none is computed by a mix of versions; a refused bundle leaves the old one
-serving. State (pid, URL, current and previous bundle) lives in `serving/state.json`.
+Readiness first: the new bundle is loaded and probe-checked in a throwaway child process
+(LightGBM aborts or segfaults the whole process on some corrupt model files, e.g. a truncated
+model.txt, so the live service must never be the first to parse one). Then the switch: the
+service loads and probe-checks it again and swaps its model reference; in-flight requests finish
+on the old reference (the drain), so no request fails and none is computed by a mix of versions.
+A refused bundle leaves the old one serving. State (pid, URL, current and previous bundle) lives
+in `serving/state.json`.
 """
 
 from __future__ import annotations
@@ -55,9 +59,29 @@ class LocalRollout:
             return None
 
     # ---- actions -----------------------------------------------------------------------
+    def preflight(self, bundle: Path, version: str, timeout: float = 120.0) -> None:
+        """Load + probe-check `bundle` in a child process; it must report `version`."""
+        code = "import sys; from ctr.bundle import Bundle; print(Bundle.load(sys.argv[1]).version)"
+        try:
+            r = subprocess.run([sys.executable, "-c", code, str(bundle)], capture_output=True, text=True, timeout=timeout,
+                               stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise RolloutError(f"pre-flight load of {bundle} took over {timeout:.0f}s; live service untouched") from None
+        if r.returncode != 0:
+            lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+            why = (f"the loader crashed with {signal.Signals(-r.returncode).name}; LightGBM says: " if r.returncode < 0 else "") + \
+                (lines[-1] if lines else "no output")
+            raise RolloutError(f"bundle {bundle} failed its pre-flight load/probe check (exit {r.returncode}: {why[:300]}); "
+                               f"the live service was not touched. Rebuild the bundle or re-run build_image.")
+        got = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
+        if got != str(version):
+            raise RolloutError(f"bundle {bundle} reports version {got!r}, expected {version!r}; was it stamped by build_image?")
+
     def deploy(self, bundle: Path, version: str) -> RolloutResult:
         st = self.state()
         live = self.readyz()
+        if not (live and live.get("model_version") == str(version) and st.get("bundle") == str(bundle)):
+            self.preflight(bundle, version)
         if live is None:
             self._start(bundle)
             st = self.state()  # now holds the new pid
