@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+import ctr
 from ctr.data.landing import DATA_SUFFIXES, DayReport, LandingZoneError, daterange
 from ctr.data.reader import Layout, parse_lines
 from ctr.features import CAT_INDEX, FeatureTransform, VocabCounter
@@ -431,7 +432,8 @@ def run_job(spark, a: JobArgs) -> dict[str, Any]:
             "click_rate": click_rate, "vocab_sizes": {c: len(v) for c, v in transform.vocab.items()},
             "feature_notes": transform.notes, "params": params, "rounds": cfg.rounds, "best_iteration": int(best),
             "valid_auc": valid_auc, "seed": cfg.seed, "sample_fraction": cfg.sample_fraction,
-            "code_version": code_version(), "engine": f"spark-{a.engine}", "spark_master": spark.sparkContext.master,
+            "code_version": code_version(), "engine": f"spark-{a.engine}",
+            "ctr_location": str(Path(ctr.__file__).parent), "spark_master": spark.sparkContext.master,
             "data_report": {r.day: {"rows_in": r.rows_in, "rows_ok": r.rows_ok} for r in reports},
             **a.metadata,
         }
