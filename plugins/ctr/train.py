@@ -4,6 +4,12 @@ Deterministic: `seed`, `deterministic=True`, a fixed thread count and row-wise h
 two trainings on the same data give a byte-identical `model.txt`. Early stopping watches a
 time-ordered validation slice: the last day of the training range (or, for a one-day range,
 its last tenth); the holdout day is never seen here.
+
+Bounded by design: the staged Parquet is streamed twice, chunk by chunk. Pass 1 counts
+categorical values (Arrow, exact) for the vocabularies; pass 2 encodes each chunk into its own
+float64 matrix and hands LightGBM the list of chunks (`LGBM_DatasetCreateFromMats`, no
+concatenated copy). Raw string tables are never all in memory at once; a `lightgbm.Sequence`
+over spilled chunks is the next step for ranges that do not fit (issue 10).
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import json
 import logging
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,14 +30,16 @@ import pyarrow as pa
 import ctr
 from ctr.bundle import Bundle, bundle_digest, write_probe
 from ctr.data.landing import daterange, read_staged
-from ctr.features import CAT_INDEX, FeatureTransform
+from ctr.features import CAT_INDEX, FeatureTransform, VocabCounter
 from ctr.schema import FEATURE_COLUMNS, LABEL
 
 log = logging.getLogger(__name__)
 
+# Tuned on generated data (docs/training.md has the measurements): categorical splits need a
+# large group minimum and strong smoothing, or they memorise rare codes and stop early.
 DEFAULT_PARAMS: dict[str, Any] = {
     "objective": "binary",
-    "metric": ["auc", "binary_logloss"],
+    "metric": ["binary_logloss", "auc"],
     "learning_rate": 0.08,
     "num_leaves": 63,
     "min_data_in_leaf": 100,
@@ -50,10 +58,13 @@ DEFAULT_PARAMS: dict[str, Any] = {
 }
 DEFAULT_ROUNDS = 400
 EARLY_STOPPING = 30
+DEFAULT_MIN_COUNT = 10
+DEFAULT_MAX_VOCAB = 10_000
+PROGRESS_EVERY = 25  # trees between progress log lines
 
 
 class TrainingError(RuntimeError):
-    pass
+    """Training cannot proceed; the message names the days/inputs and what to do."""
 
 
 @dataclass
@@ -63,16 +74,32 @@ class TrainConfig:
     seed: int = 42
     num_threads: int = 2
     rounds: int = DEFAULT_ROUNDS
-    early_stopping: int = EARLY_STOPPING
+    early_stopping: int = EARLY_STOPPING   # 0 = train exactly `rounds` trees
     sample_fraction: float = 1.0      # < 1 trains on a deterministic slice (used to test the gate)
-    min_count: int = 10
-    max_vocab: int = 10_000
+    min_count: int = DEFAULT_MIN_COUNT
+    max_vocab: int = DEFAULT_MAX_VOCAB
+    missing: str = "nan"              # categorical missing: NaN or its own code (ctr.features)
     params: dict[str, Any] = field(default_factory=dict)
 
     def lgb_params(self) -> dict[str, Any]:
         p = {**DEFAULT_PARAMS, **self.params}
         p.update(seed=self.seed, num_threads=self.num_threads)
         return p
+
+    def check(self) -> None:
+        if self.end < self.start:
+            raise TrainingError(f"training range {self.start}..{self.end} holds no days (--to is before --from); "
+                                "give --from <= --to")
+        if not 0.0 < self.sample_fraction <= 1.0:
+            raise TrainingError(f"sample_fraction={self.sample_fraction} must be in (0, 1]")
+        if self.rounds < 1:
+            raise TrainingError(f"rounds={self.rounds} must be at least 1")
+        if self.min_count < 1 or self.max_vocab < 0:
+            raise TrainingError(f"min_count={self.min_count} must be >= 1 and max_vocab={self.max_vocab} >= 0")
+        for key in ("seed", "num_threads", "deterministic"):
+            if key in self.params:
+                raise TrainingError(f"lgb_params must not set {key!r}: it is fixed for reproducibility "
+                                    "(use the seed/num_threads settings)")
 
 
 def code_version() -> str:
@@ -94,92 +121,201 @@ def _sample(table: pa.Table, fraction: float, seed: int, salt: int) -> pa.Table:
     return table.filter(pa.array(rng.random(table.num_rows) < fraction))
 
 
-def load_days(staging: Path, days: Iterable[dt.date], fraction: float, seed: int) -> list[tuple[dt.date, pa.Table]]:
-    out = []
-    for day in days:
-        parts = [_sample(t, fraction, seed, day.toordinal() * 1000 + i) for i, t in enumerate(read_staged(staging, day))]
-        out.append((day, pa.concat_tables(parts)))
+def day_chunks(staging: Path, day: dt.date, fraction: float, seed: int) -> Iterator[pa.Table]:
+    """The staged rows of one day in file order, deterministically sampled when fraction < 1."""
+    for i, t in enumerate(read_staged(staging, day)):
+        yield _sample(t, fraction, seed, day.toordinal() * 1000 + i)
+
+
+@dataclass
+class Split:
+    """Which rows train and which validate, as a re-iterable stream of (role, chunk)."""
+
+    staging: Path
+    days: list[dt.date]
+    fraction: float
+    seed: int
+    single_day_cut: int | None = None   # one-day range: rows before this index train
+
+    def chunks(self) -> Iterator[tuple[str, pa.Table]]:
+        if len(self.days) >= 2:
+            for d in self.days[:-1]:
+                for t in day_chunks(self.staging, d, self.fraction, self.seed):
+                    yield "train", t
+            for t in day_chunks(self.staging, self.days[-1], self.fraction, self.seed):
+                yield "valid", t
+            return
+        assert self.single_day_cut is not None
+        pos = 0
+        for t in day_chunks(self.staging, self.days[0], self.fraction, self.seed):
+            k = max(0, min(t.num_rows, self.single_day_cut - pos))
+            if k:
+                yield "train", t.slice(0, k)
+            if k < t.num_rows:
+                yield "valid", t.slice(k)
+            pos += t.num_rows
+
+    @property
+    def valid_days(self) -> str:
+        return f"{self.days[-1]}" + (" (last tenth)" if len(self.days) == 1 else "")
+
+
+def plan_split(staging: Path, cfg: TrainConfig) -> Split:
+    """The time-ordered split; fails naming the days when there is nothing to train on."""
+    cfg.check()
+    days = daterange(cfg.start, cfg.end)
+    split = Split(staging, days, cfg.sample_fraction, cfg.seed)
+    if len(days) == 1:
+        n = sum(t.num_rows for t in day_chunks(staging, days[0], cfg.sample_fraction, cfg.seed))
+        if n < 2:
+            raise TrainingError(f"training range {days[0]}..{days[0]} has {n} rows under {staging}; "
+                                "a one-day range needs rows to train on and a last tenth to validate")
+        split.single_day_cut = max(1, int(n * 0.9))
+    return split
+
+
+@dataclass
+class Encoded:
+    """Encoded rows of one role: chunk matrices (float64, 39 wide) and labels."""
+
+    mats: list[np.ndarray] = field(default_factory=list)
+    labels: list[np.ndarray] = field(default_factory=list)
+    head: pa.Table | None = None   # the first raw rows, kept for the bundle's probe
+
+    @property
+    def rows(self) -> int:
+        return sum(len(m) for m in self.mats)
+
+    def y(self) -> np.ndarray:
+        return np.concatenate(self.labels) if self.labels else np.empty(0, dtype=np.float64)
+
+
+def count_vocabulary(split: Split) -> tuple[VocabCounter, dict[str, int]]:
+    """Pass 1: categorical value counts over the training role; rows per role."""
+    counter = VocabCounter()
+    rows = {"train": 0, "valid": 0}
+    for role, t in split.chunks():
+        rows[role] += t.num_rows
+        if role == "train":
+            counter.update(t)
+    return counter, rows
+
+
+def encode(split: Split, transform: FeatureTransform) -> dict[str, Encoded]:
+    """Pass 2: each chunk -> its own float64 matrix; sample rows for the probe are kept."""
+    out = {"train": Encoded(), "valid": Encoded()}
+    for role, t in split.chunks():
+        if t.num_rows == 0:
+            continue
+        if out[role].head is None:
+            out[role].head = t.slice(0, 16)
+        out[role].mats.append(transform.transform_table(t))
+        out[role].labels.append(t.column(LABEL).to_numpy().astype(np.float64))
     return out
 
 
-def split_validation(days: list[tuple[dt.date, pa.Table]]) -> tuple[pa.Table, pa.Table]:
-    """Time-ordered split: the last day validates; a single day splits at its last tenth."""
-    if len(days) >= 2:
-        return pa.concat_tables([t for _, t in days[:-1]]), days[-1][1]
-    t = days[0][1]
-    cut = int(t.num_rows * 0.9)
-    return t.slice(0, cut), t.slice(cut)
+def _progress(every: int, built: list[int]) -> Callable[[Any], None]:
+    """Logs progress every `every` trees and records how many trees were built (before early-stopping trim)."""
+
+    def callback(env: Any) -> None:
+        it = env.iteration + 1
+        built[0] = it
+        if it % every == 0 or it == env.end_iteration:
+            shown = " ".join(f"{name}_{metric}={value:.5f}" for name, metric, value, _ in env.evaluation_result_list)
+            log.info("trees built=%d/%d %s", it, env.end_iteration, shown)
+    callback.order = 30  # type: ignore[attr-defined]
+    return callback
+
+
+def _row_count_problems(split: Split) -> list[str]:
+    empty = []
+    for d in split.days:
+        if not any(t.num_rows for t in read_staged(split.staging, d, columns=[LABEL])):
+            empty.append(d.isoformat())
+    return empty
 
 
 def train(staging: Path, out_dir: Path, cfg: TrainConfig, extra_metadata: dict[str, Any] | None = None) -> Path:
     """Train on staged days [cfg.start, cfg.end] and write a bundle to `out_dir`."""
     import lightgbm as lgb
 
-    days = daterange(cfg.start, cfg.end)
-    if not days:
-        raise TrainingError(f"empty training range {cfg.start}..{cfg.end}")
     t0 = time.monotonic()
-    loaded = load_days(staging, days, cfg.sample_fraction, cfg.seed)
-    rows = sum(t.num_rows for _, t in loaded)
-    if rows == 0:
-        raise TrainingError(f"no rows to train on in days {days[0]}..{days[-1]} (staged under {staging})")
-    train_t, valid_t = split_validation(loaded)
-    transform = FeatureTransform.fit((t for _, t in loaded[:-1] if len(loaded) > 1), cfg.min_count, cfg.max_vocab) \
-        if len(loaded) > 1 else FeatureTransform.fit([train_t], cfg.min_count, cfg.max_vocab)
+    split = plan_split(staging, cfg)
+    days = split.days
+    counter, rows = count_vocabulary(split)
+    if rows["train"] == 0 or rows["valid"] == 0:
+        empty = _row_count_problems(split)
+        raise TrainingError(
+            f"no rows to {'train' if rows['train'] == 0 else 'validate'} on in days {days[0]}..{days[-1]} "
+            f"(staged under {staging}; empty days: {', '.join(empty) or 'none'}"
+            f"{'; sample_fraction=' + str(cfg.sample_fraction) if cfg.sample_fraction < 1 else ''})"
+        )
+    transform = FeatureTransform.from_counter(counter, cfg.min_count, cfg.max_vocab, cfg.missing)
     for note in transform.notes:
         log.warning("features: %s", note)
-    x_tr = transform.transform_table(train_t)
-    y_tr = train_t.column(LABEL).to_numpy().astype(np.float64)
-    x_va = transform.transform_table(valid_t)
-    y_va = valid_t.column(LABEL).to_numpy().astype(np.float64)
+    log.info("vocabularies days=%s..%s train_rows=%d sizes=%s secs=%.1f", days[0], days[-1], rows["train"],
+             transform.vocab_sizes, time.monotonic() - t0)
+    enc = encode(split, transform)
+    y_tr, y_va = enc["train"].y(), enc["valid"].y()
+    probe_rows = enc["valid"].head
     if len(np.unique(y_tr)) < 2:
         raise TrainingError(f"training rows of {days[0]}..{days[-1]} hold a single class; cannot train a click model")
-    log.info("train rows=%d valid rows=%d features=%d read_secs=%.1f", len(y_tr), len(y_va), x_tr.shape[1], time.monotonic() - t0)
+    log.info("train rows=%d valid rows=%d (validation day %s) features=%d chunks=%d read_secs=%.1f",
+             len(y_tr), len(y_va), split.valid_days, len(FEATURE_COLUMNS), len(enc["train"].mats), time.monotonic() - t0)
     params = cfg.lgb_params()
-    dtrain = lgb.Dataset(x_tr, y_tr, feature_name=FEATURE_COLUMNS, categorical_feature=CAT_INDEX, free_raw_data=True)
-    dvalid = lgb.Dataset(x_va, y_va, reference=dtrain)
+    dtrain = lgb.Dataset(enc["train"].mats, y_tr, feature_name=FEATURE_COLUMNS, categorical_feature=CAT_INDEX,
+                         free_raw_data=True)
+    dvalid = lgb.Dataset(enc["valid"].mats, y_va, reference=dtrain)
     evals: dict[str, Any] = {}
+    built_box = [0]
+    callbacks = [_progress(PROGRESS_EVERY, built_box), lgb.record_evaluation(evals)]
+    if cfg.early_stopping > 0:
+        callbacks.append(lgb.early_stopping(cfg.early_stopping, first_metric_only=True, verbose=False))
     t1 = time.monotonic()
-    booster = lgb.train(
-        params,
-        dtrain,
-        num_boost_round=cfg.rounds,
-        valid_sets=[dvalid],
-        valid_names=["valid"],
-        callbacks=[
-            lgb.early_stopping(cfg.early_stopping, first_metric_only=True, verbose=False),
-            lgb.log_evaluation(period=25),
-            lgb.record_evaluation(evals),
-        ],
-    )
+    booster = lgb.train(params, dtrain, num_boost_round=cfg.rounds, valid_sets=[dvalid], valid_names=["valid"],
+                        callbacks=callbacks)
+    del enc, dtrain, dvalid
     train_secs = time.monotonic() - t1
-    best = booster.best_iteration or cfg.rounds
-    log.info("trees built=%d best_iteration=%d train_secs=%.1f", booster.current_iteration(), best, train_secs)
+    built = built_box[0]
+    best = booster.best_iteration or booster.current_iteration()
+    valid_metrics = {m: float(v[best - 1]) for m, v in evals.get("valid", {}).items()}
+    log.info("trees built=%d best_iteration=%d valid=%s train_secs=%.1f", built, best, valid_metrics, train_secs)
+    if best == cfg.rounds:
+        log.warning("best_iteration=%d equals rounds: the model may be undertrained; raise rounds", best)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     booster.save_model(str(out_dir / "model.txt"), num_iteration=best)
     transform.save(out_dir / "features.json")
-    valid_auc = evals.get("valid", {}).get("auc", [None])[best - 1] if evals else None
     metadata = {
         "data_interval": {"start": cfg.start.isoformat(), "end": cfg.end.isoformat()},
-        "rows": {"train": int(len(y_tr)), "valid": int(len(y_va)), "total": int(rows)},
-        "click_rate": float(np.concatenate([y_tr, y_va]).mean()),
-        "vocab_sizes": {c: len(v) for c, v in transform.vocab.items()},
+        "validation": split.valid_days,
+        "rows": {"train": int(len(y_tr)), "valid": int(len(y_va)), "total": int(len(y_tr) + len(y_va))},
+        "click_rate": float((y_tr.sum() + y_va.sum()) / (len(y_tr) + len(y_va))),
+        "vocab_sizes": transform.vocab_sizes,
+        "min_count": cfg.min_count,
+        "max_vocab": cfg.max_vocab,
+        "missing": cfg.missing,
         "feature_notes": transform.notes,
         "params": params,
         "rounds": cfg.rounds,
+        "early_stopping": cfg.early_stopping,
+        "trees_built": int(built),
         "best_iteration": int(best),
-        "valid_auc": valid_auc,
+        "valid_auc": valid_metrics.get("auc"),
+        "valid_logloss": valid_metrics.get("binary_logloss"),
         "seed": cfg.seed,
+        "num_threads": cfg.num_threads,
         "sample_fraction": cfg.sample_fraction,
         "code_version": code_version(),
+        "lightgbm_version": lgb.__version__,
         "engine": "lightgbm",
         **(extra_metadata or {}),
     }
     (out_dir / "metadata.json").write_text(json.dumps(metadata, indent=1, sort_keys=True) + "\n")
-    finalize_bundle(out_dir, valid_t)
-    log.info("bundle written to %s (total secs %.1f)", out_dir, time.monotonic() - t0)
+    finalize_bundle(out_dir, probe_rows)
+    log.info("bundle written path=%s trees=%d train_secs=%.1f total_secs=%.1f", out_dir, best, train_secs,
+             time.monotonic() - t0)
     return out_dir
 
 
