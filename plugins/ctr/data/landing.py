@@ -102,7 +102,7 @@ def _check_container(fs, root: str, base: str) -> None:
         return
     container = base.split("://", 1)[-1].split("/", 1)[0].split("@", 1)[0]
     if not fs.exists(container):
-        account = getattr(fs, "account_name", None) or "?"
+        account = getattr(fs, "account_name", None) or getattr(getattr(fs, "service_client", None), "account_name", "?")
         raise LandingZoneError(
             f"landing zone {root}: container {container!r} does not exist in storage account {account!r}; "
             "create it or fix CTR_LANDING / the connection's account"
