@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from ctr.evaluate import compare
@@ -117,3 +119,29 @@ def test_dag_params_default_to_the_gate_defaults() -> None:
                 if isinstance(k, ast.Constant) and isinstance(v, ast.Call) and getattr(v.func, "id", "") == "Param":
                     params[k.value] = ast.literal_eval(v.args[0])
     assert {k: params[k] for k in asdict(GateConfig())} == asdict(GateConfig())
+
+
+def test_two_percent_slice_is_rejected_against_a_champion_trained_on_everything(staged, trained_bundle, tmp_path) -> None:
+    """Real bundles on a real staged holdout day: the 2% model loses, every failed rule is named, a report is written."""
+    import datetime as dt
+
+    from ctr.evaluation_run import evaluate_day
+    from ctr.train import TrainConfig, train
+
+    from tests.conftest import END_DAY
+
+    slice_bundle = train(staged, tmp_path / "slice", TrainConfig(start=END_DAY - dt.timedelta(days=7),
+                                                                  end=END_DAY - dt.timedelta(days=1), rounds=60,
+                                                                  sample_fraction=0.02))
+    doc = evaluate_day(staged, END_DAY, slice_bundle, trained_bundle, gate_params={"min_auc": 0.5},
+                       report_dir=tmp_path / "report")
+    assert doc["rows"] > 5000 and doc["baseline"] is not None
+    assert doc["auc_diff"]["ci_high"] < 0  # significantly worse, not noise
+    assert not doc["gate"]["passed"] and verdict(doc["gate"]) == "REJECTED"
+    failed = [c["rule"] for c in doc["gate"]["checks"] if not c["ok"]]
+    assert "max_auc_drop" in failed
+    assert [r.split(":")[0] for r in doc["gate"]["reasons"]] == failed
+    assert Path(doc["report"]).is_file()
+    # the champion scored against itself is a tie and passes: the CI collapses to zero
+    same = evaluate_day(staged, END_DAY, trained_bundle, trained_bundle, gate_params={"min_auc": 0.5})
+    assert same["auc_diff"]["estimate"] == 0.0 and same["gate"]["checks"][2]["ok"]
