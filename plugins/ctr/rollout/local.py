@@ -155,6 +155,7 @@ class LocalRollout:
             try:
                 os.kill(int(pid), signal.SIGTERM)
                 for _ in range(100):
+                    _reap(int(pid))
                     os.kill(int(pid), 0)
                     time.sleep(0.1)
                 os.kill(int(pid), signal.SIGKILL)
@@ -166,3 +167,13 @@ class LocalRollout:
             st.pop(k, None)
         self._save(st)
         return stopped
+
+
+def _reap(pid: int) -> None:
+    """Collect `pid` if it is our exited child (else it lingers as a zombie that still 'exists')."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:  # not our child: init reaps it
+        return
+    if done == pid:
+        raise ProcessLookupError(pid)
