@@ -60,22 +60,25 @@ class GeneratorConfig:
 
 def _mix(x: np.ndarray) -> np.ndarray:
     """splitmix64 finaliser: a fast, well-spread hash of uint64 values."""
-    z = (x + np.uint64(0x9E3779B97F4A7C15)).astype(np.uint64)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
+    z = x + np.uint64(0x9E3779B97F4A7C15)  # a new array; everything below is in place
+    z ^= z >> np.uint64(30)
+    z *= np.uint64(0xBF58476D1CE4E5B9)
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return z
 
 
 def _gauss(key: np.ndarray) -> np.ndarray:
     """A deterministic standard-normal-ish value per key (sum of 4 uniforms, rescaled)."""
-    h = _mix(key)
-    parts = [((h >> np.uint64(16 * k)) & np.uint64(0xFFFF)).astype(np.float64) / 65535.0 for k in range(4)]
-    return (sum(parts) - 2.0) * np.sqrt(3.0)
+    w = _mix(key).view(np.uint16).reshape(-1, 4)  # the four 16-bit words of the hash
+    total = w[:, 0].astype(np.uint32) + w[:, 1] + w[:, 2] + w[:, 3]
+    return (total / 65535.0 - 2.0) * np.sqrt(3.0)
 
 
 def _hex8(values: np.ndarray) -> np.ndarray:
     """8 lower-case hex digits of each uint32, as an (n,) array of S8, via a 256-entry byte table."""
-    be = values.astype(">u4").view(np.uint8).reshape(-1, 4)
+    be = values.astype("<u4", copy=False).view(np.uint8).reshape(-1, 4)[:, ::-1]  # most significant byte first
     return np.ascontiguousarray(_HEX2[be]).view("S8").ravel()
 
 
@@ -111,16 +114,16 @@ def generate_chunk(cfg: GeneratorConfig, day: dt.date, chunk: int, n: int) -> tu
     for j, c in enumerate(CAT_COLUMNS):
         k = max(2, int(REAL_CARDINALITY[c] * cfg.cardinality_scale))
         u = rng.random(n)
-        r = np.minimum((np.exp(u * np.log(k + 1.0)) - 1.0).astype(np.int64), k - 1)
+        r = np.minimum((np.exp(u * np.log(k + 1.0)) - 1.0).astype(np.uint64), np.uint64(k - 1))
         ranks[c] = r
         miss = _missing(rng, n, CAT_MISSING[j])
         salt = np.uint64((j + 1) * 0x1000193)
         if c in CAT_WEIGHT:
-            eff = _gauss(r.astype(np.uint64) * np.uint64(2654435761) + salt)
+            eff = _gauss(r * np.uint64(2654435761) + salt)
             # tail values carry less signal: only the head is learnable, as in real logs
             eff = eff * np.where(r < 2000, 1.0, 0.3) * (1.0 + day_shift)
             logit += np.where(miss, -0.1, CAT_WEIGHT[c] * eff)
-        code = (_mix(r.astype(np.uint64) + salt * np.uint64(7919)) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+        code = _mix(r + salt * np.uint64(7919)).astype(np.uint32)  # the low 32 bits
         cols[c] = _hex_column(code, miss)
     ints: dict[str, np.ndarray] = {}
     for j, c in enumerate(INT_COLUMNS):
@@ -132,8 +135,8 @@ def generate_chunk(cfg: GeneratorConfig, day: dt.date, chunk: int, n: int) -> tu
             logit += np.where(miss, 0.0, INT_WEIGHT[c] * np.log1p(np.maximum(v, 0)) / 2.0)
         cols[c] = _int_column(v, miss)
     # interactions: a pair of categoricals and an integer gated by a categorical
-    logit += 0.6 * _gauss((ranks["C6"] % 16 * 131 + ranks["C14"] % 16).astype(np.uint64) + np.uint64(99))
-    logit += 0.3 * np.where(ranks["C17"] % 3 == 0, 1.0, -1.0) * np.tanh(np.log1p(np.maximum(ints["I7"], 0)) - 1.0)
+    logit += 0.6 * _gauss(ranks["C6"] % np.uint64(16) * np.uint64(131) + ranks["C14"] % np.uint64(16) + np.uint64(99))
+    logit += 0.3 * np.where(ranks["C17"] % np.uint64(3) == 0, 1.0, -1.0) * np.tanh(np.log1p(np.maximum(ints["I7"], 0)) - 1.0)
     logit += rng.normal(0.0, 0.35, n)  # unobserved noise: the oracle is not perfect
     p = 1.0 / (1.0 + np.exp(-logit))
     label = (rng.random(n) < p).astype(np.int8)
@@ -161,16 +164,17 @@ def _chunk_sizes(rows: int) -> list[tuple[int, int]]:
     return [(i, min(CHUNK_ROWS, rows - start)) for i, start in enumerate(range(0, rows, CHUNK_ROWS))]
 
 
-def _tsv_chunk(cfg: GeneratorConfig, day: dt.date, chunk: int, n: int) -> tuple[bytes, np.ndarray]:
+def _gz_chunk(cfg: GeneratorConfig, day: dt.date, chunk: int, n: int) -> tuple[bytes, np.ndarray]:
+    """One chunk as a complete gzip member (members concatenate into one valid .gz) and its truth."""
     table, p = generate_chunk(cfg, day, chunk, n)
-    return to_tsv_bytes(table), p
+    return zlib.compress(to_tsv_bytes(table), GZIP_LEVEL, wbits=31), p
 
 
 def write_day(root: Path, day: dt.date, rows: int, cfg: GeneratorConfig) -> Path:
     """Write `root/day=D/part-00000.tsv.gz` and `root/truth/day=D.parquet` (true p per row, same order).
 
-    Constant memory: chunks are generated on worker threads while earlier ones are compressed
-    (gzip level 1; zlib runs outside the GIL); at most WORKERS + 1 chunks are alive at a time.
+    Constant memory: chunks are generated and compressed (gzip level 1, one member per chunk) on
+    worker threads and written in order; at most WORKERS + 1 chunks are alive at a time.
     """
     part_dir = root / f"day={day.isoformat()}"
     part_dir.mkdir(parents=True, exist_ok=True)
@@ -180,20 +184,18 @@ def write_day(root: Path, day: dt.date, rows: int, cfg: GeneratorConfig) -> Path
     truth = root / "truth" / f"day={day.isoformat()}.parquet"
     truth_tmp = truth.with_suffix(".parquet.tmp")
     t0 = time.monotonic()
-    comp = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)  # wbits 31: one gzip member
-    # Chunks are generated on WORKERS threads (numpy and Arrow release the GIL), at most
-    # WORKERS + 1 in flight, and compressed in order here: bounded memory, same bytes as serial.
+    # Chunks are generated and gzipped on WORKERS threads (numpy, Arrow and zlib release the GIL),
+    # at most WORKERS + 1 in flight, and written in order here: bounded memory, same bytes as serial.
     sizes = _chunk_sizes(rows)
     with open(tmp, "wb") as fh, ThreadPoolExecutor(max_workers=WORKERS) as pool, \
             pq.ParquetWriter(truth_tmp, pa.schema([("p", pa.float64())])) as writer:
         inflight: deque = deque()
         for chunk, n in sizes:
-            inflight.append(pool.submit(_tsv_chunk, cfg, day, chunk, n))
+            inflight.append(pool.submit(_gz_chunk, cfg, day, chunk, n))
             if len(inflight) > WORKERS:
-                _drain(inflight.popleft(), fh, comp, writer)
+                _drain(inflight.popleft(), fh, writer)
         while inflight:
-            _drain(inflight.popleft(), fh, comp, writer)
-        fh.write(comp.flush())
+            _drain(inflight.popleft(), fh, writer)
     tmp.replace(out)
     truth_tmp.replace(truth)
     secs = time.monotonic() - t0
@@ -201,9 +203,9 @@ def write_day(root: Path, day: dt.date, rows: int, cfg: GeneratorConfig) -> Path
     return out
 
 
-def _drain(fut, fh, comp, writer: pq.ParquetWriter) -> None:
+def _drain(fut, fh, writer: pq.ParquetWriter) -> None:
     data, p = fut.result()
-    fh.write(comp.compress(data))
+    fh.write(data)
     writer.write_table(pa.table({"p": p}))
 
 
