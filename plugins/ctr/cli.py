@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--end-date", type=_date, default=dt.date.today() - dt.timedelta(days=1))
     g.add_argument("--seed", type=int, default=7)
     g.add_argument("--drift", type=float, default=0.0, help="day-to-day drift of the true effects (0 = none)")
+    g.add_argument("--cardinality-scale", type=float, default=1.0,
+                   help="shrink the real per-column cardinalities (e.g. 0.01 for tiny test sets)")
 
     t = sub.add_parser("train", help="train on an inclusive day range and write a bundle")
     t.add_argument("--data", required=True, help="landing zone root (folder or abfs:// URL)")
@@ -79,7 +81,8 @@ def _stage_range(data: str, staging: Path, settings: Settings, days: list[dt.dat
 def cmd_generate(a: argparse.Namespace, settings: Settings) -> int:
     from ctr.data.generate import GeneratorConfig, generate
 
-    paths = generate(a.out, a.days, a.rows_per_day, a.end_date, GeneratorConfig(seed=a.seed, drift=a.drift))
+    paths = generate(a.out, a.days, a.rows_per_day, a.end_date, GeneratorConfig(seed=a.seed, drift=a.drift,
+                                                                           cardinality_scale=a.cardinality_scale))
     print(f"wrote {len(paths)} days x {a.rows_per_day} rows under {a.out}", file=sys.stderr)
     return 0
 

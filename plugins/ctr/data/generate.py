@@ -213,5 +213,7 @@ def generate(root: Path, days: int, rows_per_day: int, end_date: dt.date, cfg: G
     """Write `days` consecutive days ending at `end_date` (inclusive)."""
     if days < 1 or rows_per_day < 1:
         raise ValueError(f"--days ({days}) and --rows-per-day ({rows_per_day}) must be at least 1")
+    if not cfg.cardinality_scale > 0:
+        raise ValueError(f"--cardinality-scale ({cfg.cardinality_scale}) must be > 0 (1 = the real cardinalities)")
     start = end_date - dt.timedelta(days=days - 1)
     return [write_day(root, start + dt.timedelta(days=i), rows_per_day, cfg) for i in range(days)]
