@@ -1,0 +1,93 @@
+"""The Airflow UI as a person uses it: headless Chromium signs in, opens ctr_retrain, reads the gate decision.
+
+Debian's `chromium` (make system-deps) driven by Playwright through its executable path; Playwright
+never downloads a browser here. The screenshot is kept under test-artifacts/ (git-ignored, CI artifact).
+Shares the session's live Airflow (tests/e2e/live_airflow.py) and its REST-triggered run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.e2e import live_airflow as la
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+CHROMIUM = os.environ.get("CTR_CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage"]
+
+
+@pytest.fixture(scope="session")
+def live(tmp_path_factory):
+    stack, receiver = la.shared_stack(tmp_path_factory, la.make_landing)
+    yield stack, receiver
+    la.stop_shared()
+
+
+@pytest.fixture
+def browser_page(tmp_path: Path):
+    if not (Path(CHROMIUM).exists() or shutil.which(CHROMIUM)):
+        pytest.skip(f"{CHROMIUM} missing: `make system-deps` (as root) installs Debian's chromium")
+    from playwright.sync_api import sync_playwright
+
+    profile = tempfile.mkdtemp(prefix="chromium-profile-", dir=tmp_path)
+    with sync_playwright() as p:
+        # a persistent context is how a fresh --user-data-dir is given to a Playwright-launched Chromium
+        ctx = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True,
+                                                   args=CHROMIUM_ARGS, viewport={"width": 1400, "height": 1000})
+        try:
+            page = ctx.pages[0] if ctx.pages else ctx.new_page()
+            page.set_default_timeout(60_000)
+            yield page
+        finally:
+            ctx.close()
+
+
+def test_ui_sign_in_and_gate_decision(live, browser_page):
+    stack, _ = live
+    run = la.api_run(stack)["run"]
+    ARTIFACTS.mkdir(exist_ok=True)
+    try:
+        _check_ui(stack, browser_page, run["dag_run_id"])
+    except BaseException:
+        browser_page.screenshot(path=str(ARTIFACTS / "airflow-ui-failure.png"), full_page=True)
+        raise
+
+
+def _check_ui(stack: la.LiveAirflow, page, run_id: str) -> None:
+    decision = stack.xcom(run_id, "gate", "decision")
+    verdict = "gate: PASSED" if decision["passed"] else "gate: REJECTED"
+
+    # 1. sign in through the SimpleAuthManager login form
+    page.goto(f"{stack.url}/dags/{la.DAG_ID}")
+    page.wait_for_url("**/auth/login**")
+    page.locator("input[name=username]").fill(stack.user)
+    page.locator("input[name=password]").fill(stack.password)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(f"**/dags/{la.DAG_ID}**")
+
+    # 2. the DAG page, and its runs list showing the last run
+    page.get_by_text(la.DAG_ID).first.wait_for()
+    page.goto(f"{stack.url}/dags/{la.DAG_ID}/runs")
+    page.get_by_text(run_id).first.wait_for()
+
+    # 3. the gate task of that run: its `decision` XCom
+    page.goto(f"{stack.url}/dags/{la.DAG_ID}/runs/{run_id}/tasks/gate/xcom")
+    page.get_by_text("decision", exact=True).first.wait_for()
+    page.get_by_text(decision["reasons"][0]).first.wait_for()
+    page.screenshot(path=str(ARTIFACTS / "airflow-ui-ctr_retrain-gate-xcom.png"), full_page=True)
+    body = page.locator("body").inner_text()
+    assert "passed" in body and str(decision["passed"]).lower() in body.lower(), body[:2000]
+
+    # 4. and the gate's log says the same
+    page.goto(f"{stack.url}/dags/{la.DAG_ID}/runs/{run_id}/tasks/gate")
+    page.get_by_text(verdict).first.wait_for()
+    page.screenshot(path=str(ARTIFACTS / "airflow-ui-ctr_retrain-gate.png"), full_page=True)

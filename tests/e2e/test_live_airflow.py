@@ -1,0 +1,192 @@
+"""ctr_retrain against a real, running Airflow 3: REST trigger, backfill CLI, re-run, timetable, alerts.
+
+One live stack per session (tests/e2e/live_airflow.py): api-server, scheduler, dag-processor and
+triggerer on free 127.0.0.1 ports, sqlite, LocalExecutor (parallelism 1). Dates come from the DAG's
+own timetable: D0 is the interval it schedules first (the latest complete day), the backfill covers
+D0-3 .. D0-1, the alert drills D0-5 and D0-4.
+
+  a. POST /api/v2/dags/ctr_retrain/dagRuns (token from /auth/token) for D0 -> success end to end
+  b. airflow backfill create D0-3 .. D0-1 -> three runs, in date order, three versions, champion = latest
+  c. the same backfill with --reprocess-behavior completed -> re-runs, no new registry version
+  d. the scheduler's next run is the timetable's: 02:00 UTC, the day after D0's interval
+  e. a gate rejection and a rollback (+ the failed verify task) reach the webhook of `ctr_alerts`
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import pytest
+from ctr.registry import Registry
+
+from tests.e2e import live_airflow as la
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+DAY = dt.timedelta(days=1)
+
+
+@pytest.fixture(scope="session")
+def live(tmp_path_factory):
+    stack, receiver = la.shared_stack(tmp_path_factory, la.make_landing)
+    yield stack, receiver
+    la.stop_shared()
+
+
+@pytest.fixture(scope="module")
+def first(live):
+    return la.api_run(live[0])
+
+
+def _registry(stack: la.LiveAirflow) -> Registry:
+    return Registry(f"sqlite:///{stack.ctr_home / 'mlflow.db'}", "ctr-lightgbm")
+
+
+def _versions(stack: la.LiveAirflow) -> dict[str, dict[str, str]]:
+    reg = _registry(stack)
+    return {str(mv.version): dict(mv.tags) for mv in reg.client.search_model_versions("name = 'ctr-lightgbm'")}
+
+
+def _d0(first) -> dt.date:
+    return first["info"].data_interval.start.date()
+
+
+def _iso(s: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(s.replace("Z", "+00:00"))
+
+
+def _backfill(stack: la.LiveAirflow, d1: dt.date, d3: dt.date, *extra: str) -> dict:
+    # --to-date is inclusive on the logical date, which is <day> 02:00 UTC for holdout day <day>
+    stack.cli("backfill", "create", "--dag-id", la.DAG_ID, "--from-date", d1.isoformat(),
+              "--to-date", f"{d3.isoformat()}T02:00:00+00:00", "--max-active-runs", "1",
+              "--dag-run-conf", json.dumps(la.LENIENT), *extra)
+    backfills = stack.api("GET", "/api/v2/backfills", params={"dag_id": la.DAG_ID, "limit": 100}).json()["backfills"]
+    latest = max(backfills, key=lambda b: b["id"])
+    return stack.wait_backfill(latest["id"])
+
+
+def test_a_rest_triggered_run_succeeds_end_to_end(live, first):
+    stack, _ = live
+    run, d0 = first["run"], _d0(first)
+    assert first["created"]["state"] == "queued" and first["dag_before"]["is_paused"] is True
+    assert run["state"] == "success", run
+    assert _iso(run["logical_date"]) == first["info"].data_interval.start
+    assert (_iso(run["data_interval_start"]), _iso(run["data_interval_end"])) == tuple(first["info"].data_interval)
+    tis = stack.task_instances(run["dag_run_id"])
+    states = {k: v["state"] for k, v in tis.items()}
+    spine = ("check_data", "train", "evaluate", "gate", "register", "build_image", "rollout", "verify", "promote")
+    assert all(states[t] == "success" for t in spine), states
+    assert all(s in ("success", "skipped") for s in states.values()), states  # other compute branches skipped
+    decision = stack.xcom(run["dag_run_id"], "gate", "decision")
+    assert decision["passed"] is True, decision
+    reg = _registry(stack)
+    mine = reg.find(f"ctr_retrain/{d0.isoformat()}")
+    assert mine is not None and reg.champion().version == mine.version
+    assert mine.tags["data_interval"] == f"{d0 - 7 * DAY}..{d0 - DAY}"
+    import httpx
+
+    ready = httpx.get(f"http://127.0.0.1:{stack.serve_port}/readyz", timeout=5).json()
+    assert str(ready["model_version"]) == mine.version
+
+
+def test_b_backfill_three_days_in_order(live, first):
+    stack, _ = live
+    d0 = _d0(first)
+    days = [d0 - 3 * DAY, d0 - 2 * DAY, d0 - DAY]
+    backfill = _backfill(stack, days[0], days[-1])
+    runs = [r for r in stack.runs() if r["run_type"] == "backfill"]
+    assert [_iso(r["logical_date"]).date() for r in runs] == days, [r["dag_run_id"] for r in runs]
+    assert all(r["state"] == "success" for r in runs), [(r["dag_run_id"], r["state"]) for r in runs]
+    for r, day in zip(runs, days, strict=True):
+        start = dt.datetime.combine(day, dt.time(2), dt.UTC)
+        assert (_iso(r["data_interval_start"]), _iso(r["data_interval_end"])) == (start, start + DAY)
+    for earlier, later in zip(runs, runs[1:], strict=False):  # completed in date order, one at a time
+        assert _iso(earlier["end_date"]) <= _iso(later["start_date"]), (earlier, later)
+    reg = _registry(stack)
+    found = [reg.find(f"ctr_retrain/{d.isoformat()}") for d in days]
+    assert all(found), found
+    assert len({v.version for v in found}) == 3
+    for v, day in zip(found, days, strict=True):
+        assert v.tags["holdout_day"] == day.isoformat()
+        assert v.tags["data_interval"] == f"{day - 7 * DAY}..{day - DAY}"
+    decisions = [stack.xcom(r["dag_run_id"], "gate", "decision") for r in runs]
+    latest_passing = [v for v, d in zip(found, decisions, strict=True) if d["passed"]][-1]
+    assert reg.champion().version == latest_passing.version == found[-1].version
+    assert backfill["completed_at"]
+
+
+def test_c_backfill_again_reprocess_completed_makes_no_new_version(live, first):
+    stack, _ = live
+    d0 = _d0(first)
+    before = _versions(stack)
+    old_runs = {r["dag_run_id"]: r for r in stack.runs() if r["run_type"] == "backfill"}
+    _backfill(stack, d0 - 3 * DAY, d0 - DAY, "--reprocess-behavior", "completed")
+    runs = [r for r in stack.runs() if r["run_type"] == "backfill"]
+    assert len(runs) == 3 and all(r["state"] == "success" for r in runs)
+    # really re-run: the same run ids, cleared and executed again after the first backfill had finished
+    for r in runs:
+        assert r["dag_run_id"] in old_runs
+        assert _iso(r["start_date"]) > _iso(old_runs[r["dag_run_id"]]["end_date"])
+        register = stack.task_instances(r["dag_run_id"])["register"]
+        assert register["state"] == "success" and register["try_number"] >= 2, register  # ran again, found its version
+    assert _versions(stack) == before
+
+
+def test_d_next_run_is_the_timetables_0200_utc(live, first):
+    stack, _ = live
+    info = first["info"]
+    before = first["dag_before"]
+    # before unpausing, Airflow had planned exactly the timetable's first interval
+    assert _iso(before["next_dagrun_logical_date"]) == info.data_interval.start
+    assert _iso(before["next_dagrun_data_interval_start"]) == info.data_interval.start
+    assert _iso(before["next_dagrun_data_interval_end"]) == info.data_interval.end
+    assert _iso(before["next_dagrun_run_after"]) == info.run_after
+    # the scheduler found that interval done by the API-triggered run and moved to the next one
+    from airflow.timetables.base import TimeRestriction
+
+    dag, tt = la.core_timetable()
+    expected = tt.next_dagrun_info(last_automated_data_interval=info.data_interval,
+                                   restriction=TimeRestriction(dag.start_date, None, dag.catchup))
+    now = stack.wait_dag(lambda d: d["next_dagrun_logical_date"] != before["next_dagrun_logical_date"])
+    assert _iso(now["next_dagrun_data_interval_start"]) == expected.data_interval.start == info.data_interval.end
+    assert _iso(now["next_dagrun_data_interval_end"]) == expected.data_interval.end
+    assert _iso(now["next_dagrun_run_after"]) == expected.run_after
+    run_after = _iso(now["next_dagrun_run_after"])
+    assert (run_after.hour, run_after.minute, run_after.utcoffset()) == (2, 0, dt.timedelta(0))
+    assert expected.data_interval.end - expected.data_interval.start == DAY
+    assert run_after > dt.datetime.now(dt.UTC)
+    assert not [r for r in stack.runs() if r["run_type"] == "scheduled"], "scheduler duplicated the API run's interval"
+
+
+def test_e_rejection_rollback_and_failure_reach_the_webhook(live, first):
+    stack, receiver = live
+    d0 = _d0(first)
+    champion = _registry(stack).champion().version
+    # a gate rejection: an unreachable AUC floor
+    day = d0 - 4 * DAY
+    logical = dt.datetime.combine(day, dt.time(2), dt.UTC)
+    r = stack.trigger(logical, (logical, logical + DAY), {**la.LENIENT, "min_auc": 0.999}, run_id=f"drill_reject__{day}")
+    run = stack.wait_run(r["dag_run_id"])
+    assert run["state"] == "success"
+    assert stack.task_instances(r["dag_run_id"])["register"]["state"] == "skipped"
+    ev = receiver.wait_for("gate_rejected", run_id=r["dag_run_id"])
+    assert ev["dag_id"] == la.DAG_ID and ev["task_id"] == "gate" and "REJECTED" in ev["text"]
+    assert any("0.999" in reason or "AUC" in reason for reason in ev["details"]["reasons"]), ev
+    # a rollback: verification forced to fail after the rollout
+    day = d0 - 5 * DAY
+    logical = dt.datetime.combine(day, dt.time(2), dt.UTC)
+    r = stack.trigger(logical, (logical, logical + DAY), {**la.LENIENT, "fail_verify": True}, run_id=f"drill_rollback__{day}")
+    run = stack.wait_run(r["dag_run_id"])
+    assert run["state"] == "failed"
+    tis = stack.task_instances(r["dag_run_id"])
+    assert tis["verify"]["state"] == "failed" and tis["promote"]["state"] == "upstream_failed"
+    rb = receiver.wait_for("rollback", run_id=r["dag_run_id"])
+    assert rb["task_id"] == "verify" and rb["details"]["restored_version"] == champion, rb
+    failed = receiver.wait_for("task_failed", run_id=r["dag_run_id"])
+    assert failed["task_id"] == "verify" and "fail_verify" in failed["details"]["error"], failed
+    assert receiver.received[-1]["path"] == "/hooks/ctr"
+    assert _registry(stack).champion().version == champion  # the champion pointer never moved
+    import httpx
+
+    ready = httpx.get(f"http://127.0.0.1:{stack.serve_port}/readyz", timeout=5).json()
+    assert str(ready["model_version"]) == champion
