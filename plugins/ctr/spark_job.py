@@ -98,7 +98,8 @@ def spark_session(app: str = "ctr-train", master: str | None = None):
         # Python workers run this interpreter (the one with ctr installed), not whatever python3 is on PATH
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
         os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-        b = (b.master(master).config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", "4")
+        b = (b.master(master).config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", "2")
+             .config("spark.ui.showConsoleProgress", "false")
              .config("spark.driver.memory", os.environ.get("CTR_SPARK_DRIVER_MEMORY", "2g"))
              .config("spark.sql.session.timeZone", "UTC"))
     return b.getOrCreate()

@@ -13,6 +13,7 @@ import subprocess
 
 import pytest
 from ctr.data.generate import GeneratorConfig, generate
+from ctr.databricks import idempotency_token
 
 from tests.e2e.conftest import BIN
 from tests.integration.fake_databricks import FakeDatabricks
@@ -45,7 +46,6 @@ def test_compute_databricks_full_run(airflow_install, tmp_path_factory):
         assert len(api.runs) == 1
         (run,) = api.runs.values()
         assert (run.life_cycle_state, run.result_state) == ("TERMINATED", "SUCCESS")
-        assert run.request["idempotency_token"].startswith("ctr_retrain.train_databricks-")
         params = run.request["spark_python_task"]["parameters"]
         assert params[params.index("--holdout") + 1] == D.isoformat()
         assert ("POST", "/api/2.0/workspace/import") in api.requests
@@ -58,7 +58,9 @@ def test_compute_databricks_full_run(airflow_install, tmp_path_factory):
         cluster = json.loads((run_dir / "databricks" / "metrics.json").read_text())
         assert cluster["candidate"]["auc"] == pytest.approx(m["candidate"]["auc"], abs=1e-9)
 
-        states = inst.airflow("tasks", "states-for-dag-run", "ctr_retrain", _run_id(inst), "-o", "json").stdout
+        run_id = _run_id(inst)
+        assert run.request["idempotency_token"] == idempotency_token("ctr_retrain", run_id, "train_databricks")
+        states = inst.airflow("tasks", "states-for-dag-run", "ctr_retrain", run_id, "-o", "json").stdout
         by_task = {t["task_id"]: t["state"] for t in json.loads(_last_json(states))}
         assert by_task["train"] == "skipped"
         for t in ("ship_to_databricks", "databricks_request", "train_databricks", "fetch_databricks_bundle", "trained",

@@ -42,31 +42,43 @@ def _ctr(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return r
 
 
-def test_cli_spark_and_lightgbm_engines_agree(tiny_landing: Path, tmp_path: Path):
+@pytest.fixture(scope="module")
+def small_landing(tmp_path_factory) -> Path:
+    """4 days x 2,500 rows: three training days and the holdout day."""
+    from ctr.data.generate import GeneratorConfig, generate
+
+    root = tmp_path_factory.mktemp("spark-landing")
+    generate(root, 4, 2500, HOLDOUT, GeneratorConfig(seed=3))
+    return root
+
+
+def test_cli_spark_and_lightgbm_engines_agree(small_landing: Path, tmp_path: Path):
+    from ctr.bundle import Bundle
+    from ctr.data.landing import stage_day
+    from ctr.evaluation_run import evaluate_day
+
+    start = HOLDOUT - dt.timedelta(days=3)
     env = {**os.environ, "CTR_HOME": str(tmp_path / "home"), "CTR_NUM_THREADS": "2", "CTR_SPARK_MASTER": "local[2]"}
-    common = ["--data", str(tiny_landing), "--from", START.isoformat(), "--to", END.isoformat(), "--seed", "42"]
+    common = ["--data", str(small_landing), "--from", start.isoformat(), "--to", END.isoformat(), "--seed", "42"]
     _ctr("train", *common, "--engine", "lightgbm", "--out", str(tmp_path / "local"), env=env)
     _ctr("train", *common, "--engine", "spark", "--out", str(tmp_path / "spark"), env=env)
 
     local_features = (tmp_path / "local" / "features.json").read_bytes()
     assert (tmp_path / "spark" / "features.json").read_bytes() == local_features
 
-    aucs = {}
-    for name in ("local", "spark"):
-        out = _ctr("evaluate", "--model", str(tmp_path / name), "--data", str(tiny_landing), "--day", HOLDOUT.isoformat(),
-                   env=env).stdout
-        aucs[name] = json.loads(out)["candidate"]["auc"]
+    staging = tmp_path / "home" / "staging"
+    stage_day(str(small_landing), staging, tmp_path / "home" / "quarantine", HOLDOUT)
+    doc = evaluate_day(staging, HOLDOUT, tmp_path / "spark", tmp_path / "local")
+    aucs = {"spark": doc["candidate"]["auc"], "local": doc["baseline"]["auc"]}
     assert abs(aucs["spark"] - aucs["local"]) <= 0.002, aucs
 
     # the job evaluated the holdout day itself (scored on the executors) in the gate's format
     m = json.loads((tmp_path / "spark.spark" / "metrics.json").read_text())
-    assert m["day"] == HOLDOUT.isoformat() and m["rows"] > 0 and m["baseline"] is None
+    assert m["day"] == HOLDOUT.isoformat() and m["rows"] == doc["rows"] and m["baseline"] is None
     assert {"passed", "forced", "reasons", "checks"} <= set(m["gate"])
     assert m["candidate"]["auc"] == pytest.approx(aucs["spark"], abs=1e-9)
     meta = json.loads((tmp_path / "spark" / "metadata.json").read_text())
-    assert meta["engine"] == "spark-lightgbm" and meta["data_interval"] == {"start": START.isoformat(), "end": END.isoformat()}
-    from ctr.bundle import Bundle
-
+    assert meta["engine"] == "spark-lightgbm" and meta["data_interval"] == {"start": start.isoformat(), "end": END.isoformat()}
     Bundle.load(tmp_path / "spark")  # probe.json and MLmodel written by finalize_bundle
 
 
@@ -82,7 +94,7 @@ BAD_LINES = [
 ]
 
 
-def test_validation_matches_check_data(spark, tiny_landing: Path, tmp_path: Path):
+def test_validation_matches_check_data(spark, small_landing: Path, tmp_path: Path):
     from ctr.data.landing import stage_day
     from ctr.data.reader import read_table
     from ctr.spark_job import day_reports, list_day_files, read_days
@@ -90,7 +102,7 @@ def test_validation_matches_check_data(spark, tiny_landing: Path, tmp_path: Path
     day = END_DAY - dt.timedelta(days=3)
     land = tmp_path / "landing"
     (land / f"day={day}").mkdir(parents=True)
-    src = sorted((tiny_landing / f"day={day}").glob("*.tsv.gz"))[0]
+    src = sorted((small_landing / f"day={day}").glob("*.tsv.gz"))[0]
     (land / f"day={day}" / src.name).write_bytes(src.read_bytes())
     extra = land / f"day={day}" / "part-00001.tsv"
     extra.write_bytes(("\n".join(BAD_LINES) + "\n").encode())
