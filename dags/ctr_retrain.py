@@ -62,6 +62,39 @@ with DAG(
 
         return airflow_tasks.train_local(context)
 
+    # ---- compute = databricks: ship code, submit the Spark job, fetch its bundle (docs/databricks.md)
+    from ctr.airflow_databricks import CtrDatabricksSubmitRunOperator
+
+    @task.branch
+    def choose_compute(checked, **context):
+        from ctr import airflow_databricks
+
+        return airflow_databricks.choose_compute(context)
+
+    @task(**IO_RETRIES)
+    def ship_to_databricks(**context):
+        from ctr import airflow_databricks
+
+        return airflow_databricks.ship(context)
+
+    @task
+    def databricks_request(shipped, **context):
+        from ctr import airflow_databricks
+
+        return airflow_databricks.request(context, shipped)
+
+    @task(**IO_RETRIES)
+    def fetch_databricks_bundle(payload, **context):
+        from ctr import airflow_databricks
+
+        return airflow_databricks.fetch(context, payload)
+
+    @task(trigger_rule="none_failed_min_one_success")
+    def trained(local, remote):
+        from ctr import airflow_databricks
+
+        return airflow_databricks.join(local, remote)
+
     @mlflow_run_task  # extra link "MLflow run"
     def evaluate(trained, **context):
         from ctr import airflow_tasks
@@ -104,7 +137,20 @@ with DAG(
 
         return airflow_tasks.promote(context, verified)
 
-    evaluated = evaluate(train(check_data()))
+    checked = check_data()
+    branch = choose_compute(checked)
+    local_bundle = train(checked)
+    shipped = ship_to_databricks()
+    payload = databricks_request(shipped)
+    submitted = CtrDatabricksSubmitRunOperator(
+        task_id="train_databricks", json=payload,
+        databricks_conn_id="{{ var.value.get('ctr_databricks_conn_id', 'databricks_default') }}",
+        polling_period_seconds=int(os.environ.get("CTR_DATABRICKS_POLLING_SECONDS", "30")),
+        retries=IO_RETRIES["retries"], retry_delay=timedelta(minutes=2))
+    remote_bundle = fetch_databricks_bundle(payload)
+    branch >> [local_bundle, shipped]
+    submitted >> remote_bundle
+    evaluated = evaluate(trained(local_bundle, remote_bundle))
     registered = register(evaluated)
     gate(evaluated) >> registered
     promote(verify(rollout(build_image(registered))))
