@@ -166,7 +166,7 @@ def _lines(seed: int, n: int, odd: float, short: float) -> list[str]:
                 v = f"{rng.getrandbits(32):08x}"
             fields.append(v.upper() if rng.random() < 0.2 else v)
         if rng.random() < short:
-            fields = fields[: rng.randint(1, 39)] if rng.random() < 0.8 else [*fields, "1"]
+            fields = rng.choice([fields[: rng.randint(1, 39)], [*fields, "1"], [""]])  # cut, extra, blank line
         lines.append("\t".join(fields))
     return lines
 

@@ -170,6 +170,8 @@ class ScoringApp:
         return await _respond(send, model, b'{"model_version":', b',"predictions":', probs)
 
     async def _predict_rows(self, model: ServedModel, rows: list[dict[str, Any]]) -> np.ndarray:
+        if not rows:
+            return np.empty(0)
         if len(rows) < BATCH_THREADED_ROWS:
             p = model.predict_rows(rows)
         else:

@@ -106,8 +106,10 @@ class TsvEncoder:
         self.column_tag = (np.arange(len(CAT_COLUMNS), dtype=np.uint64) << np.uint64(32))[:, None]
 
     def encode(self, body: bytes) -> np.ndarray | None:
-        # Arrow trims spaces around integers and splits on a lone CR; the reader does neither.
-        if b" " in body or (b"\r" in body and body.count(b"\r") != body.count(b"\r\n")):
+        # Arrow trims spaces around integers, splits on a lone CR and reads a blank line as a row
+        # of nulls; the reader does none of these.
+        if b" " in body or (b"\r" in body and body.count(b"\r") != body.count(b"\r\n")) \
+                or body.startswith((b"\n", b"\r\n")) or b"\n\n" in body or b"\n\r\n" in body:
             return None
         try:
             table = pcsv.read_csv(pa.py_buffer(body), read_options=_READ, parse_options=_PARSE,
