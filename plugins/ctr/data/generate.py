@@ -12,6 +12,7 @@ Deterministic by (seed, day, chunk): any day can be regenerated alone, in consta
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import time
 import zlib
@@ -47,7 +48,8 @@ CAT_WEIGHT = {"C1": 0.25, "C2": 0.35, "C3": 0.25, "C4": 0.2, "C5": 0.3, "C6": 0.
               "C13": 0.2, "C14": 0.3, "C15": 0.15, "C17": 0.35, "C20": 0.25, "C23": 0.5, "C25": 0.3,
               "C26": 0.15}
 INT_WEIGHT = {"I1": 0.25, "I3": -0.15, "I5": -0.12, "I6": 0.1, "I7": 0.2, "I11": 0.3, "I13": -0.1}
-INTERCEPT = -1.27  # calibrated: mean true p (and click rate) ~0.25, as in the real data
+TARGET_CLICK_RATE = 0.25  # as in the real data; the intercept is solved per (config, day)
+CALIBRATION_ROWS = 20_000
 _HEX2 = np.array([f"{i:02x}".encode() for i in range(256)], dtype="S2").view(np.uint16)
 
 
@@ -105,10 +107,40 @@ def _int_column(values: np.ndarray, missing: np.ndarray) -> pa.Array:
 
 
 def generate_chunk(cfg: GeneratorConfig, day: dt.date, chunk: int, n: int) -> tuple[pa.Table, np.ndarray]:
-    """One chunk of rows for `day`: (table of label/I/C as strings-ready arrays, true p)."""
+    """One chunk of rows for `day`: (table with ARROW_SCHEMA's columns, true click probability p)."""
     rng = np.random.default_rng([cfg.seed, day.toordinal(), chunk])
+    cols, logit = _features(cfg, day, rng, n, build=True)
+    p = 1.0 / (1.0 + np.exp(-(logit + _intercept(cfg, day))))
+    label = (rng.random(n) < p).astype(np.int8)
+    cols["label"] = pa.array(label)
+    table = pa.table({"label": cols["label"], **{c: cols[c] for c in INT_COLUMNS + CAT_COLUMNS}})
+    return table, p
+
+
+@functools.lru_cache(maxsize=256)
+def _intercept(cfg: GeneratorConfig, day: dt.date) -> float:
+    """The intercept giving a mean true p of TARGET_CLICK_RATE for this config and day.
+
+    Solved by bisection on a fixed calibration sample, so the click rate stays near 25% whatever
+    the cardinality scale or drift; deterministic, so the data stays deterministic too.
+    """
+    rng = np.random.default_rng([cfg.seed, day.toordinal(), 2**31 - 1])
+    _, logit = _features(cfg, day, rng, CALIBRATION_ROWS, build=False)
+    lo, hi = -10.0, 10.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if np.mean(1.0 / (1.0 + np.exp(-(logit + mid)))) < TARGET_CLICK_RATE:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def _features(cfg: GeneratorConfig, day: dt.date, rng: np.random.Generator, n: int,
+              build: bool) -> tuple[dict[str, pa.Array], np.ndarray]:
+    """Feature columns (when `build`) and the log-odds of each row without the intercept."""
     day_shift = cfg.drift * (day.toordinal() % 97) / 97.0
-    logit = np.full(n, INTERCEPT)
+    logit = np.zeros(n)
     cols: dict[str, pa.Array] = {}
     ranks: dict[str, np.ndarray] = {}
     for j, c in enumerate(CAT_COLUMNS):
@@ -123,8 +155,9 @@ def generate_chunk(cfg: GeneratorConfig, day: dt.date, chunk: int, n: int) -> tu
             # tail values carry less signal: only the head is learnable, as in real logs
             eff = eff * np.where(r < 2000, 1.0, 0.3) * (1.0 + day_shift)
             logit += np.where(miss, -0.1, CAT_WEIGHT[c] * eff)
-        code = _mix(r + salt * np.uint64(7919)).astype(np.uint32)  # the low 32 bits
-        cols[c] = _hex_column(code, miss)
+        if build:
+            code = _mix(r + salt * np.uint64(7919)).astype(np.uint32)  # the low 32 bits
+            cols[c] = _hex_column(code, miss)
     ints: dict[str, np.ndarray] = {}
     for j, c in enumerate(INT_COLUMNS):
         mu, sigma, off = INT_SHAPE[j]
@@ -133,16 +166,13 @@ def generate_chunk(cfg: GeneratorConfig, day: dt.date, chunk: int, n: int) -> tu
         ints[c] = v
         if c in INT_WEIGHT:
             logit += np.where(miss, 0.0, INT_WEIGHT[c] * np.log1p(np.maximum(v, 0)) / 2.0)
-        cols[c] = _int_column(v, miss)
+        if build:
+            cols[c] = _int_column(v, miss)
     # interactions: a pair of categoricals and an integer gated by a categorical
     logit += 0.6 * _gauss(ranks["C6"] % np.uint64(16) * np.uint64(131) + ranks["C14"] % np.uint64(16) + np.uint64(99))
     logit += 0.3 * np.where(ranks["C17"] % np.uint64(3) == 0, 1.0, -1.0) * np.tanh(np.log1p(np.maximum(ints["I7"], 0)) - 1.0)
     logit += rng.normal(0.0, 0.35, n)  # unobserved noise: the oracle is not perfect
-    p = 1.0 / (1.0 + np.exp(-logit))
-    label = (rng.random(n) < p).astype(np.int8)
-    cols["label"] = pa.array(label)
-    table = pa.table({"label": cols["label"], **{c: cols[c] for c in INT_COLUMNS + CAT_COLUMNS}})
-    return table, p
+    return cols, logit
 
 
 def to_tsv_bytes(table: pa.Table) -> bytes:
