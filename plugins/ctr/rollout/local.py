@@ -68,7 +68,7 @@ class LocalRollout:
         except subprocess.TimeoutExpired:
             raise RolloutError(f"pre-flight load of {bundle} took over {timeout:.0f}s; live service untouched") from None
         if r.returncode != 0:
-            lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+            lines = [ln for ln in r.stderr.splitlines() if ln.strip()] or [ln for ln in r.stdout.splitlines() if ln.strip()]
             why = (f"the loader crashed with {signal.Signals(-r.returncode).name}; LightGBM says: " if r.returncode < 0 else "") + \
                 (lines[-1] if lines else "no output")
             raise RolloutError(f"bundle {bundle} failed its pre-flight load/probe check (exit {r.returncode}: {why[:300]}); "
