@@ -82,6 +82,7 @@ def _check_ui(stack: la.LiveAirflow, page, run_id: str) -> None:
     # 3. the gate task of that run: its `decision` XCom
     page.goto(f"{stack.url}/dags/{la.DAG_ID}/runs/{run_id}/tasks/gate/xcom")
     page.get_by_text("decision", exact=True).first.wait_for()
+    page.get_by_role("button", name="Expand all extra JSON").click()  # JSON values start folded
     page.get_by_text(decision["reasons"][0]).first.wait_for()
     page.screenshot(path=str(ARTIFACTS / "airflow-ui-ctr_retrain-gate-xcom.png"), full_page=True)
     body = page.locator("body").inner_text()
