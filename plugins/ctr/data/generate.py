@@ -31,7 +31,7 @@ from ctr.schema import CAT_COLUMNS, INT_COLUMNS, REAL_CARDINALITY
 
 log = logging.getLogger(__name__)
 
-CHUNK_ROWS = 200_000
+CHUNK_ROWS = 100_000
 WORKERS = 2
 GZIP_LEVEL = 1  # fast; the landing zone is re-read more often than it is stored
 
