@@ -210,6 +210,16 @@ def test_tsv_fast_path_takes_well_formed_bodies() -> None:
     assert np.isnan(fast[:, CAT_INDEX]).any() and (fast[:, CAT_INDEX[0]][~np.isnan(fast[:, CAT_INDEX[0]])] == 0).all()
 
 
+def test_tsv_fast_path_follows_the_missing_code_mode() -> None:
+    coded = FeatureTransform(vocab=TRANSFORM.vocab, missing="code")
+    body = ("\n".join(_lines(5, 200, 0.0, 0.0)) + "\n").encode()
+    fast = TsvEncoder(coded).encode(body)
+    table, bad = read_text(body.decode(), require_label=False)
+    assert fast is not None and not bad
+    ref = coded.transform_table(table)
+    assert np.array_equal(fast, ref, equal_nan=True) and not np.isnan(ref[:, CAT_INDEX]).any()
+
+
 def test_probe_rows_round_trip_through_tsv() -> None:
     rows = [{"I1": 1, "I5": -2, "C2": "ABCDEF12"}, {}]
     table, bad = read_text(probe_tsv(rows).decode(), require_label=False)

@@ -103,6 +103,7 @@ class TsvEncoder:
         self.index = pd.Index(np.concatenate(keys), dtype=np.uint64)
         self.codes = np.concatenate(codes)
         self.rare = np.array([float(len(transform.vocab[c])) for c in CAT_COLUMNS])[:, None]
+        self.missing = [transform._missing_code(c) for c in CAT_COLUMNS]  # NaN or V+1, the transform's mode
         self.column_tag = (np.arange(len(CAT_COLUMNS), dtype=np.uint64) << np.uint64(32))[:, None]
 
     def encode(self, body: bytes) -> np.ndarray | None:
@@ -142,7 +143,7 @@ class TsvEncoder:
         pos = self.index.get_indexer(keys.ravel()).reshape(keys.shape)
         codes = np.where(pos >= 0, self.codes[pos], self.rare)
         for j, mask in nulls:
-            codes[j, mask] = np.nan
+            codes[j, mask] = self.missing[j]
         out[:, CAT_INDEX] = codes.T
         return out
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from typing import Any
 
 import orjson
 
 from ctr.schema import CAT_COLUMNS, FEATURE_COLUMNS, INT_ABS_MAX, INT_COLUMNS, LABEL
 
-_HEX = re.compile(r"[0-9a-fA-F]{8}")
+_HEX_CHARS = frozenset("0123456789abcdefABCDEF")
 _INT_SET = frozenset(INT_COLUMNS)
 _CAT_SET = frozenset(CAT_COLUMNS)
 _ALLOWED = frozenset(FEATURE_COLUMNS) | {LABEL}
@@ -90,7 +89,7 @@ def check_row(i: int, row: Any) -> dict[str, Any]:
         elif k in _CAT_SET:
             if v is None:
                 continue
-            if type(v) is not str or len(v) != 8 or not _HEX.fullmatch(v):
+            if type(v) is not str or len(v) != 8 or not _HEX_CHARS.issuperset(v):
                 raise RequestError(422, f"row {i}: {k} must be 8 hex digits or null, got {_shown(v)}", row=i, field=k)
             out[k] = v.lower()
         elif k == LABEL:
@@ -172,5 +171,5 @@ def rows_from_split(split: Any) -> list[Any]:
     for i, r in enumerate(data):
         if not isinstance(r, list) or len(r) != len(cols):
             raise RequestError(422, f"dataframe_split row {i} must be a list of {len(cols)} values", row=i)
-        rows.append({c: (None if _is_nan(v) else v) for c, v in zip(cols, r, strict=True)})
+        rows.append({c: (None if v.__class__ is float and v != v else v) for c, v in zip(cols, r, strict=True)})
     return rows

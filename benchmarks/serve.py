@@ -1,0 +1,276 @@
+"""Scoring service benchmark -> benchmarks/results/serve.json (ratios against baselines of the same run).
+
+    .venv/bin/python benchmarks/serve.py [--model BUNDLE] [--duration 15] [--connections 8]
+
+1. Single row: `ctr serve` and `mlflow models serve` on the same bundle, started here one after the
+   other on 127.0.0.1, each loaded by wrk (a separate process) with the same single-row
+   `/invocations` dataframe_split request at N connections for a fixed duration.
+   Goal: ctr requests/s >= 50x MLflow's, with ctr p99 <= 5 ms.
+2. Batch: 1,000 held-out raw Criteo lines per request (TSV body) to `ctr serve`, against in-process
+   `Booster.predict` on the same rows pre-encoded as numpy. Goal: rows/s >= 0.7x the faster of
+   `Booster.predict(X)` (LightGBM's default threads) and `Booster.predict(X, num_threads=1)`.
+Every number a server returns is checked against the offline prediction first.
+Without --model, a bundle is trained here the way `make demo` does (8 days x 50,000 generated rows).
+Needs wrk (`apt-get install wrk`). Load goes only to loopback, bounded by --duration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gzip
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+RESULTS = REPO / "benchmarks" / "results" / "serve.json"
+END = dt.date(2026, 11, 20)
+
+WRK_SCRIPT = r"""
+local f = assert(io.open(os.getenv("WRK_BODY"), "rb")); wrk.body = f:read("*a"); f:close()
+wrk.method = "POST"; wrk.headers["Content-Type"] = os.getenv("WRK_CTYPE")
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('WRKJSON {"requests":%d,"duration_us":%d,"non2xx":%d,"socket_errors":%d,' ..
+    '"p50_us":%d,"p90_us":%d,"p99_us":%d,"max_us":%d,"mean_us":%.1f}\n', summary.requests, summary.duration,
+    e.status, e.connect + e.read + e.write + e.timeout, latency:percentile(50), latency:percentile(90),
+    latency:percentile(99), latency.max, latency.mean))
+end
+"""
+
+
+def log(msg: str) -> None:
+    print(f"bench serve: {msg}", flush=True)
+
+
+def run(cmd: list[str], **kw: Any) -> None:
+    subprocess.run(cmd, check=True, env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}, **kw)
+
+
+def build_bundle(work: Path) -> tuple[Path, Path]:
+    """Generate 8 days x 50,000 rows and train with the defaults (as `make demo`); returns (bundle, holdout)."""
+    landing = work / "landing"
+    ctr = str(VENV_BIN / "ctr")
+    log("generating 8 days x 50,000 rows and training a bundle with the default settings ...")
+    run([ctr, "generate", "--out", str(landing), "--days", "8", "--rows-per-day", "50000",
+         "--end-date", END.isoformat(), "--seed", "7"])
+    run([ctr, "train", "--data", str(landing), "--from", (END - dt.timedelta(days=7)).isoformat(),
+         "--to", (END - dt.timedelta(days=1)).isoformat(), "--out", str(work / "bundle"),
+         "--staging", str(work / "staging")])
+    return work / "bundle", landing / f"day={END.isoformat()}" / "part-00000.tsv.gz"
+
+
+def holdout_lines(path: Path | None, n: int) -> list[str]:
+    if path is None or not path.exists():
+        work = Path(tempfile.mkdtemp(prefix="bench-serve-rows-"))
+        run([str(VENV_BIN / "ctr"), "generate", "--out", str(work), "--days", "1", "--rows-per-day", str(n),
+             "--end-date", END.isoformat(), "--seed", "99"])
+        path = work / f"day={END.isoformat()}" / "part-00000.tsv.gz"
+    return gzip.open(path, "rt").read().splitlines()[:n]
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f}s")
+
+
+def post(url: str, body: bytes, ctype: str) -> dict[str, Any]:
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": ctype}, method="POST")
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def wrk(url: str, body: bytes, ctype: str, connections: int, duration: int, work: Path) -> dict[str, Any]:
+    script, body_path = work / "post.lua", work / "body.bin"
+    script.write_text(WRK_SCRIPT)
+    body_path.write_bytes(body)
+    env = {**os.environ, "WRK_BODY": str(body_path), "WRK_CTYPE": ctype}
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "10s", "-s", str(script), url]
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=duration + 60).stdout
+    doc = json.loads(next(line for line in out.splitlines() if line.startswith("WRKJSON ")).split(" ", 1)[1])
+    secs = doc["duration_us"] / 1e6
+    return {"requests": doc["requests"], "seconds": round(secs, 3), "requests_per_s": round(doc["requests"] / secs, 1),
+            "p50_ms": doc["p50_us"] / 1e3, "p90_ms": doc["p90_us"] / 1e3, "p99_ms": doc["p99_us"] / 1e3,
+            "max_ms": doc["max_us"] / 1e3, "non_2xx": doc["non2xx"], "socket_errors": doc["socket_errors"],
+            "command": " ".join(cmd), "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
+
+
+class Server:
+    def __init__(self, cmd: list[str], ready_path: str, port: int, log_path: Path, env: dict[str, str]) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.cmd = cmd
+        with open(log_path, "ab") as lf:
+            self.proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env=env, start_new_session=True)
+        try:
+            wait_http(self.url + ready_path, self.proc, 240)
+        except Exception:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+
+def in_process_rows_per_s(booster: Any, x: np.ndarray, seconds: float, **kw: Any) -> dict[str, Any]:
+    booster.predict(x, **kw)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        booster.predict(x, **kw)
+        n += 1
+    secs = time.perf_counter() - t0
+    return {"calls": n, "seconds": round(secs, 3), "rows_per_s": round(n * len(x) / secs, 1),
+            "ms_per_call": round(secs / n * 1e3, 3)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, help="bundle directory (default: train one like make demo)")
+    ap.add_argument("--rows", type=Path, help="raw Criteo .tsv.gz of held-out rows (default: generated)")
+    ap.add_argument("--duration", type=int, default=15, help="seconds per wrk run (default 15)")
+    ap.add_argument("--connections", type=int, default=8)
+    ap.add_argument("--batch-rows", type=int, default=1000)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    a = ap.parse_args(argv)
+    if shutil.which("wrk") is None:
+        print("bench serve: wrk not found; install it with `apt-get install wrk` (Debian package)", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(REPO / "plugins"))
+    from ctr.bundle import Bundle
+    from ctr.data.reader import read_text
+    from ctr.schema import FEATURE_COLUMNS
+    from ctr.serving.process import free_port
+
+    work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    holdout = a.rows
+    bundle_dir = a.model
+    if bundle_dir is None:
+        bundle_dir, holdout = build_bundle(work)
+    bundle = Bundle.load(bundle_dir)
+    lines = holdout_lines(holdout, max(a.batch_rows, 1))
+    table, bad = read_text("\n".join(lines) + "\n", require_label=False)
+    if bad:
+        raise SystemExit(f"held-out rows have bad lines, e.g. {bad[0]}")
+    row = {k: v for k, v in table.select(FEATURE_COLUMNS).slice(0, 1).to_pylist()[0].items() if v is not None}
+    want_single = float(bundle.predict_rows([row])[0])
+    single = json.dumps({"dataframe_split": {"columns": list(row), "data": [list(row.values())]}}).encode()
+    batch_tsv = ("\n".join(lines[: a.batch_rows]) + "\n").encode()
+    want_batch = bundle.predict_table(table.slice(0, a.batch_rows))
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "CTR_SERVE_TOKEN": "", "CTR_ADMIN_TOKEN": ""}
+    result: dict[str, Any] = {
+        "command": "python benchmarks/serve.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "loadavg_start": os.getloadavg()},
+        "bundle": {"path": str(bundle_dir), "version": bundle.version, "trees": bundle.booster.num_trees()},
+        "load": {"generator": "wrk -t1 (separate process)", "connections": a.connections, "duration_s": a.duration},
+    }
+
+    # ---- 1. single row: ctr serve vs mlflow models serve, same request --------------------------
+    port = free_port()
+    log(f"ctr serve on :{port}")
+    ctr = Server([sys.executable, "-m", "ctr.cli", "serve", "--model", str(bundle_dir), "--port", str(port)],
+                 "/readyz", port, work / "ctr.log", env)
+    try:
+        got = post(ctr.url + "/invocations", single, "application/json")["predictions"][0]
+        assert abs(got - want_single) <= 1e-12, (got, want_single)
+        got_batch = np.array(post(ctr.url + "/v1/score", batch_tsv, "text/tab-separated-values")["probabilities"])
+        assert np.max(np.abs(got_batch - want_batch)) <= 1e-12
+        wrk(ctr.url + "/invocations", single, "application/json", a.connections, 3, work)  # warm-up
+        log("ctr single-row run ...")
+        ctr_single = wrk(ctr.url + "/invocations", single, "application/json", a.connections, a.duration, work)
+        body_v1 = json.dumps({"rows": [row]}).encode()
+        ctr_single_v1 = wrk(ctr.url + "/v1/score", body_v1, "application/json", a.connections, a.duration, work)
+        log("ctr batch run ...")
+        wrk(ctr.url + "/v1/score", batch_tsv, "text/tab-separated-values", a.connections, 3, work)
+        ctr_batch = wrk(ctr.url + "/v1/score", batch_tsv, "text/tab-separated-values", a.connections, a.duration, work)
+        batch_json = json.dumps({"rows": [{k: v for k, v in r.items() if v is not None}
+                                          for r in table.select(FEATURE_COLUMNS).slice(0, a.batch_rows).to_pylist()]})
+        ctr_batch_json = wrk(ctr.url + "/v1/score", batch_json.encode(), "application/json", a.connections,
+                             a.duration, work)
+    finally:
+        ctr.stop()
+
+    port = free_port()
+    log(f"mlflow models serve on :{port}")
+    mlf = Server([str(VENV_BIN / "mlflow"), "models", "serve", "-m", str(bundle_dir), "--env-manager", "local",
+                  "-h", "127.0.0.1", "-p", str(port)], "/ping", port, work / "mlflow.log", env)
+    try:
+        got = post(mlf.url + "/invocations", single, "application/json")["predictions"][0]
+        assert abs(got - want_single) <= 1e-12, (got, want_single)
+        wrk(mlf.url + "/invocations", single, "application/json", a.connections, 3, work)
+        log("mlflow single-row run ...")
+        mlf_single = wrk(mlf.url + "/invocations", single, "application/json", a.connections, a.duration, work)
+    finally:
+        mlf.stop()
+
+    # ---- 2. batch baseline: in-process Booster.predict on pre-encoded numpy ----------------------
+    x = bundle.transform.transform_table(table.slice(0, a.batch_rows))
+    log("in-process Booster.predict ...")
+    base_default = in_process_rows_per_s(bundle.booster, x, a.duration)
+    base_one = in_process_rows_per_s(bundle.booster, x, a.duration, num_threads=1)
+    best_base = max(base_default["rows_per_s"], base_one["rows_per_s"])
+    ctr_batch["rows_per_s"] = round(ctr_batch["requests_per_s"] * a.batch_rows, 1)
+    ctr_batch_json["rows_per_s"] = round(ctr_batch_json["requests_per_s"] * a.batch_rows, 1)
+
+    speedup = ctr_single["requests_per_s"] / mlf_single["requests_per_s"]
+    batch_ratio = ctr_batch["rows_per_s"] / best_base
+    clean = all(r["non_2xx"] == 0 and r["socket_errors"] == 0 for r in (ctr_single, ctr_batch, mlf_single))
+    result.update({
+        "single_row": {"request": "POST /invocations dataframe_split, 1 row", "ctr": ctr_single,
+                       "mlflow": mlf_single, "ctr_v1_score_json": ctr_single_v1,
+                       "speedup_vs_mlflow": round(speedup, 1)},
+        "batch": {"rows_per_request": a.batch_rows, "ctr_tsv": ctr_batch, "ctr_json": ctr_batch_json,
+                  "booster_predict_default_threads": base_default, "booster_predict_1_thread": base_one,
+                  "ratio_vs_best_booster_predict": round(batch_ratio, 3),
+                  "ratio_vs_default_booster_predict": round(ctr_batch["rows_per_s"] / base_default["rows_per_s"], 3),
+                  "ratio_json_vs_best_booster_predict": round(ctr_batch_json["rows_per_s"] / best_base, 3)},
+        "goals": {
+            "single_row_speedup_ge_50x": speedup >= 50,
+            "single_row_p99_le_5ms": ctr_single["p99_ms"] <= 5.0,
+            "batch_rows_per_s_ge_0.7x_booster_predict": batch_ratio >= 0.7,
+            "no_errors": clean,
+        },
+        "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    })
+    result["goals"]["all_met"] = all(result["goals"].values())
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(result, indent=1) + "\n")
+    log(f"single row: ctr {ctr_single['requests_per_s']:.0f} req/s p99 {ctr_single['p99_ms']:.2f} ms; "
+        f"mlflow {mlf_single['requests_per_s']:.1f} req/s p99 {mlf_single['p99_ms']:.0f} ms; {speedup:.0f}x")
+    log(f"batch: ctr {ctr_batch['rows_per_s']:.0f} rows/s vs Booster.predict {best_base:.0f} rows/s = {batch_ratio:.2f}x")
+    log(f"goals: {result['goals']} -> {a.out}")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0 if result["goals"]["all_met"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
