@@ -136,3 +136,49 @@ def test_ui_links_follow_the_tracking_uri() -> None:
     wsid = "%2Fsubscriptions%2Fsub1%2Fresourcegroups%2Frg1%2Fworkspaces%2Fws1"
     assert az == {"run": f"https://ml.azure.com/runs/r1?wsid={wsid}",
                   "model_version": f"https://ml.azure.com/model/ctr-lightgbm:2/details?wsid={wsid}"}
+
+
+def test_dag_tasks_carry_the_mlflow_extra_links() -> None:
+    """The evaluate/register tasks serialise their extra links (what the Airflow UI reads) with the XCom keys
+    the task runner stores the URLs under; the links read the URLs the tasks push."""
+    import pendulum
+    from airflow.sdk import DAG
+    from airflow.serialization.serialized_objects import DagSerialization
+    from ctr import airflow_links
+    from ctr.airflow_links import MlflowModelVersionLink, MlflowRunLink, mlflow_model_task, mlflow_run_task
+
+    with DAG("links_probe", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC")) as dag:
+        @mlflow_run_task
+        def evaluate():
+            return {}
+
+        @mlflow_model_task(retries=0)
+        def register(x):
+            return {}
+
+        register(evaluate())
+
+    tasks = {t["__var"]["task_id"]: t["__var"] for t in DagSerialization.to_dict(dag)["dag"]["tasks"]}
+    assert tasks["evaluate"]["_operator_extra_links"] == {"MLflow run": "_link_MlflowRunLink"}
+    assert tasks["register"]["_operator_extra_links"] == {"MLflow run": "_link_MlflowRunLink",
+                                                          "MLflow model version": "_link_MlflowModelVersionLink"}
+
+    pushed = {}
+
+    class TI:
+        def xcom_push(self, key, value):
+            pushed[key] = value
+
+    airflow_links.push_links(TI(), {"run": "http://m/#/experiments/1/runs/r", "model_version": ""})
+    assert pushed == {airflow_links.RUN_URL_KEY: "http://m/#/experiments/1/runs/r"}
+    looked_up = []
+
+    def stored(ti_key, key):
+        looked_up.append(key)
+        return pushed.get(key, "")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(airflow_links, "_stored_url", stored)
+        assert MlflowRunLink().get_link(None, ti_key=object()) == "http://m/#/experiments/1/runs/r"
+        assert MlflowModelVersionLink().get_link(None, ti_key=object()) == ""
+    assert looked_up == [airflow_links.RUN_URL_KEY, airflow_links.MODEL_VERSION_URL_KEY]
