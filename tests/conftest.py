@@ -17,6 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before any lightgbm import; see ctr/__init__.py
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 RAW_SAMPLE = SHARED_DATA / "criteo_raw_sample_100.tsv"
