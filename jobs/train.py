@@ -26,15 +26,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-threads", type=int, default=2)
     p.add_argument("--sample-fraction", type=float, default=1.0)
     p.add_argument("--params", default="{}", help="JSON LightGBM parameter overrides")
+    p.add_argument("--rounds", type=int, default=None, help="maximum number of trees (default: ctr.train's)")
+    p.add_argument("--min-count", type=int, default=None, help="vocabulary: minimum count of a kept value")
+    p.add_argument("--max-vocab", type=int, default=None, help="vocabulary: maximum values kept per column")
     p.add_argument("--metadata", default="{}", help="JSON merged into metadata.json (lineage)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from ctr.train import TrainConfig, train
 
-    cfg = TrainConfig(start=a.start, end=a.end, seed=a.seed, num_threads=a.num_threads,
-                      sample_fraction=a.sample_fraction, params=json.loads(a.params))
+    optional = {k: v for k, v in (("rounds", a.rounds), ("min_count", a.min_count), ("max_vocab", a.max_vocab))
+                if v is not None}
     try:
+        cfg = TrainConfig(start=a.start, end=a.end, seed=a.seed, num_threads=a.num_threads,
+                          sample_fraction=a.sample_fraction, params=json.loads(a.params), **optional)
         train(a.staging, a.out, cfg, extra_metadata=json.loads(a.metadata))
     except Exception as e:
         logging.getLogger("jobs.train").error("training failed: %s", e)

@@ -31,7 +31,7 @@ import ctr
 from ctr.bundle import Bundle, bundle_digest, write_probe
 from ctr.data.landing import daterange, read_staged
 from ctr.features import CAT_INDEX, FeatureTransform, VocabCounter
-from ctr.schema import FEATURE_COLUMNS, LABEL
+from ctr.schema import FEATURE_COLUMNS, INT_COLUMNS, LABEL
 
 log = logging.getLogger(__name__)
 
@@ -190,15 +190,20 @@ class Encoded:
         return np.concatenate(self.labels) if self.labels else np.empty(0, dtype=np.float64)
 
 
-def count_vocabulary(split: Split) -> tuple[VocabCounter, dict[str, int]]:
-    """Pass 1: categorical value counts over the training role; rows per role."""
+def count_vocabulary(split: Split) -> tuple[VocabCounter, dict[str, int], list[str]]:
+    """Pass 1: categorical value counts over the training role; rows per role; integer columns
+    that are entirely missing in the training rows."""
     counter = VocabCounter()
     rows = {"train": 0, "valid": 0}
+    int_missing = dict.fromkeys(INT_COLUMNS, 0)
     for role, t in split.chunks():
         rows[role] += t.num_rows
         if role == "train":
             counter.update(t)
-    return counter, rows
+            for c in INT_COLUMNS:
+                int_missing[c] += t.column(c).null_count
+    empty_ints = [c for c, n in int_missing.items() if rows["train"] and n == rows["train"]]
+    return counter, rows, empty_ints
 
 
 def encode(split: Split, transform: FeatureTransform) -> dict[str, Encoded]:
@@ -242,7 +247,7 @@ def train(staging: Path, out_dir: Path, cfg: TrainConfig, extra_metadata: dict[s
     t0 = time.monotonic()
     split = plan_split(staging, cfg)
     days = split.days
-    counter, rows = count_vocabulary(split)
+    counter, rows, empty_ints = count_vocabulary(split)
     if rows["train"] == 0 or rows["valid"] == 0:
         empty = _row_count_problems(split)
         raise TrainingError(
@@ -251,7 +256,8 @@ def train(staging: Path, out_dir: Path, cfg: TrainConfig, extra_metadata: dict[s
             f"{'; sample_fraction=' + str(cfg.sample_fraction) if cfg.sample_fraction < 1 else ''})"
         )
     transform = FeatureTransform.from_counter(counter, cfg.min_count, cfg.max_vocab, cfg.missing)
-    for note in transform.notes:
+    notes = transform.notes + [f"{c}: entirely missing in the training range; it carries no signal" for c in empty_ints]
+    for note in notes:
         log.warning("features: %s", note)
     log.info("vocabularies days=%s..%s train_rows=%d sizes=%s secs=%.1f", days[0], days[-1], rows["train"],
              transform.vocab_sizes, time.monotonic() - t0)
@@ -296,7 +302,7 @@ def train(staging: Path, out_dir: Path, cfg: TrainConfig, extra_metadata: dict[s
         "min_count": cfg.min_count,
         "max_vocab": cfg.max_vocab,
         "missing": cfg.missing,
-        "feature_notes": transform.notes,
+        "feature_notes": notes,
         "params": params,
         "rounds": cfg.rounds,
         "early_stopping": cfg.early_stopping,
