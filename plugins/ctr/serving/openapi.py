@@ -16,10 +16,11 @@ _ROW = {
 _ERROR = {"type": "object", "properties": {"error": {"type": "string"}, "row": {"type": "integer"}, "field": {"type": "string"}},
           "required": ["error"]}
 _ERR_RESPONSES = {str(s): {"description": d, "content": {"application/json": {"schema": _ERROR}}}
-                  for s, d in [(400, "malformed body"), (401, "missing or wrong token"), (413, "too large"),
-                               (415, "unsupported content type"), (422, "invalid rows")]}
+                  for s, d in [(400, "malformed body"), (401, "missing or wrong token"), (404, "no such route"),
+                               (405, "wrong method"), (413, "body or row count over the limit"),
+                               (415, "unsupported content type"), (422, "invalid rows: names row and field")]}
 
-OPENAPI = {
+OPENAPI: dict = {
     "openapi": "3.0.3",
     "info": {"title": "ctr scoring service", "version": "1"},
     "paths": {
@@ -40,13 +41,45 @@ OPENAPI = {
         },
         "/invocations": {
             "post": {
-                "summary": "MLflow scoring protocol (dataframe_split or dataframe_records)",
-                "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}},
-                "responses": {"200": {"description": "predictions"}, **_ERR_RESPONSES},
+                "summary": "MLflow scoring protocol (dataframe_split or dataframe_records); NaN = missing",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {"oneOf": [
+                    {"type": "object", "required": ["dataframe_split"], "additionalProperties": False, "properties": {
+                        "dataframe_split": {"type": "object", "required": ["columns", "data"], "properties": {
+                            "columns": {"type": "array", "items": {"type": "string"}},
+                            "data": {"type": "array", "items": {"type": "array"}},
+                            "index": {"type": "array"}}},
+                        "params": {"type": "object"}}},
+                    {"type": "object", "required": ["dataframe_records"], "additionalProperties": False, "properties": {
+                        "dataframe_records": {"type": "array", "items": _ROW}, "params": {"type": "object"}}},
+                ]}}}},
+                "responses": {"200": {"description": "predictions in row order", "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["model_version", "predictions"],
+                    "properties": {"model_version": {"type": "string"},
+                                   "predictions": {"type": "array", "items": {"type": "number"}}}}}}},
+                              **_ERR_RESPONSES},
             }
         },
-        "/healthz": {"get": {"summary": "liveness", "responses": {"200": {"description": "alive"}}}},
-        "/readyz": {"get": {"summary": "readiness and model version", "responses": {"200": {"description": "ready"}}}},
-        "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text"}}}},
+        "/healthz": {"get": {"summary": "liveness (no auth)", "responses": {"200": {"description": "alive"}}}},
+        "/readyz": {"get": {"summary": "readiness: model version, digest, bundle, loaded_at (no auth)",
+                            "responses": {"200": {"description": "ready", "content": {"application/json": {"schema": {
+                                "type": "object", "required": ["model_version", "loaded_at"],
+                                "properties": {"model_version": {"type": "string"}, "loaded_at": {"type": "number"},
+                                               "digest": {"type": "string"}, "bundle": {"type": "string"}}}}}}}}},
+        "/metrics": {"get": {"summary": "Prometheus text metrics (no auth)", "responses": {"200": {"description": "text"}}}},
+        "/openapi.json": {"get": {"summary": "this document", "responses": {"200": {"description": "OpenAPI 3"}}}},
+        "/admin/load": {
+            "post": {
+                "summary": "hot swap: load, probe-check and switch to another bundle (admin token, or loopback only)",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["bundle"], "properties": {"bundle": {"type": "string"}}}}}},
+                "responses": {"200": {"description": "switched: {model_version, previous}"},
+                              "409": {"description": "bundle refused; the old one keeps serving"}, **_ERR_RESPONSES},
+            }
+        },
     },
+    "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    "security": [{"bearer": []}],
 }
+
+for _path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
+    OPENAPI["paths"][_path]["get"]["security"] = []  # open even when a token is configured
