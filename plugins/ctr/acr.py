@@ -144,7 +144,7 @@ class AcrBuilder:
 
         source = self.upload_context(ctx.path)
         req = DockerBuildRequest(image_names=[ctx.tag], is_push_enabled=True, no_cache=False, docker_file_path="Dockerfile",
-                                 source_location=source, timeout=int(self.timeout),
+                                 source_location=source, timeout=max(300, min(28800, int(self.timeout))),  # ACR's bounds
                                  platform=PlatformProperties(os="Linux", architecture="amd64"))
         run = self.tasks.registries.schedule_run(self.t.resource_group, self.t.registry, req, **self._call)
         run_id = str(run.properties.run_id)

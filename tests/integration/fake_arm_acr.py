@@ -171,6 +171,8 @@ class FakeAcr:
             def _schedule(self, rid: str, doc: dict[str, Any]) -> None:
                 if doc.get("type") != "DockerBuildRequest":
                     return self._arm_error(400, "InvalidRequest", f"unsupported run request type {doc.get('type')!r}")
+                if not 300 <= int(doc.get("timeout", 3600)) <= 28800:
+                    return self._arm_error(400, "InvalidParameter", "timeout must be between 300 and 28800 seconds")
                 src = doc.get("sourceLocation")
                 if src not in fake.sources:
                     return self._arm_error(400, "InvalidSourceLocation", f"source location {src!r} was not uploaded")
