@@ -106,6 +106,31 @@ def _int_column(values: np.ndarray, missing: np.ndarray) -> pa.Array:
                                  null_count=int(missing.sum()))
 
 
+TABLE_MAX = 300_000  # columns with at most this many values get per-value lookup tables
+
+
+def _salt(j: int) -> np.uint64:
+    return np.uint64((j + 1) * 0x1000193)
+
+
+def _code(j: int, r: np.ndarray) -> np.ndarray:
+    """The 32-bit id (printed as 8 hex digits) of value rank r of categorical column j."""
+    return _mix(r + _salt(j) * np.uint64(7919)).astype(np.uint32)  # the low 32 bits
+
+
+def _effect(j: int, r: np.ndarray) -> np.ndarray:
+    """Log-odds effect of value rank r of column j (before its weight); the tail carries less signal,
+    as in real logs: only the head is learnable."""
+    return _gauss(r * np.uint64(2654435761) + _salt(j)) * np.where(r < 2000, 1.0, 0.3)
+
+
+@functools.lru_cache(maxsize=64)
+def _value_tables(j: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(code, effect) of every value of a column with k values, computed once: a gather per row."""
+    r = np.arange(k, dtype=np.uint64)
+    return _code(j, r), _effect(j, r)
+
+
 def generate_chunk(cfg: GeneratorConfig, day: dt.date, chunk: int, n: int) -> tuple[pa.Table, np.ndarray]:
     """One chunk of rows for `day`: (table with ARROW_SCHEMA's columns, true click probability p)."""
     rng = np.random.default_rng([cfg.seed, day.toordinal(), chunk])
@@ -149,15 +174,13 @@ def _features(cfg: GeneratorConfig, day: dt.date, rng: np.random.Generator, n: i
         r = np.minimum((np.exp(u * np.log(k + 1.0)) - 1.0).astype(np.uint64), np.uint64(k - 1))
         ranks[c] = r
         miss = _missing(rng, n, CAT_MISSING[j])
-        salt = np.uint64((j + 1) * 0x1000193)
+        tables = _value_tables(j, k) if k <= TABLE_MAX else None
         if c in CAT_WEIGHT:
-            eff = _gauss(r * np.uint64(2654435761) + salt)
-            # tail values carry less signal: only the head is learnable, as in real logs
-            eff = eff * np.where(r < 2000, 1.0, 0.3) * (1.0 + day_shift)
+            eff = (tables[1][r] if tables is not None else _effect(j, r)) * (1.0 + day_shift)
             logit += np.where(miss, -0.1, CAT_WEIGHT[c] * eff)
         if build:
-            code = _mix(r + salt * np.uint64(7919)).astype(np.uint32)  # the low 32 bits
-            cols[c] = _hex_column(code, miss)
+            codes = tables[0][r] if tables is not None else _code(j, r)
+            cols[c] = _hex_column(codes, miss)
     ints: dict[str, np.ndarray] = {}
     for j, c in enumerate(INT_COLUMNS):
         mu, sigma, off = INT_SHAPE[j]
