@@ -171,6 +171,9 @@ def test_without_credentials_the_error_says_what_to_set(monkeypatch: pytest.Monk
      {"CTR_AZURE_ACCOUNT_NAME": "acct", "CTR_AZURE_SAS_TOKEN": "sv=x&sig=y"}),
     (None, "acct", None, {"shared_access_key": "k"}, {"CTR_AZURE_ACCOUNT_NAME": "acct", "CTR_AZURE_ACCOUNT_KEY": "k"}),
     ("acct", None, None, {}, {"CTR_AZURE_ACCOUNT_NAME": "acct"}),
+    (None, "app-id", "s3cret", {"tenantId": "t-1", "account_name": "acct"},  # an `azure` connection
+     {"CTR_AZURE_ACCOUNT_NAME": "acct", "CTR_AZURE_TENANT_ID": "t-1", "CTR_AZURE_CLIENT_ID": "app-id",
+      "CTR_AZURE_CLIENT_SECRET": "s3cret"}),
 ])
 def test_wasb_connection_shapes_map_to_adlfs_options(host, login, password, extra, expected) -> None:
     env = env_from_connection(host, login, password, extra)

@@ -81,8 +81,8 @@ def env_from_connection(
     extra = {k.removeprefix("extra__wasb__"): v for k, v in (extra or {}).items() if v not in (None, "")}
     if extra.get("connection_string"):
         return {"CTR_AZURE_CONNECTION_STRING": str(extra["connection_string"])}
-    tenant = extra.get("tenant_id")
-    account = _account_name(host, login, use_login=not tenant)
+    tenant = extra.get("tenant_id") or extra.get("tenantId")  # wasb / azure (Azure Resource Manager) connections
+    account = extra.get("account_name") or _account_name(host, login, use_login=not tenant)
     out: dict[str, str] = {"CTR_AZURE_ACCOUNT_NAME": account} if account else {}
     if tenant:
         out.update(CTR_AZURE_TENANT_ID=str(tenant), CTR_AZURE_CLIENT_ID=str(login or extra.get("client_id", "")),
