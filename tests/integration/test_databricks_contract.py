@@ -216,3 +216,25 @@ def test_deferrable_trigger_reaches_the_terminal_state(server, shipped, landing,
     assert json.loads(event["run_state"])["result_state"] == "FAILED"
     with pytest.raises(AirflowException, match="lies inside the training range"):
         op.execute_complete(_context(_TI()), event)
+
+
+def test_settings_switches_and_join():
+    from ctr.airflow_databricks import join, resolve_deferrable
+    from ctr.databricks import DatabricksConfigError, DatabricksSettings, new_cluster, synapseml_coordinates
+
+    assert resolve_deferrable("auto", True) is True and resolve_deferrable("auto", False) is False
+    assert resolve_deferrable("false", True) is False and resolve_deferrable("TRUE", False) is True
+    with pytest.raises(ValueError, match="auto, true or false"):
+        resolve_deferrable("maybe", False)
+    s = DatabricksSettings.from_env({"CTR_DATABRICKS_NUM_WORKERS": "6", "CTR_DATABRICKS_STORAGE_ACCOUNT": "acct",
+                                     "CTR_DATABRICKS_SPARK_CONF": "spark.a=1; spark.b = 2"})
+    nc = new_cluster(s)
+    assert nc["num_workers"] == 6 and nc["spark_conf"]["spark.a"] == "1" and nc["spark_conf"]["spark.b"] == "2"
+    assert nc["spark_conf"]["fs.azure.account.auth.type.acct.dfs.core.windows.net"] == "OAuth"
+    with pytest.raises(DatabricksConfigError, match="CTR_DATABRICKS_NUM_WORKERS"):
+        DatabricksSettings.from_env({"CTR_DATABRICKS_NUM_WORKERS": "many"})
+    with pytest.raises(DatabricksConfigError, match="Scala 2.13"):
+        synapseml_coordinates("17.3.x-scala2.12")
+    assert join(None, {"bundle": "/b"}) == {"bundle": "/b"} and join({"bundle": "/a"}, None) == {"bundle": "/a"}
+    with pytest.raises(RuntimeError, match="neither train nor fetch"):
+        join(None, None)
