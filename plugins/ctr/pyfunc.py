@@ -30,18 +30,45 @@ def _load_pyfunc(data_path: str) -> CtrPyfuncModel:
 def write_mlmodel(bundle_dir: Path, model_uuid: str) -> None:
     """Write `MLmodel` so the bundle directory itself is an MLflow pyfunc model.
 
-    `model_uuid` and the creation time are fixed by the caller so that the same training
-    inputs give a byte-identical bundle (and so the same image digest).
+    Written as the YAML MLflow's `Model.save` produces for `pyfunc.add_to_model(loader_module=...)`,
+    without importing mlflow (seconds of start-up in every training). `model_uuid` and the creation
+    time are fixed by the caller so that the same training inputs give a byte-identical bundle
+    (and so the same image digest). The parity test loads it with `mlflow.pyfunc.load_model`.
     """
-    import mlflow.pyfunc
-    from mlflow.models import Model
-    from mlflow.utils.environment import _PythonEnv
+    import platform
 
-    m = Model(model_uuid=model_uuid, utc_time_created="1970-01-01 00:00:00.000000")
-    mlflow.pyfunc.add_to_model(m, loader_module="ctr.pyfunc", data=".", python_env="python_env.yaml")
-    _PythonEnv.current().to_yaml(str(bundle_dir / "python_env.yaml"))
+    mlmodel = (
+        "flavors:\n"
+        "  python_function:\n"
+        "    data: .\n"
+        "    env:\n"
+        "      virtualenv: python_env.yaml\n"
+        "    loader_module: ctr.pyfunc\n"
+        f"    python_version: {platform.python_version()}\n"
+        f"mlflow_version: {_version('mlflow')}\n"
+        "model_id: null\n"
+        f"model_uuid: {model_uuid}\n"
+        "prompts: null\n"
+        "utc_time_created: '1970-01-01 00:00:00.000000'\n"
+    )
+    python_env = (
+        f"python: {platform.python_version()}\n"
+        "build_dependencies:\n"
+        + "".join(f"- {n}=={_version(n)}\n" for n in ("pip", "setuptools", "wheel") if _version(n))
+        + "dependencies:\n- -r requirements.txt\n"
+    )
+    (bundle_dir / "python_env.yaml").write_text(python_env)
     (bundle_dir / "requirements.txt").write_text(_serving_requirements())
-    m.save(str(bundle_dir / "MLmodel"))
+    (bundle_dir / "MLmodel").write_text(mlmodel)
+
+
+def _version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
 
 
 def _serving_requirements() -> str:
