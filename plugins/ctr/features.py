@@ -6,7 +6,8 @@ Feature vector (float64, 39 wide, in FEATURE_COLUMNS order):
   * C1..C26: an integer code. Values seen at least `min_count` times in the training range
     get codes 0..V-1 (most frequent first, ties by value, so the order is deterministic);
     rare and unseen values share the reserved code V; missing is NaN (LightGBM's native
-    missing handling for categorical features).
+    missing handling for categorical features) by default, or its own code V+1 with
+    `missing="code"` (recorded in features.json; docs/training.md has the measurement).
 
 `transform_table` (vectorised, Arrow) and `FeatureTransform.row` (one dict, pure Python)
 produce bit-identical vectors; tests prove it.
