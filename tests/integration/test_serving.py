@@ -6,6 +6,7 @@ import gzip
 import json
 import math
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -32,7 +33,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 def strict(trained_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A service with a bearer token, an admin token and small limits."""
     env = {"CTR_SERVE_TOKEN": TOKEN, "CTR_ADMIN_TOKEN": ADMIN, "CTR_MAX_ROWS": str(MAX_ROWS),
-           "CTR_MAX_BODY_BYTES": str(MAX_BODY)}
+           "CTR_MAX_BODY_BYTES": str(MAX_BODY), "CTR_BODY_TIMEOUT_S": "2"}
     with ServiceProcess(trained_bundle, env, tmp_path_factory.mktemp("strict") / "serve.log") as svc:
         yield svc.url
 
@@ -172,6 +173,17 @@ def test_malformed_table_is_large_enough() -> None:
 def test_service_still_scores_after_the_table(strict: str) -> None:
     r = httpx.post(strict + "/v1/score", json={"rows": [{"I1": 1}]}, headers=AUTH, timeout=30)
     assert r.status_code == 200 and 0.0 < r.json()["probabilities"][0] < 1.0
+
+
+def test_a_stalled_body_gets_408_not_a_hung_request(strict: str) -> None:
+    host, port = strict.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=20) as s:
+        s.sendall(f"POST /v1/score HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                  "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"rows\": [".encode())
+        t0 = time.monotonic()
+        reply = s.recv(4096).decode()
+    assert reply.startswith("HTTP/1.1 408"), reply
+    assert "not received within 2 s" in reply and time.monotonic() - t0 < 15
 
 
 # ---- auth ------------------------------------------------------------------------------

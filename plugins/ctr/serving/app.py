@@ -35,6 +35,7 @@ log = logging.getLogger("ctr.serving")
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_ROWS = 10_000
+DEFAULT_BODY_TIMEOUT_S = 30
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
 JSON_TYPES = frozenset({b"application/json"})
 TSV_TYPES = frozenset({b"text/tab-separated-values", b"text/plain"})
@@ -46,12 +47,14 @@ Handler = Callable[[dict[str, Any], dict[bytes, bytes], bytes, Send], Awaitable[
 
 class ScoringApp:
     def __init__(self, model: ServedModel, token: str = "", admin_token: str = "",
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_rows: int = DEFAULT_MAX_ROWS) -> None:
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_rows: int = DEFAULT_MAX_ROWS,
+                 body_timeout: float = DEFAULT_BODY_TIMEOUT_S) -> None:
         self.holder = ModelHolder(model)
         self.token = token.encode()
         self.admin_token = admin_token.encode()
         self.max_body_bytes = max_body_bytes
         self.max_rows = max_rows
+        self.body_timeout = body_timeout  # a client that stops sending mid-body gets a 408, not a hung slot
         self.metrics = Metrics()
         self.inflight = 0
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ctr-predict")
@@ -111,7 +114,13 @@ class ScoringApp:
             check_admin(scope, headers, self.admin_token)
         elif self.token and path not in OPEN_PATHS:
             check_token(headers, self.token)
-        body = await self._read_body(receive, headers) if want == "POST" else b""
+        body = b""
+        if want == "POST":
+            try:
+                async with asyncio.timeout(self.body_timeout):
+                    body = await self._read_body(receive, headers)
+            except TimeoutError:
+                raise RequestError(408, f"request body not received within {self.body_timeout:g} s") from None
         return await handler(scope, headers, body, send)
 
     async def _read_body(self, receive: Receive, headers: dict[bytes, bytes]) -> bytes:
@@ -301,6 +310,7 @@ def create_app(model_dir: str | Path, token: str | None = None, admin_token: str
         admin_token=os.environ.get("CTR_ADMIN_TOKEN", "") if admin_token is None else admin_token,
         max_body_bytes=_env_int("CTR_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES),
         max_rows=_env_int("CTR_MAX_ROWS", DEFAULT_MAX_ROWS),
+        body_timeout=_env_int("CTR_BODY_TIMEOUT_S", DEFAULT_BODY_TIMEOUT_S),
     )
 
 

@@ -17,7 +17,7 @@ _ERROR = {"type": "object", "properties": {"error": {"type": "string"}, "row": {
           "required": ["error"]}
 _ERR_RESPONSES = {str(s): {"description": d, "content": {"application/json": {"schema": _ERROR}}}
                   for s, d in [(400, "malformed body"), (401, "missing or wrong token"), (404, "no such route"),
-                               (405, "wrong method"), (413, "body or row count over the limit"),
+                               (405, "wrong method"), (408, "body not received in time"), (413, "body or row count over the limit"),
                                (415, "unsupported content type"), (422, "invalid rows: names row and field")]}
 
 OPENAPI: dict = {
