@@ -63,8 +63,8 @@ class LocalRollout:
         """Load + probe-check `bundle` in a child process; it must report `version`."""
         code = "import sys; from ctr.bundle import Bundle; print(Bundle.load(sys.argv[1]).version)"
         try:
-            r = subprocess.run([sys.executable, "-c", code, str(bundle)], capture_output=True, text=True, timeout=timeout,
-                               stdin=subprocess.DEVNULL)
+            r = subprocess.run([sys.executable, "-c", code, str(bundle)], capture_output=True, text=True, errors="replace",
+                               timeout=timeout, stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
             raise RolloutError(f"pre-flight load of {bundle} took over {timeout:.0f}s; live service untouched") from None
         if r.returncode != 0:
