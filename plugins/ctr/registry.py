@@ -177,6 +177,9 @@ class Registry:
         """Metrics, gate decision and the report files (metrics.json, report.html, PNGs) on the run."""
         from mlflow.entities import Metric, RunTag
 
+        from ctr.gate import verdict
+
+        now = int(time.time() * 1000)
         flat: dict[str, float] = {}
         for side in ("candidate", "baseline"):
             for k, v in (doc.get(side) or {}).items():
@@ -186,14 +189,14 @@ class Registry:
                 flat[f"auc_diff_{k}"] = v
         flat["rows"] = doc["rows"]
         g = doc["gate"]
-        tags = {"gate.decision": "PASSED (forced)" if g["forced"] else ("PASSED" if g["passed"] else "REJECTED"),
+        tags = {"gate.decision": verdict(g),
                 "gate.passed": g["passed"], "gate.forced": g["forced"], "gate.reasons": g["reasons"],
                 "holdout_day": doc.get("day"), "champion_at_eval": doc.get("baseline_version") or "none",
                 "auc_diff.method": (doc.get("auc_diff") or {}).get("method", "none")}
         with self._lock():
             self.client.log_batch(
                 run_id,
-                metrics=[Metric(k, float(v), 0, 0) for k, v in flat.items() if v is not None],
+                metrics=[Metric(k, float(v), now, 0) for k, v in flat.items() if v is not None],
                 tags=[RunTag(k, _tag(v)) for k, v in tags.items()],
             )
             for f in files:
@@ -245,7 +248,8 @@ class Registry:
                 return existing
             from mlflow.entities import Metric
 
-            self.client.log_batch(rid, metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items() if v is not None])
+            now = int(time.time() * 1000)
+            self.client.log_batch(rid, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None])
             self.client.log_artifacts(rid, str(bundle_dir), artifact_path=MODEL_ARTIFACT_PATH)
             source = f"{self.client.get_run(rid).info.artifact_uri}/{MODEL_ARTIFACT_PATH}"
             mv = self.client.create_model_version(self.model_name, source=source, run_id=rid, tags=all_tags,
