@@ -135,7 +135,8 @@ class LiveAirflow:
         self._jwt = jwt
         env.update(
             AIRFLOW_HOME=str(self.airflow_home),
-            AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{self.airflow_home / 'airflow.db'}",
+            # a generous busy timeout: backfill create's clear and the scheduler write the same sqlite file
+            AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{self.airflow_home / 'airflow.db'}?timeout=60",
             AIRFLOW__CORE__EXECUTOR="LocalExecutor",
             AIRFLOW__CORE__PARALLELISM="1",
             AIRFLOW__CORE__DAGS_FOLDER=str(REPO / "dags"),
