@@ -221,10 +221,17 @@ def source_digest(root: Path = REPO_ROOT) -> str:
 
 def build_wheel(out_dir: Path, root: Path = REPO_ROOT) -> Path:
     """`pip wheel --no-deps` of the ctr package (pure Python); returns the .whl path."""
+    import shutil
+
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="ctr-wheel-") as build:
+        # build from a clean copy: setuptools' build/ dir in a checkout can carry stale modules into the wheel
+        src = Path(build) / "src"
+        shutil.copytree(root / "plugins" / "ctr", src / "plugins" / "ctr",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
+        shutil.copy2(root / "pyproject.toml", src / "pyproject.toml")
         proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                               "-w", build, str(root)], capture_output=True, text=True)
+                               "-w", build, str(src)], capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"building the ctr wheel from {root} failed: {proc.stderr.strip()[-500:]}")
         wheels = sorted(Path(build).glob("ctr-*.whl"))
