@@ -72,7 +72,7 @@ def holdout_day(context: dict[str, Any]) -> dt.date:
     A run triggered without a logical date falls back to its data interval's start.
     """
     start = context.get("logical_date") or context["data_interval_start"]
-    start = start.in_timezone("UTC") if hasattr(start, "in_timezone") else start.astimezone(dt.timezone.utc)
+    start = start.in_timezone("UTC") if hasattr(start, "in_timezone") else start.astimezone(dt.UTC)
     return dt.date(start.year, start.month, start.day)
 
 

@@ -66,7 +66,7 @@ def summary(s: Settings, day: dt.date) -> int:
     print(f"registered version   {mine.version if mine else 'none (rejected)'}   champion: {champ.version if champ else 'none'}")
     if live.get("url"):
         url = live["url"]
-        token = f' -H "Authorization: Bearer $CTR_SERVE_TOKEN"' if s.serve_token else ""
+        token = ' -H "Authorization: Bearer $CTR_SERVE_TOKEN"' if s.serve_token else ""
         print(f"scoring endpoint     {url}  (serving version {live.get('version')})")
         print("try it:")
         print(f"  curl -s {url}/v1/score -H 'Content-Type: application/json'{token} \\")
