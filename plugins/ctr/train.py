@@ -228,7 +228,7 @@ def _progress(every: int, built: list[int]) -> Callable[[Any], None]:
         if it % every == 0 or it == env.end_iteration:
             shown = " ".join(f"{name}_{metric}={value:.5f}" for name, metric, value, _ in env.evaluation_result_list)
             log.info("trees built=%d/%d %s", it, env.end_iteration, shown)
-    callback.order = 30  # type: ignore[attr-defined]
+    callback.order = 25  # type: ignore[attr-defined]  # before early_stopping (30), which raises on the last tree
     return callback
 
 
