@@ -1,6 +1,7 @@
 """ctr_retrain: the daily CTR retraining DAG. Wiring only; the work lives in `ctr.airflow_tasks`.
 
-The run for data interval [D, D+1) (scheduled at D+1 02:00 UTC) validates days D-train_days..D,
+The run with logical date D (the scheduled run for the interval [D 02:00, D+1 02:00), which starts
+at D+1 02:00 UTC) validates days D-train_days..D,
 trains on the train_days days before D, evaluates candidate and champion on day D, and deploys
 only a candidate that passes the gate. A rejected candidate ends the run successfully with the
 deploy tasks skipped.
@@ -13,6 +14,7 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import DAG, CronDataIntervalTimetable, Param, task
+from ctr.airflow_databricks import CtrDatabricksSubmitRunOperator
 from ctr.airflow_links import mlflow_model_task, mlflow_run_task
 from ctr.notify import on_task_failure
 
@@ -63,8 +65,6 @@ with DAG(
         return airflow_tasks.train_local(context)
 
     # ---- compute = databricks: ship code, submit the Spark job, fetch its bundle (docs/databricks.md)
-    from ctr.airflow_databricks import CtrDatabricksSubmitRunOperator
-
     @task.branch
     def choose_compute(checked, **context):
         from ctr import airflow_databricks
