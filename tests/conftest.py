@@ -17,6 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.loopback import stop_process
+
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before any lightgbm import; see ctr/__init__.py
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,9 +91,5 @@ def scoring_server(trained_bundle: Path, tmp_path: Path) -> Iterator[str]:
         wait_http(f"{url}/healthz", proc=proc)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
         log.close()

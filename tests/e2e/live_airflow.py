@@ -22,13 +22,14 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from tests.conftest import REPO, free_port
+from tests.loopback import LoopbackServer
 
 log = logging.getLogger("tests.live_airflow")
 BIN = Path(sys.executable).parent
@@ -41,7 +42,7 @@ COMPONENTS = {
 TERMINAL = {"success", "failed"}
 
 
-class WebhookReceiver:
+class WebhookReceiver(LoopbackServer):
     """Records every JSON POST on http://127.0.0.1:<port>/<path>; answers `status` (default 200)."""
 
     def __init__(self, status: int = 200) -> None:
@@ -68,18 +69,7 @@ class WebhookReceiver:
             def log_message(self, fmt: str, *args: Any) -> None:
                 log.debug("receiver: " + fmt, *args)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> WebhookReceiver:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._serve(Handler)
 
     def events(self, kind: str | None = None) -> list[dict[str, Any]]:
         with self._cond:

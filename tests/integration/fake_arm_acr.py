@@ -19,9 +19,11 @@ import tarfile
 import threading
 import uuid
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlparse
+
+from tests.loopback import LoopbackServer
 
 PREFIX = r"/subscriptions/(?P<sub>[^/]+)/resourceGroups/(?P<rg>[^/]+)/providers/Microsoft.ContainerRegistry/registries/(?P<reg>[^/?]+)"
 
@@ -57,7 +59,7 @@ class FakeRun:
             self.log += f"Step {self.polls}/12 : working\n".encode()
 
 
-class FakeAcr:
+class FakeAcr(LoopbackServer):
     def __init__(self, scenario: str = "succeed", registry: str = "ctrprod") -> None:
         self.scenario = scenario
         self.registry = registry
@@ -67,19 +69,8 @@ class FakeAcr:
         self.requests: list[tuple[str, str]] = []
         self.schedule_bodies: list[dict[str, Any]] = []
         self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.port = self.server.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self._serve(self._handler())
         self.login_server = f"127.0.0.1:{self.port}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> FakeAcr:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
     def calls(self, method: str, pattern: str) -> int:
         return sum(1 for m, p in self.requests if m == method and re.search(pattern, p))

@@ -21,11 +21,13 @@ import re
 import threading
 import uuid
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import yaml
+
+from tests.loopback import LoopbackServer
 
 TOKEN = "fake-kube-token"
 KINDS = {  # path segment -> (apiVersion, kind)
@@ -56,7 +58,7 @@ class DeploymentSim:
     deadline_exceeded: bool = False
 
 
-class FakeKube:
+class FakeKube(LoopbackServer):
     def __init__(self, *, crashing: set[str] | None = None, stuck: set[str] | None = None, deadline_reads: int = 6,
                  secrets: dict[tuple[str, str], dict[str, str]] | None = None) -> None:
         self.crashing, self.stuck = crashing or set(), stuck or set()
@@ -66,17 +68,7 @@ class FakeKube:
         self.secrets = secrets if secrets is not None else {("ctr", "ctr-scorer-token"): {"token": "czNjcjN0"}}
         self.requests: list[tuple[str, str, str]] = []                  # (method, path, content-type)
         self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> FakeKube:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._serve(self._handler())
 
     def kubeconfig(self, token: str = TOKEN) -> dict[str, Any]:
         return {"apiVersion": "v1", "kind": "Config", "current-context": "aks",

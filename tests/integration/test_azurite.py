@@ -18,6 +18,7 @@ from ctr.data.landing import LandingZoneError, list_day_files, list_days, stage_
 from ctr.data.reader import read_table
 
 from tests.conftest import CSV_SAMPLE, RAW_SAMPLE, REPO, free_port, wait_http
+from tests.loopback import stop_process
 
 pytestmark = pytest.mark.integration
 
@@ -46,11 +47,7 @@ def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield (f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={KEY};"
                f"BlobEndpoint=http://127.0.0.1:{port}/{ACCOUNT};")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
         log.close()
 
 

@@ -87,7 +87,7 @@ def _payload(shipped, landing: Path, out: Path, *, token: str, holdout: dt.date 
 
     s = DatabricksSettings(landing=str(landing), engine=engine, num_workers=2)
     req = TrainRequest(start=(DAY - dt.timedelta(days=2)).isoformat(), end=(DAY - dt.timedelta(days=1)).isoformat(),
-                       holdout=holdout.isoformat(), out=str(out), gate_params={"min_auc": 0.5})
+                       holdout=holdout.isoformat(), out=str(out), gate_params={"min_auc": 0.5, "max_ece": 0.2})  # tiny data: floors that test the plumbing, not the model
     return submit_payload(req, s, python_file=shipped["python_file"], wheel=shipped["wheel"], token=token,
                           run_name="ctr_retrain contract")
 
