@@ -52,12 +52,13 @@ system-deps:
 	  else echo "system-deps: chromium missing and not root; the browser check will be skipped"; fi; }
 
 # Airflow UI on 127.0.0.1:8080 (scheduler, dag-processor, triggerer, api-server) with this repo's DAG.
-# Sample landing days up to today (if missing), so a run triggered from the UI finds its data.
+# Sample landing days up to today (if missing): train_days + 3 of them, so the scheduled run (holding out
+# yesterday or the day before) and a run triggered from the UI (holding out today) both find their data.
 # ctr_retrain starts paused: tick "Unpause ctr_retrain on trigger" in the trigger dialog (docs/operations.md).
 AIRFLOW_ROWS ?= 20000
 airflow: venv
 	$(BIN)/python -c "import datetime as dt; from ctr.demo import ensure_landing; from ctr.settings import Settings; \
-	  ensure_landing(Settings.from_env(), dt.datetime.now(dt.UTC).date(), $(DAYS) + 1, $(AIRFLOW_ROWS))"
+	  ensure_landing(Settings.from_env(), dt.datetime.now(dt.UTC).date(), $(DAYS) + 3, $(AIRFLOW_ROWS))"
 	$(BIN)/airflow db migrate >/dev/null
 	@echo "Airflow UI on http://127.0.0.1:8080 (user admin; password in $(AIRFLOW_HOME)/simple_auth_manager_passwords.json.generated once it starts)"
 	$(BIN)/airflow standalone
