@@ -164,7 +164,7 @@ def train_local(context: dict[str, Any]) -> dict[str, Any]:
 def _registry(s: Settings):
     from ctr.registry import Registry
 
-    return Registry(s.tracking_uri, s.model_name, artifact_root=s.artifact_root, cache_dir=s.home / "registry-cache")
+    return Registry.from_settings(s)
 
 
 def evaluate(context: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]:

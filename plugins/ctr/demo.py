@@ -45,7 +45,7 @@ def summary(s: Settings, day: dt.date) -> int:
         print(f"demo: no metrics at {metrics_path}; the DAG run failed before evaluate (see the log above)")
         return 1
     m = json.loads(metrics_path.read_text())
-    reg = Registry(s.tracking_uri, s.model_name, artifact_root=s.artifact_root)
+    reg = Registry.from_settings(s)
     mine = reg.find(f"ctr_retrain/{day.isoformat()}")
     champ = reg.champion()
     state_path = s.serving_dir / "state.json"

@@ -74,6 +74,11 @@ def _quoted(value: str) -> str:
 
 
 class Registry:
+    @classmethod
+    def from_settings(cls, s: Any) -> Registry:
+        """The installation's registry as configured in `ctr.settings.Settings` (DAG tasks and the demo)."""
+        return cls(s.tracking_uri, s.model_name, artifact_root=s.artifact_root, cache_dir=s.home / "registry-cache")
+
     def __init__(self, tracking_uri: str, model_name: str = "ctr-lightgbm", artifact_root: Path | None = None,
                  cache_dir: Path | None = None) -> None:
         from mlflow import MlflowClient
