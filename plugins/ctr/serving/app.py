@@ -215,7 +215,8 @@ class ScoringApp:
         doc = {"status": "ready", "model_version": m.version, "digest": m.bundle.digest, "bundle": str(m.bundle.path),
                "loaded_at": m.loaded_at,
                "loaded_at_iso": dt.datetime.fromtimestamp(m.loaded_at, dt.UTC).isoformat(timespec="seconds"),
-               "fast_paths": {"single_row": m.single is not None, "tsv": m.tsv is not None}}
+               "fast_paths": {"single_row": m.single is not None, "tsv": m.tsv is not None,
+                              "tsv_numpy": m.tsv_numpy is not None, "batch": m.batch is not None}}
         await _send_json(send, 200, doc, [(b"x-model-version", m.header)])
         return 200
 

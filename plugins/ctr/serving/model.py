@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from ctr.bundle import Bundle
-from ctr.serving.fast import SingleRowPredictor, TsvEncoder, probe_tsv
+from ctr.serving.batch_encode import NumpyTsvEncoder
+from ctr.serving.fast import BatchPredictor, SingleRowPredictor, TsvEncoder, probe_tsv
 
 log = logging.getLogger("ctr.serving")
 
@@ -32,6 +33,8 @@ class ServedModel:
     loaded_at: float
     single: SingleRowPredictor | None
     tsv: TsvEncoder | None
+    tsv_numpy: NumpyTsvEncoder | None = None
+    batch: BatchPredictor | None = None
 
     @property
     def version(self) -> str:
@@ -52,10 +55,13 @@ class ServedModel:
         rows: list[dict[str, Any]] = probe["rows"]
         want = bundle.predict_rows(rows)
         single = _verified_single(bundle, rows, want)
-        tsv = _verified_tsv(bundle, rows, want)
-        log.info("model ready version=%s bundle=%s single_row_fast=%s tsv_fast=%s",
-                 bundle.version, bundle.path, single is not None, tsv is not None)
-        return cls(bundle=bundle, loaded_at=time.time(), single=single, tsv=tsv)
+        tsv = _verified_tsv(bundle, rows, want, TsvEncoder)
+        tsv_numpy = _verified_tsv(bundle, rows, want, NumpyTsvEncoder)
+        batch = _verified_batch(bundle, rows, want)
+        log.info("model ready version=%s bundle=%s single_row_fast=%s tsv_fast=%s tsv_numpy=%s batch_fast=%s",
+                 bundle.version, bundle.path, single is not None, tsv is not None, tsv_numpy is not None,
+                 batch is not None)
+        return cls(bundle=bundle, loaded_at=time.time(), single=single, tsv=tsv, tsv_numpy=tsv_numpy, batch=batch)
 
     # ---- scoring (the numbers are the Bundle's; see fast.py) ------------------------------
     def predict_rows(self, rows: list[dict[str, Any]]) -> np.ndarray:
@@ -64,10 +70,19 @@ class ServedModel:
         return self.bundle.predict_rows(rows)
 
     def encode_tsv(self, body: bytes) -> np.ndarray | None:
-        """Raw Criteo lines -> feature matrix, or None when the general reader must decide."""
-        return self.tsv.encode(body) if self.tsv is not None else None
+        """Raw Criteo lines -> feature matrix, or None when the general reader must decide.
+
+        The numpy encoder takes well-formed bodies; the Arrow one a few more spellings (16-digit
+        integers, `+5`, CRLF); both give the reader's values or None."""
+        x = self.tsv_numpy.encode(body) if self.tsv_numpy is not None else None
+        if x is None and self.tsv is not None:
+            x = self.tsv.encode(body)
+        return x
 
     def predict_matrix(self, x: np.ndarray) -> np.ndarray:
+        """One thread per call: the service runs two calls at once rather than one on two threads."""
+        if self.batch is not None:
+            return self.batch.predict(x)
         return self.bundle.predict_matrix(x, num_threads=1)
 
 
@@ -84,21 +99,38 @@ def _verified_single(bundle: Bundle, rows: list[dict[str, Any]], want: np.ndarra
     return single
 
 
-def _verified_tsv(bundle: Bundle, rows: list[dict[str, Any]], want: np.ndarray) -> TsvEncoder | None:
+def _verified_batch(bundle: Bundle, rows: list[dict[str, Any]], want: np.ndarray) -> BatchPredictor | None:
+    try:
+        batch = BatchPredictor(bundle.booster)
+        x = bundle.transform.rows_matrix(rows)
+        got = batch.predict(x)
+        ref = bundle.predict_matrix(x, num_threads=1)
+    except Exception as e:
+        log.warning("batch fast path off for %s: %s", bundle.path, e)
+        return None
+    if not (np.array_equal(got, ref) and np.array_equal(got, want)):
+        log.warning("batch fast path off for %s: differs from Booster.predict on probe rows", bundle.path)
+        return None
+    return batch
+
+
+def _verified_tsv(bundle: Bundle, rows: list[dict[str, Any]], want: np.ndarray,
+                  kind: type[TsvEncoder] | type[NumpyTsvEncoder]) -> TsvEncoder | NumpyTsvEncoder | None:
     from ctr.data.reader import read_text
 
     try:
-        enc = TsvEncoder(bundle.transform)
+        enc = kind(bundle.transform)
         text = probe_tsv(rows)
         x = enc.encode(text)
         table, bad = read_text(text.decode(), require_label=False)
         ref = bundle.transform.transform_table(table) if not bad else None
     except Exception as e:
-        log.warning("TSV fast path off for %s: %s", bundle.path, e)
+        log.warning("TSV fast path (%s) off for %s: %s", kind.__name__, bundle.path, e)
         return None
     if x is None or ref is None or not np.array_equal(x, ref, equal_nan=True) \
             or not np.array_equal(bundle.predict_matrix(x), want):
-        log.warning("TSV fast path off for %s: differs from the reader + transform_table on probe rows", bundle.path)
+        log.warning("TSV fast path (%s) off for %s: differs from the reader + transform_table on probe rows",
+                    kind.__name__, bundle.path)
         return None
     return enc
 
