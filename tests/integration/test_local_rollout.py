@@ -53,7 +53,7 @@ def local(tmp_path: Path):
 class Load(threading.Thread):
     """Bounded background traffic: at most `limit` requests, recording status and version of each."""
 
-    def __init__(self, url: str, limit: int = 3000) -> None:
+    def __init__(self, url: str, limit: int = 200_000) -> None:
         super().__init__(daemon=True)
         self.url, self.limit = url, limit
         self.stop = threading.Event()
@@ -76,12 +76,13 @@ def test_hot_swap_under_load_then_refuse_corrupt_then_roll_back(local: LocalRoll
     load = Load(local.url)
     load.start()
     try:
-        while len(load.results) < 50:
+        while len(load.results) < 50 and load.is_alive():
             load.join(0.05)
-        second = local.deploy(versions["2"], "2")
+        second = local.deploy(versions["2"], "2")  # slow on a busy machine: the load keeps going meanwhile
         n_at_swap = len(load.results)
-        while len(load.results) < n_at_swap + 50:
+        while len(load.results) < n_at_swap + 50 and load.is_alive():
             load.join(0.05)
+        assert len(load.results) >= n_at_swap + 50, f"the load thread stopped after {len(load.results)} requests"
     finally:
         load.stop.set()
         load.join(30)
@@ -110,7 +111,10 @@ def test_hot_swap_under_load_then_refuse_corrupt_then_roll_back(local: LocalRoll
 
     # same version again: nothing to do; rollback returns to version 1
     assert local.deploy(versions["2"], "2").changed is False
-    back = local.rollback()
+    # a rollback for a version that is no longer live leaves the live one alone
+    kept = local.rollback(failed_version="7")
+    assert kept is not None and kept.changed is False and kept.version == "2" and local.readyz()["model_version"] == "2"
+    back = local.rollback(failed_version="2")
     assert back is not None and back.version == "1" and local.readyz()["model_version"] == "1"
     assert json.loads(local.state_path.read_text())["version"] == "1"
     # nothing older than the first model: a further rollback stops the service
