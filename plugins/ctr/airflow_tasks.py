@@ -366,12 +366,14 @@ def verify(context: dict[str, Any], rolled: dict[str, Any]) -> dict[str, Any]:
         if rolled.get("target") == "aks":
             back = _aks_rollout().rollback(rolled.get("previous_ref"), rolled.get("previous_version"))
         else:
-            back = _local_rollout(s).rollback()
-        log.error("rolled back to %s", back.version if back else "nothing (no previous version)")
+            back = _local_rollout(s).rollback(failed_version=rolled.get("version"))
+        outcome = ("stopped the service (no previous version)" if back is None else
+                   f"rolled back to {back.version}" if back.changed else f"left version {back.version} serving (deployed since)")
+        log.error("%s", outcome)
         from ctr import notify
 
-        notify.send(context, "rollback", f"ctr: version {rolled.get('version')} failed verification ({e}); "
-                    f"rolled back to {back.version if back else 'nothing'}", failed_version=rolled.get("version"),
+        notify.send(context, "rollback", f"ctr: version {rolled.get('version')} failed verification ({e}); {outcome}",
+                    failed_version=rolled.get("version"),
                     restored_version=back.version if back else None, error=str(e)[:500])
         raise
 

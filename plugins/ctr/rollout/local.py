@@ -79,7 +79,8 @@ class LocalRollout:
 
     def deploy(self, bundle: Path, version: str) -> RolloutResult:
         st = self.state()
-        live = self.readyz()
+        # patient: a busy service answering late must not be mistaken for none (we would start a second one)
+        live = self.readyz(timeout=10.0)
         if not (live and live.get("model_version") == str(version) and st.get("bundle") == str(bundle)):
             self.preflight(bundle, version)
         if live is None:
@@ -102,8 +103,19 @@ class LocalRollout:
         log.info("rollout: %s now serves version %s (previous %s)", self.url, version, st["previous_version"])
         return RolloutResult(self.url, str(version), st["previous_version"], st["previous_bundle"], changed=True)
 
-    def rollback(self) -> RolloutResult | None:
+    def rollback(self, failed_version: str | None = None) -> RolloutResult | None:
+        """Put the previous bundle back (stop the service if there was none).
+
+        With `failed_version`, only if the service still serves it: if something else was deployed
+        since, rolling that back would undo a model nobody found fault with.
+        """
         st = self.state()
+        if failed_version is not None:
+            live = self.readyz(timeout=10.0)
+            if live is not None and live.get("model_version") != str(failed_version):
+                log.warning("rollback: %s serves version %s, not the failed %s; leaving it as it is",
+                            self.url, live.get("model_version"), failed_version)
+                return RolloutResult(self.url, str(live.get("model_version")), None, None, changed=False)
         prev = st.get("previous_bundle")
         if not prev:
             log.warning("rollback: no previous model recorded; stopping the service at %s", self.url)
