@@ -235,14 +235,45 @@ class LiveAirflow:
         LocalRollout(self.ctr_home / "serving", "127.0.0.1", self.serve_port).stop()
 
     # ---- clients --------------------------------------------------------------------------
-    def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    def cli(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
         r = subprocess.run([str(BIN / "airflow"), *args], env=self._env, text=True, capture_output=True,
                            timeout=timeout, cwd=self.root)
         with open(self.logs / "cli.log", "a") as fh:
             fh.write(f"$ airflow {' '.join(args)}\n{r.stdout}\n{r.stderr}\n")
-        if r.returncode != 0:
+        if check and r.returncode != 0:
             raise AssertionError(f"airflow {' '.join(args)} exited {r.returncode}:\n{(r.stdout + r.stderr)[-3000:]}")
         return r
+
+    def backfills(self) -> list[dict[str, Any]]:
+        return self.api("GET", "/api/v2/backfills", params={"dag_id": DAG_ID, "limit": 100}).json()["backfills"]
+
+    def backfill(self, *args: str, attempts: int = 3) -> dict[str, Any]:
+        """`airflow backfill create --dag-id ctr_retrain <args>`; waits for the backfill to complete.
+
+        On this sqlite metadata DB, `backfill create` can fail with "database is locked": it reads,
+        then writes in one transaction, and when the scheduler writes in between SQLite answers
+        SQLITE_BUSY at once (to avoid a deadlock; the busy timeout does not apply). Each date's run is
+        committed on its own (pysqlite's outermost SAVEPOINT ends in a commit), so the failed create
+        leaves a backfill holding the runs made so far. We let that backfill finish (the scheduler
+        closes one without runs after 2 minutes), then create again: what an operator would do.
+        Postgres, the metadata DB of docker-compose.yaml, has no such failure.
+        """
+        cmd = ("backfill", "create", "--dag-id", DAG_ID, *args)
+        for attempt in range(1, attempts + 1):
+            seen = {b["id"] for b in self.backfills()}
+            r = self.cli(*cmd, check=False)
+            if r.returncode == 0:
+                break
+            out = r.stdout + r.stderr
+            if "database is locked" not in out or attempt == attempts:
+                raise AssertionError(f"airflow {' '.join(cmd)} exited {r.returncode} (attempt {attempt}):\n{out[-3000:]}")
+            log.warning("backfill create hit sqlite's 'database is locked' (attempt %d); waiting for the partial "
+                        "backfill, then creating it again", attempt)
+            for b in self.backfills():
+                if b["id"] not in seen and not b["completed_at"]:
+                    self.wait_backfill(b["id"])
+        latest = max(self.backfills(), key=lambda b: b["id"])
+        return self.wait_backfill(latest["id"])
 
     def token(self) -> str:
         if self._token is None:

@@ -57,12 +57,8 @@ def _iso(s: str) -> dt.datetime:
 
 def _backfill(stack: la.LiveAirflow, d1: dt.date, d3: dt.date, *extra: str) -> dict:
     # --to-date is inclusive on the logical date, which is <day> 02:00 UTC for holdout day <day>
-    stack.cli("backfill", "create", "--dag-id", la.DAG_ID, "--from-date", d1.isoformat(),
-              "--to-date", f"{d3.isoformat()}T02:00:00+00:00", "--max-active-runs", "1",
-              "--dag-run-conf", json.dumps(la.LENIENT), *extra)
-    backfills = stack.api("GET", "/api/v2/backfills", params={"dag_id": la.DAG_ID, "limit": 100}).json()["backfills"]
-    latest = max(backfills, key=lambda b: b["id"])
-    return stack.wait_backfill(latest["id"])
+    return stack.backfill("--from-date", d1.isoformat(), "--to-date", f"{d3.isoformat()}T02:00:00+00:00",
+                          "--max-active-runs", "1", "--dag-run-conf", json.dumps(la.LENIENT), *extra)
 
 
 def test_a_rest_triggered_run_succeeds_end_to_end(live, first):
