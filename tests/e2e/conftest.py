@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, free_port
-
-BIN = Path(sys.executable).parent
+from tests.conftest import free_port
+from tests.e2e.airflow_env import BIN, isolated_env
 
 
 @dataclass
@@ -30,20 +27,7 @@ class AirflowInstall:
 
     @property
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "CTR_"))}
-        env.update(
-            AIRFLOW_HOME=str(self.root / "airflow"),
-            AIRFLOW__CORE__DAGS_FOLDER=str(REPO / "dags"),
-            AIRFLOW__CORE__PLUGINS_FOLDER=str(REPO / "plugins"),
-            AIRFLOW__CORE__LOAD_EXAMPLES="False",
-            AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="True",
-            CTR_HOME=str(self.ctr_home),
-            CTR_LANDING=str(self.landing),
-            CTR_SERVE_PORT=str(self.serve_port),
-            CTR_IO_RETRIES="0",
-            PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        )
-        return env
+        return isolated_env(self.root / "airflow", self.ctr_home, self.landing, self.serve_port)
 
     def airflow(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         r = subprocess.run([str(BIN / "airflow"), *args], env=self.env, text=True, capture_output=True, timeout=timeout)

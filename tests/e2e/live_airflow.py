@@ -18,7 +18,6 @@ import os
 import secrets
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,10 +28,10 @@ from typing import Any
 import httpx
 
 from tests.conftest import REPO, free_port
+from tests.e2e.airflow_env import BIN, isolated_env
 from tests.loopback import LoopbackServer
 
 log = logging.getLogger("tests.live_airflow")
-BIN = Path(sys.executable).parent
 DAG_ID = "ctr_retrain"
 COMPONENTS = {
     "dag-processor": ["dag-processor"],
@@ -120,19 +119,14 @@ class LiveAirflow:
         return self.root / "component-logs"
 
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "CTR_"))}
         jwt = getattr(self, "_jwt", None) or secrets.token_urlsafe(32)
         self._jwt = jwt
+        env = isolated_env(self.airflow_home, self.ctr_home, self.landing, self.serve_port)
         env.update(
-            AIRFLOW_HOME=str(self.airflow_home),
             # a generous busy timeout: backfill create's clear and the scheduler write the same sqlite file
             AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{self.airflow_home / 'airflow.db'}?timeout=60",
             AIRFLOW__CORE__EXECUTOR="LocalExecutor",
             AIRFLOW__CORE__PARALLELISM="1",
-            AIRFLOW__CORE__DAGS_FOLDER=str(REPO / "dags"),
-            AIRFLOW__CORE__PLUGINS_FOLDER=str(REPO / "plugins"),
-            AIRFLOW__CORE__LOAD_EXAMPLES="False",
-            AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="True",
             AIRFLOW__CORE__AUTH_MANAGER="airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
             AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS=f"{self.user}:admin",
             AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE=str(self.root / "passwords.json"),
@@ -145,13 +139,8 @@ class LiveAirflow:
             AIRFLOW__API_AUTH__JWT_SECRET=jwt,
             AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL="10",
             AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL="30",
-            CTR_HOME=str(self.ctr_home),
-            CTR_LANDING=str(self.landing),
-            CTR_SERVE_PORT=str(self.serve_port),
             CTR_SERVE_TOKEN="",
             CTR_ADMIN_TOKEN="",
-            CTR_IO_RETRIES="0",
-            PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         )
         env.update(self.extra_env)
         return env

@@ -15,7 +15,7 @@ import pytest
 from ctr.data.generate import GeneratorConfig, generate
 from ctr.databricks import idempotency_token
 
-from tests.e2e.conftest import BIN
+from tests.e2e.airflow_env import BIN
 from tests.integration.fake_databricks import FakeDatabricks
 
 pytestmark = pytest.mark.e2e
