@@ -176,14 +176,16 @@ def evaluate(context: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]
 
     s = settings()
     reg = _registry(s)
-    champ = reg.champion()
-    baseline = reg.download(champ.version) if champ else None
     out = run_dir(context, s)
     day = holdout_day(context)
+    champ, why = reg.baseline_for(day.isoformat())  # the champion, unless it trained on this day (backfills)
+    log.info("evaluate: baseline for %s: %s", day, why)
+    baseline = reg.download(champ.version) if champ else None
     doc = evaluate_day(_staging(s), day, Path(trained["bundle"]), baseline, gate_params=context["params"],
                        report_dir=out / "report", title=f"{run_key(context)}: candidate vs champion "
                        f"{'v' + champ.version if champ else '(none)'} on {day.isoformat()}")
     doc["baseline_version"] = champ.version if champ else None
+    doc["baseline_reason"] = why
     path = out / "metrics.json"
     path.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
     report = Path(doc["report"])

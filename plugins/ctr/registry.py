@@ -311,6 +311,26 @@ class Registry:
         v = (rm.tags or {}).get(CHAMPION_TAG)
         return self.get(v) if v else None
 
+    def baseline_for(self, day: str) -> tuple[VersionInfo | None, str]:
+        """The model a candidate holding out `day` (ISO date) is scored against, and why that one.
+
+        The champion, unless it holds out a later day: then it trained on `day` itself (a backfill
+        of an older day) and would be scored on its own training rows. In that case the newest
+        verified version holding out `day` or earlier (so trained only on days before it), or none
+        (the candidate then meets the absolute thresholds alone).
+        """
+        champ = self.champion()
+        if champ is None:
+            return None, "no champion yet"
+        if not champ.logical_date or champ.logical_date <= day:
+            return champ, f"champion v{champ.version}"
+        why = f"champion v{champ.version} holds out {champ.logical_date}, after {day}, so it trained on {day}"
+        older = [v for v in self._search(PROMOTED_TAG, "true") if v.logical_date and v.logical_date <= day]
+        if not older:
+            return None, f"{why}; no verified version trained before {day}: absolute thresholds only"
+        best = max(older, key=lambda v: (v.logical_date, int(v.version)))
+        return best, f"{why}; compared with v{best.version}, the newest verified version trained before {day}"
+
     def promote(self, version: str) -> VersionInfo:
         """Mark `version` verified and point the champion at the newest verified logical date.
 

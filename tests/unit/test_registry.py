@@ -84,6 +84,23 @@ def test_champion_moves_only_forward_in_logical_date(reg: Registry, tmp_path: Pa
     assert reg.client.get_registered_model("ctr-test").tags[CHAMPION_TAG] == v20.version
 
 
+def test_a_backfilled_day_is_compared_with_a_model_that_never_saw_it(reg: Registry, tmp_path: Path) -> None:
+    assert reg.baseline_for("2026-11-20") == (None, "no champion yet")
+    v18, v20 = _register(reg, tmp_path, "2026-11-18"), _register(reg, tmp_path, "2026-11-20")
+    reg.promote(v20.version)
+    # the champion holds out the 20th (trained on days before it): fair for the 20th and later
+    assert reg.baseline_for("2026-11-20")[0].version == v20.version
+    assert reg.baseline_for("2026-11-21")[0].version == v20.version
+    # backfilling the 19th: the champion trained on the 19th, and v18 is not verified yet
+    base, why = reg.baseline_for("2026-11-19")
+    assert base is None and "trained on 2026-11-19" in why and "absolute thresholds only" in why
+    reg.promote(v18.version)  # verified, champion unchanged
+    assert reg.champion().version == v20.version
+    base, why = reg.baseline_for("2026-11-19")
+    assert base.version == v18.version and f"compared with v{v18.version}" in why
+    assert reg.baseline_for("2026-11-17")[0] is None
+
+
 def _no_aliases(*args, **kwargs):
     # what an alias call returns from Azure ML's MLflow registry (the endpoint does not exist)
     raise RestException({"error_code": "ENDPOINT_NOT_FOUND", "message": "No API found for alias"})
