@@ -240,7 +240,7 @@ def test_metrics_count_requests_rows_and_probabilities(strict: str) -> None:
     assert values['ctr_request_seconds_bucket{le="+Inf"}'] == values["ctr_request_seconds_count"] > 0
     assert values[f'ctr_model_info{{version="{ready["model_version"]}"}}'] == 1
     assert math.isclose(values["ctr_model_loaded_timestamp_seconds"], ready["loaded_at"], rel_tol=1e-9)
-    assert ready["fast_paths"] == {"single_row": True, "tsv": True, "tsv_numpy": True, "batch": True}
+    assert ready["fast_paths"] == {"single_row": True, "tsv": True, "tsv_numpy": True, "batch": True, "json_rows": True}
 
 
 def test_openapi_document_describes_the_api(strict: str) -> None:

@@ -179,3 +179,63 @@ def test_batch_predictor_is_bit_identical_to_booster_predict() -> None:
     assert batch.predict(np.empty((0, 39))).shape == (0,)
     with pytest.raises(ValueError, match="shape"):
         batch.predict(np.zeros((3, 38)))
+
+
+# ---- JSON rows: one pass == check_rows + FeatureTransform.row ---------------------------------
+
+_ODD_JSON = [None, True, False, 3.0, 3.5, float("nan"), "3", 2**53, -(2**53), 2**53 + 1, [], {}, "abcdef12",
+             "ABCDEF12", "abcdefgh", "abc", "", 0, 1, 2, -1]
+
+
+def _json_rows(seed: int, n: int, odd: float) -> list:
+    rng = random.Random(seed)
+    rows: list = []
+    for _ in range(n):
+        if rng.random() < odd / 4:
+            rows.append(rng.choice([[1], "row", 7, None]))
+            continue
+        row: dict = {}
+        if rng.random() < 0.3:
+            row["label"] = rng.choice([0, 1, None]) if rng.random() > odd else rng.choice(_ODD_JSON)
+        for c in INT_COLUMNS:
+            r = rng.random()
+            if r < 0.2:
+                continue
+            row[c] = None if r < 0.3 else rng.choice(_ODD_JSON) if r < 0.3 + odd else rng.randint(-5, 10**6)
+        for c in CAT_COLUMNS:
+            vocab, r = TRANSFORM.vocab[c], rng.random()
+            if r < 0.2:
+                continue
+            if r < 0.3:
+                row[c] = None
+            elif r < 0.3 + odd:
+                row[c] = rng.choice(_ODD_JSON)
+            else:
+                v = rng.choice(vocab) if vocab and r < 0.7 else f"{rng.getrandbits(32):08x}"
+                row[c] = v.upper() if rng.random() < 0.2 else v
+        if rng.random() < odd / 4:
+            row[rng.choice(["I14", "c1", "id"])] = 1
+        items = list(row.items())
+        rng.shuffle(items)
+        rows.append(dict(items))
+    return rows
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32), n=st.integers(0, 20), odd=st.sampled_from([0.0, 0.0, 0.02, 0.2]))
+def test_json_rows_encoder_equals_check_rows_and_transform(seed: int, n: int, odd: float) -> None:
+    from ctr.serving.batch_encode import JsonRowsEncoder
+    from ctr.serving.validation import RequestError, check_rows
+
+    rows = _json_rows(seed, n, odd)
+    fast = JsonRowsEncoder(TRANSFORM).encode(rows)
+    try:
+        ref = TRANSFORM.rows_matrix(check_rows(rows))
+    except RequestError:
+        assert fast is None, "the one-pass encoder accepted rows check_rows refuses"
+        return
+    if odd == 0.0:
+        assert fast is not None, "plain rows missed the one-pass encoder"
+    if fast is not None:
+        assert fast.shape == ref.shape == (n, 39)
+        assert np.array_equal(fast, ref, equal_nan=True)

@@ -159,7 +159,7 @@ class ScoringApp:
         if ctype in JSON_TYPES:
             rows = score_rows(parse_json(body))
             self._check_count(len(rows))
-            probs = await self._predict_rows(model, check_rows(rows))
+            probs = await self._predict_rows(model, rows)
         elif ctype in TSV_TYPES:
             probs = await self._predict_tsv(model, body)
         else:
@@ -175,24 +175,25 @@ class ScoringApp:
         model = self.holder.current
         rows = invocation_rows(parse_json(body))
         self._check_count(len(rows))
-        probs = await self._predict_rows(model, check_rows(rows))
+        probs = await self._predict_rows(model, rows)
         return await _respond(send, model, b'{"model_version":', b',"predictions":', probs)
 
-    async def _predict_rows(self, model: ServedModel, rows: list[dict[str, Any]]) -> np.ndarray:
-        if not rows:
-            return np.empty(0)
+    async def _predict_rows(self, model: ServedModel, rows: list[Any]) -> np.ndarray:
+        """Unchecked JSON rows -> probabilities; a client mistake raises RequestError (row, field)."""
         if len(rows) < BATCH_THREADED_ROWS:
-            p = model.predict_rows(rows)
+            checked = check_rows(rows)
+            if not checked:
+                return np.empty(0)
+            p = model.predict_rows(checked)
         else:
-            row = model.bundle.transform.row
-            x = np.array([row(r) for r in rows], dtype=np.float64)
+            x = model.encode_rows(rows)
             p = await asyncio.get_running_loop().run_in_executor(self._pool, model.predict_matrix, x)
         self.metrics.observe_predictions(p)
         return p
 
     async def _predict_tsv(self, model: ServedModel, body: bytes) -> np.ndarray:
         n = body.count(b"\n") + (0 if body.endswith(b"\n") else 1)
-        if not body.strip():
+        if not body or body.isspace():
             raise RequestError(400, "empty body; expected raw Criteo lines (label, I1..I13, C1..C26, tab-separated)")
         self._check_count(n)
         x = model.encode_tsv(body)
@@ -216,7 +217,8 @@ class ScoringApp:
                "loaded_at": m.loaded_at,
                "loaded_at_iso": dt.datetime.fromtimestamp(m.loaded_at, dt.UTC).isoformat(timespec="seconds"),
                "fast_paths": {"single_row": m.single is not None, "tsv": m.tsv is not None,
-                              "tsv_numpy": m.tsv_numpy is not None, "batch": m.batch is not None}}
+                              "tsv_numpy": m.tsv_numpy is not None, "batch": m.batch is not None,
+                              "json_rows": m.rows is not None}}
         await _send_json(send, 200, doc, [(b"x-model-version", m.header)])
         return 200
 

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 
 from ctr.bundle import Bundle
-from ctr.serving.batch_encode import NumpyTsvEncoder
+from ctr.serving.batch_encode import JsonRowsEncoder, NumpyTsvEncoder
 from ctr.serving.fast import BatchPredictor, SingleRowPredictor, TsvEncoder, probe_tsv
+from ctr.serving.validation import check_rows
 
 log = logging.getLogger("ctr.serving")
 
@@ -35,6 +36,7 @@ class ServedModel:
     tsv: TsvEncoder | None
     tsv_numpy: NumpyTsvEncoder | None = None
     batch: BatchPredictor | None = None
+    rows: JsonRowsEncoder | None = None
 
     @property
     def version(self) -> str:
@@ -58,10 +60,12 @@ class ServedModel:
         tsv = _verified_tsv(bundle, rows, want, TsvEncoder)
         tsv_numpy = _verified_tsv(bundle, rows, want, NumpyTsvEncoder)
         batch = _verified_batch(bundle, rows, want)
-        log.info("model ready version=%s bundle=%s single_row_fast=%s tsv_fast=%s tsv_numpy=%s batch_fast=%s",
-                 bundle.version, bundle.path, single is not None, tsv is not None, tsv_numpy is not None,
-                 batch is not None)
-        return cls(bundle=bundle, loaded_at=time.time(), single=single, tsv=tsv, tsv_numpy=tsv_numpy, batch=batch)
+        json_rows = _verified_rows(bundle, rows)
+        log.info("model ready version=%s bundle=%s single_row_fast=%s tsv_fast=%s tsv_numpy=%s batch_fast=%s "
+                 "json_rows_fast=%s", bundle.version, bundle.path, single is not None, tsv is not None,
+                 tsv_numpy is not None, batch is not None, json_rows is not None)
+        return cls(bundle=bundle, loaded_at=time.time(), single=single, tsv=tsv, tsv_numpy=tsv_numpy, batch=batch,
+                   rows=json_rows)
 
     # ---- scoring (the numbers are the Bundle's; see fast.py) ------------------------------
     def predict_rows(self, rows: list[dict[str, Any]]) -> np.ndarray:
@@ -78,6 +82,11 @@ class ServedModel:
         if x is None and self.tsv is not None:
             x = self.tsv.encode(body)
         return x
+
+    def encode_rows(self, rows: list[Any]) -> np.ndarray:
+        """Unchecked JSON rows -> feature matrix; RequestError naming row and field for a mistake."""
+        x = self.rows.encode(rows) if self.rows is not None else None
+        return self.bundle.transform.rows_matrix(check_rows(rows)) if x is None else x
 
     def predict_matrix(self, x: np.ndarray) -> np.ndarray:
         """One thread per call: the service runs two calls at once rather than one on two threads."""
@@ -112,6 +121,21 @@ def _verified_batch(bundle: Bundle, rows: list[dict[str, Any]], want: np.ndarray
         log.warning("batch fast path off for %s: differs from Booster.predict on probe rows", bundle.path)
         return None
     return batch
+
+
+def _verified_rows(bundle: Bundle, rows: list[dict[str, Any]]) -> JsonRowsEncoder | None:
+    try:
+        enc = JsonRowsEncoder(bundle.transform)
+        got = enc.encode(rows)
+        ref = bundle.transform.rows_matrix(check_rows(rows))
+    except Exception as e:
+        log.warning("JSON rows fast path off for %s: %s", bundle.path, e)
+        return None
+    if got is None or not np.array_equal(got, ref, equal_nan=True):
+        log.warning("JSON rows fast path off for %s: differs from check_rows + FeatureTransform.row on probe rows",
+                    bundle.path)
+        return None
+    return enc
 
 
 def _verified_tsv(bundle: Bundle, rows: list[dict[str, Any]], want: np.ndarray,
