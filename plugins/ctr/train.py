@@ -5,11 +5,11 @@ two trainings on the same data give a byte-identical `model.txt`. Early stopping
 time-ordered validation slice: the last day of the training range (or, for a one-day range,
 its last tenth); the holdout day is never seen here.
 
-Bounded by design: the staged Parquet is streamed twice, chunk by chunk. Pass 1 counts
-categorical values (Arrow, exact) for the vocabularies; pass 2 encodes each chunk into its own
-float64 matrix and hands LightGBM the list of chunks (`LGBM_DatasetCreateFromMats`, no
-concatenated copy). Raw string tables are never all in memory at once; a `lightgbm.Sequence`
-over spilled chunks is the next step for ranges that do not fit (issue 10).
+Bounded by design (docs/scale.md): the staged Parquet is streamed twice, chunk by chunk. Pass 1
+counts categorical values exactly with sorted runs spilled to disk (`ctr.vocab_spill`); pass 2
+encodes each chunk with the serving transform and spills it (`ctr.dataset_chunks`), and LightGBM
+builds its Dataset from those chunks through `lightgbm.Sequence`. No process holds all rows'
+raw or encoded features; what grows with the rows is LightGBM's binned Dataset and the labels.
 """
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -30,8 +31,12 @@ import pyarrow as pa
 import ctr
 from ctr.bundle import Bundle, bundle_digest, write_probe
 from ctr.data.landing import daterange, read_staged
-from ctr.features import CAT_INDEX, FeatureTransform, VocabCounter
+from ctr.features import CAT_INDEX, FeatureTransform
 from ctr.schema import FEATURE_COLUMNS, INT_COLUMNS, LABEL
+from ctr.vocab_spill import SpillingVocabCounter
+
+if TYPE_CHECKING:
+    from ctr.dataset_chunks import EncodedChunks
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +66,10 @@ EARLY_STOPPING = 30
 DEFAULT_MIN_COUNT = 10
 DEFAULT_MAX_VOCAB = 10_000
 PROGRESS_EVERY = 25  # trees between progress log lines
+ROUNDS_ALIASES = ("num_iterations", "num_iteration", "n_iter", "num_tree", "num_trees", "num_round", "num_rounds",
+                  "nrounds", "num_boost_round", "n_estimators", "max_iter")
+EARLY_STOPPING_ALIASES = ("early_stopping_round", "early_stopping_rounds", "early_stopping", "n_iter_no_change")
+SAVE_DATASET_ENV = "CTR_TRAIN_SAVE_DATASET"  # benchmarks only: save the binned training Dataset to this path
 
 
 class TrainingError(RuntimeError):
@@ -80,6 +89,22 @@ class TrainConfig:
     max_vocab: int = DEFAULT_MAX_VOCAB
     missing: str = "nan"              # categorical missing: NaN or its own code (ctr.features)
     params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """The DAG passes one object of training overrides (`lgb_params`); besides LightGBM's own
+        parameters it may set the number of trees (`num_iterations` or an alias -> `rounds`), early
+        stopping (`early_stopping_round` -> `early_stopping`) and the vocabulary (`max_vocab`, `min_count`)."""
+        params = dict(self.params)
+        for key in ROUNDS_ALIASES:
+            if key in params:
+                self.rounds = int(params.pop(key))
+        for key in EARLY_STOPPING_ALIASES:
+            if key in params:
+                self.early_stopping = int(params.pop(key))
+        for key in ("max_vocab", "min_count"):
+            if key in params:
+                setattr(self, key, int(params.pop(key)))
+        self.params = params
 
     def lgb_params(self) -> dict[str, Any]:
         p = {**DEFAULT_PARAMS, **self.params}
@@ -174,26 +199,10 @@ def plan_split(staging: Path, cfg: TrainConfig) -> Split:
     return split
 
 
-@dataclass
-class Encoded:
-    """Encoded rows of one role: chunk matrices (float64, 39 wide) and labels."""
-
-    mats: list[np.ndarray] = field(default_factory=list)
-    labels: list[np.ndarray] = field(default_factory=list)
-    head: pa.Table | None = None   # the first raw rows, kept for the bundle's probe
-
-    @property
-    def rows(self) -> int:
-        return sum(len(m) for m in self.mats)
-
-    def y(self) -> np.ndarray:
-        return np.concatenate(self.labels) if self.labels else np.empty(0, dtype=np.float64)
-
-
-def count_vocabulary(split: Split) -> tuple[VocabCounter, dict[str, int], list[str]]:
-    """Pass 1: categorical value counts over the training role; rows per role; integer columns
-    that are entirely missing in the training rows."""
-    counter = VocabCounter()
+def count_vocabulary(split: Split, spill: Path | None = None) -> tuple[SpillingVocabCounter, dict[str, int], list[str]]:
+    """Pass 1: categorical value counts over the training role (exact, spilled under `spill`);
+    rows per role; integer columns that are entirely missing in the training rows."""
+    counter = SpillingVocabCounter(spill)
     rows = {"train": 0, "valid": 0}
     int_missing = dict.fromkeys(INT_COLUMNS, 0)
     for role, t in split.chunks():
@@ -206,17 +215,20 @@ def count_vocabulary(split: Split) -> tuple[VocabCounter, dict[str, int], list[s
     return counter, rows, empty_ints
 
 
-def encode(split: Split, transform: FeatureTransform) -> dict[str, Encoded]:
-    """Pass 2: each chunk -> its own float64 matrix; sample rows for the probe are kept."""
-    out = {"train": Encoded(), "valid": Encoded()}
+def encode(split: Split, transform: FeatureTransform, spill: Path) -> tuple[dict[str, EncodedChunks], pa.Table | None]:
+    """Pass 2: each chunk -> the serving transform -> a spill file under `spill`; the first
+    validation rows are kept (raw) for the bundle's probe."""
+    from ctr.dataset_chunks import EncodedChunks
+
+    out = {role: EncodedChunks(spill / role) for role in ("train", "valid")}
+    head = None
     for role, t in split.chunks():
         if t.num_rows == 0:
             continue
-        if out[role].head is None:
-            out[role].head = t.slice(0, 16)
-        out[role].mats.append(transform.transform_table(t))
-        out[role].labels.append(t.column(LABEL).to_numpy().astype(np.float64))
-    return out
+        if role == "valid" and head is None:
+            head = t.slice(0, 16)
+        out[role].append(transform.transform_table(t), t.column(LABEL).to_numpy())
+    return out, head
 
 
 def _progress(every: int, built: list[int]) -> Callable[[Any], None]:
@@ -252,12 +264,19 @@ def _row_count_problems(split: Split) -> list[str]:
 
 def train(staging: Path, out_dir: Path, cfg: TrainConfig, extra_metadata: dict[str, Any] | None = None) -> Path:
     """Train on staged days [cfg.start, cfg.end] and write a bundle to `out_dir`."""
+    from ctr.dataset_chunks import SpillDir
+
+    with SpillDir(Path(out_dir).parent, prefix=f".spill-{Path(out_dir).name}-") as spill:
+        return _train(staging, Path(out_dir), cfg, spill.path, extra_metadata)
+
+
+def _train(staging: Path, out_dir: Path, cfg: TrainConfig, spill: Path, extra_metadata: dict[str, Any] | None) -> Path:
     import lightgbm as lgb
 
     t0 = time.monotonic()
     split = plan_split(staging, cfg)
     days = split.days
-    counter, rows, empty_ints = count_vocabulary(split)
+    counter, rows, empty_ints = count_vocabulary(split, spill)
     if rows["train"] == 0 or rows["valid"] == 0:
         empty = _row_count_problems(split)
         raise TrainingError(
@@ -266,22 +285,35 @@ def train(staging: Path, out_dir: Path, cfg: TrainConfig, extra_metadata: dict[s
             f"{'; sample_fraction=' + str(cfg.sample_fraction) if cfg.sample_fraction < 1 else ''})"
         )
     transform = FeatureTransform.from_counter(counter, cfg.min_count, cfg.max_vocab, cfg.missing)
+    spilled = counter.spilled_pairs
+    counter.close()
     notes = transform.notes + [f"{c}: entirely missing in the training range; it carries no signal" for c in empty_ints]
     for note in notes:
         log.warning("features: %s", note)
-    log.info("vocabularies days=%s..%s train_rows=%d sizes=%s secs=%.1f", days[0], days[-1], rows["train"],
-             transform.vocab_sizes, time.monotonic() - t0)
-    enc = encode(split, transform)
+    log.info("vocabularies days=%s..%s train_rows=%d sizes=%s spilled_pairs=%s secs=%.1f", days[0], days[-1],
+             rows["train"], transform.vocab_sizes, spilled, time.monotonic() - t0)
+    enc, probe_rows = encode(split, transform, spill)
     y_tr, y_va = enc["train"].y(), enc["valid"].y()
-    probe_rows = enc["valid"].head
     if len(np.unique(y_tr)) < 2:
         raise TrainingError(f"training rows of {days[0]}..{days[-1]} hold a single class; cannot train a click model")
     log.info("train rows=%d valid rows=%d (validation day %s) features=%d chunks=%d read_secs=%.1f",
-             len(y_tr), len(y_va), split.valid_days, len(FEATURE_COLUMNS), len(enc["train"].mats), time.monotonic() - t0)
+             len(y_tr), len(y_va), split.valid_days, len(FEATURE_COLUMNS), len(enc["train"]), time.monotonic() - t0)
     params = _per_tree_metrics(cfg.lgb_params())
-    dtrain = lgb.Dataset(enc["train"].mats, y_tr, feature_name=FEATURE_COLUMNS, categorical_feature=CAT_INDEX,
-                         free_raw_data=True)
-    dvalid = lgb.Dataset(enc["valid"].mats, y_va, reference=dtrain)
+    dtrain = lgb.Dataset(enc["train"].sequences(), y_tr, feature_name=FEATURE_COLUMNS, categorical_feature=CAT_INDEX,
+                         free_raw_data=True, params=params)
+    dvalid = lgb.Dataset(enc["valid"].sequences(), y_va, reference=dtrain, feature_name=FEATURE_COLUMNS,
+                         categorical_feature=CAT_INDEX, params=params)
+    t_ds = time.monotonic()
+    dtrain.construct()
+    dvalid.construct()
+    enc["train"].release()
+    enc["valid"].release()
+    log.info("datasets built from %d spilled chunks secs=%.1f", len(enc["train"]) + len(enc["valid"]),
+             time.monotonic() - t_ds)
+    if os.environ.get(SAVE_DATASET_ENV):  # benchmarks/scale.py times raw lightgbm.train on these very bins
+        t_save = time.monotonic()
+        dtrain.save_binary(os.environ[SAVE_DATASET_ENV])
+        log.info("binned training dataset saved path=%s secs=%.1f", os.environ[SAVE_DATASET_ENV], time.monotonic() - t_save)
     evals: dict[str, Any] = {}
     built_box = [0]
     callbacks = [_progress(PROGRESS_EVERY, built_box), lgb.record_evaluation(evals)]
@@ -298,7 +330,7 @@ def train(staging: Path, out_dir: Path, cfg: TrainConfig, extra_metadata: dict[s
     if "auc" not in valid_metrics:
         from ctr.evaluate import auc
 
-        p_valid = np.concatenate([booster.predict(m, num_iteration=best) for m in enc["valid"].mats])
+        p_valid = np.concatenate([booster.predict(m, num_iteration=best) for m in enc["valid"].matrices()])
         valid_metrics["auc"] = auc(y_va, p_valid)
     del enc
     log.info("trees built=%d best_iteration=%d valid=%s train_secs=%.1f", built, best, valid_metrics, train_secs)
