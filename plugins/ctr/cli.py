@@ -30,7 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="write a synthetic Criteo-format landing zone")
     g.add_argument("--out", required=True, type=Path)
     g.add_argument("--days", type=int, required=True)
-    g.add_argument("--rows-per-day", type=int, required=True)
+    rows = g.add_mutually_exclusive_group(required=True)
+    rows.add_argument("--rows-per-day", type=int)
+    rows.add_argument("--rows", type=int, help="total rows spread evenly over the days (45840617 = full Criteo)")
     g.add_argument("--end-date", type=_date, default=dt.date.today() - dt.timedelta(days=1))
     g.add_argument("--seed", type=int, default=7)
     g.add_argument("--drift", type=float, default=0.0, help="day-to-day drift of the true effects (0 = none)")
@@ -79,11 +81,13 @@ def _stage_range(data: str, staging: Path, settings: Settings, days: list[dt.dat
 
 
 def cmd_generate(a: argparse.Namespace, settings: Settings) -> int:
-    from ctr.data.generate import GeneratorConfig, generate
+    from ctr.data.generate import GeneratorConfig, generate, split_rows
 
-    paths = generate(a.out, a.days, a.rows_per_day, a.end_date, GeneratorConfig(seed=a.seed, drift=a.drift,
-                                                                           cardinality_scale=a.cardinality_scale))
-    print(f"wrote {len(paths)} days x {a.rows_per_day} rows under {a.out}", file=sys.stderr)
+    per_day = a.rows_per_day if a.rows is None else split_rows(a.rows, a.days)
+    paths = generate(a.out, a.days, per_day, a.end_date, GeneratorConfig(seed=a.seed, drift=a.drift,
+                                                                         cardinality_scale=a.cardinality_scale))
+    total = a.rows_per_day * a.days if a.rows is None else a.rows
+    print(f"wrote {len(paths)} days, {total} rows under {a.out}", file=sys.stderr)
     return 0
 
 

@@ -262,11 +262,23 @@ def _drain(fut, fh, writer: pq.ParquetWriter) -> None:
     writer.write_table(pa.table({"p": p}))
 
 
-def generate(root: Path, days: int, rows_per_day: int, end_date: dt.date, cfg: GeneratorConfig) -> list[Path]:
-    """Write `days` consecutive days ending at `end_date` (inclusive)."""
-    if days < 1 or rows_per_day < 1:
+def split_rows(total: int, days: int) -> list[int]:
+    """`total` rows over `days` days as evenly as possible, earlier days taking the remainder
+    (45,840,617 over 7 days: 6,548,660 x 4 then 6,548,659 x 3)."""
+    if days < 1 or total < days:
+        raise ValueError(f"--rows ({total}) must be at least --days ({days}) and --days at least 1")
+    base, extra = divmod(total, days)
+    return [base + (1 if i < extra else 0) for i in range(days)]
+
+
+def generate(root: Path, days: int, rows_per_day: int | list[int], end_date: dt.date,
+             cfg: GeneratorConfig) -> list[Path]:
+    """Write `days` consecutive days ending at `end_date` (inclusive); `rows_per_day` is one count
+    for every day or a list with one count per day (see `split_rows`)."""
+    per_day = [rows_per_day] * days if isinstance(rows_per_day, int) else list(rows_per_day)
+    if days < 1 or len(per_day) != days or min(per_day) < 1:
         raise ValueError(f"--days ({days}) and --rows-per-day ({rows_per_day}) must be at least 1")
     if not cfg.cardinality_scale > 0:
         raise ValueError(f"--cardinality-scale ({cfg.cardinality_scale}) must be > 0 (1 = the real cardinalities)")
     start = end_date - dt.timedelta(days=days - 1)
-    return [write_day(root, start + dt.timedelta(days=i), rows_per_day, cfg) for i in range(days)]
+    return [write_day(root, start + dt.timedelta(days=i), per_day[i], cfg) for i in range(days)]
