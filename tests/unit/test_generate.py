@@ -120,3 +120,19 @@ def test_generate_cli_writes_days_and_rejects_bad_arguments(tmp_path: Path, caps
     assert "--days (0)" in capsys.readouterr().err
     with pytest.raises(ValueError, match="rows-per-day"):
         generate(tmp_path, 1, 0, DAY, GeneratorConfig())
+
+
+def test_total_rows_spread_over_days(tmp_path: Path) -> None:
+    from ctr.cli import main
+    from ctr.data.generate import split_rows
+
+    assert split_rows(45_840_617, 7) == [6_548_660] * 4 + [6_548_659] * 3
+    assert sum(split_rows(45_840_617, 7)) == 45_840_617
+    with pytest.raises(ValueError, match="--rows"):
+        split_rows(3, 7)
+    assert main(["generate", "--out", str(tmp_path), "--days", "3", "--rows", "1001", "--end-date", "2026-11-20",
+                 "--cardinality-scale", "0.001"]) == 0
+    from ctr.data.reader import read_table
+
+    rows = [read_table(str(tmp_path / f"day=2026-11-{d}" / "part-00000.tsv.gz"))[0].num_rows for d in (18, 19, 20)]
+    assert rows == [334, 334, 333]
