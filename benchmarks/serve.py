@@ -200,10 +200,16 @@ def main(argv: list[str] | None = None) -> int:
     ctr = Server([sys.executable, "-m", "ctr.cli", "serve", "--model", str(bundle_dir), "--port", str(port)],
                  "/readyz", port, work / "ctr.log", env)
     try:
+        with urllib.request.urlopen(ctr.url + "/readyz", timeout=10) as r:
+            result["ctr_fast_paths"] = json.loads(r.read())["fast_paths"]
         got = post(ctr.url + "/invocations", single, "application/json")["predictions"][0]
         assert abs(got - want_single) <= 1e-12, (got, want_single)
         got_batch = np.array(post(ctr.url + "/v1/score", batch_tsv, "text/tab-separated-values")["probabilities"])
         assert np.max(np.abs(got_batch - want_batch)) <= 1e-12
+        batch_json = json.dumps({"rows": [{k: v for k, v in r.items() if v is not None}
+                                          for r in table.select(FEATURE_COLUMNS).slice(0, a.batch_rows).to_pylist()]})
+        got_json = np.array(post(ctr.url + "/v1/score", batch_json.encode(), "application/json")["probabilities"])
+        assert np.max(np.abs(got_json - want_batch)) <= 1e-12
         wrk(ctr.url + "/invocations", single, "application/json", a.connections, 3, work)  # warm-up
         log("ctr single-row run ...")
         ctr_single = wrk(ctr.url + "/invocations", single, "application/json", a.connections, a.duration, work)
@@ -212,8 +218,6 @@ def main(argv: list[str] | None = None) -> int:
         log("ctr batch run ...")
         wrk(ctr.url + "/v1/score", batch_tsv, "text/tab-separated-values", a.connections, 3, work)
         ctr_batch = wrk(ctr.url + "/v1/score", batch_tsv, "text/tab-separated-values", a.connections, a.duration, work)
-        batch_json = json.dumps({"rows": [{k: v for k, v in r.items() if v is not None}
-                                          for r in table.select(FEATURE_COLUMNS).slice(0, a.batch_rows).to_pylist()]})
         ctr_batch_json = wrk(ctr.url + "/v1/score", batch_json.encode(), "application/json", a.connections,
                              a.duration, work)
     finally:
