@@ -358,7 +358,12 @@ def verify(context: dict[str, Any], rolled: dict[str, Any]) -> dict[str, Any]:
 
     s = settings()
     n = int(context["params"].get("verify_rows", 100))
-    rows = pa.concat_tables(read_staged(_staging(s), holdout_day(context))).slice(0, n)
+    head: list[pa.Table] = []
+    for t in read_staged(_staging(s), holdout_day(context)):  # the first n rows, not the whole day
+        head.append(t.slice(0, n - sum(h.num_rows for h in head)))
+        if sum(h.num_rows for h in head) >= n:
+            break
+    rows = pa.concat_tables(head)
     try:
         if context["params"].get("fail_verify"):  # operator drill: prove the rollback path end to end
             raise RuntimeError("fail_verify=true: verification forced to fail")
