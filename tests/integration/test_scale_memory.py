@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from ctr.data.generate import GeneratorConfig, generate
-from ctr.data.landing import read_staged
+from ctr.data.landing import READ_BATCH_ROWS, read_staged
 from ctr.data.reader import DEFAULT_CHUNK_BYTES, PARSE_WORKERS
 from ctr.vocab_spill import DEFAULT_BUFFER_ENTRIES
 
@@ -33,7 +33,6 @@ pytestmark = pytest.mark.integration
 END = dt.date(2026, 7, 2)
 SIZES = (1_000_000, 2_000_000)   # rows of the one-day landing zones
 GROWTH_MIB = {"ingest": 96, "vocabulary": 32}   # measured: ingest +1..+25, vocabulary -19..+9, control +77
-READ_BATCH_ROWS = 262_144       # ctr.data.landing.read_staged's batch size
 STAGED_ROW_BYTES = 430          # Arrow bytes of one staged row: 26 x (8 + 4) strings, 13 x 8 ints, label, validity
 
 CHILD = r"""
