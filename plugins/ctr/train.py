@@ -69,6 +69,10 @@ PROGRESS_EVERY = 25  # trees between progress log lines
 ROUNDS_ALIASES = ("num_iterations", "num_iteration", "n_iter", "num_tree", "num_trees", "num_round", "num_rounds",
                   "nrounds", "num_boost_round", "n_estimators", "max_iter")
 EARLY_STOPPING_ALIASES = ("early_stopping_round", "early_stopping_rounds", "early_stopping", "n_iter_no_change")
+# Encoded rows up to this many bytes (float64, 39 wide; train + valid) go to LightGBM as in-memory
+# matrices, where it samples bins in C++; above it, through lightgbm.Sequence over the spilled chunks
+# (bounded memory, but its per-row Python sampling costs seconds). 1 GiB is ~3.4M rows.
+IN_MEMORY_ENV, IN_MEMORY_MAX_BYTES = "CTR_TRAIN_IN_MEMORY_MAX_BYTES", 1 << 30
 SAVE_DATASET_ENV = "CTR_TRAIN_SAVE_DATASET"  # benchmarks only: save the binned training Dataset to this path
 
 
@@ -299,17 +303,19 @@ def _train(staging: Path, out_dir: Path, cfg: TrainConfig, spill: Path, extra_me
     log.info("train rows=%d valid rows=%d (validation day %s) features=%d chunks=%d read_secs=%.1f",
              len(y_tr), len(y_va), split.valid_days, len(FEATURE_COLUMNS), len(enc["train"]), time.monotonic() - t0)
     params = _per_tree_metrics(cfg.lgb_params())
-    dtrain = lgb.Dataset(enc["train"].sequences(), y_tr, feature_name=FEATURE_COLUMNS, categorical_feature=CAT_INDEX,
+    in_memory = (len(y_tr) + len(y_va)) * len(FEATURE_COLUMNS) * 8 <= int(os.environ.get(IN_MEMORY_ENV, IN_MEMORY_MAX_BYTES))
+    source = (lambda c: list(c.matrices())) if in_memory else (lambda c: c.sequences())
+    dtrain = lgb.Dataset(source(enc["train"]), y_tr, feature_name=FEATURE_COLUMNS, categorical_feature=CAT_INDEX,
                          free_raw_data=True, params=params)
-    dvalid = lgb.Dataset(enc["valid"].sequences(), y_va, reference=dtrain, feature_name=FEATURE_COLUMNS,
+    dvalid = lgb.Dataset(source(enc["valid"]), y_va, reference=dtrain, feature_name=FEATURE_COLUMNS,
                          categorical_feature=CAT_INDEX, params=params)
     t_ds = time.monotonic()
     dtrain.construct()
     dvalid.construct()
     enc["train"].release()
     enc["valid"].release()
-    log.info("datasets built from %d spilled chunks secs=%.1f", len(enc["train"]) + len(enc["valid"]),
-             time.monotonic() - t_ds)
+    log.info("datasets built from %d spilled chunks (%s) secs=%.1f", len(enc["train"]) + len(enc["valid"]),
+             "in memory" if in_memory else "lightgbm.Sequence", time.monotonic() - t_ds)
     if os.environ.get(SAVE_DATASET_ENV):  # benchmarks/scale.py times raw lightgbm.train on these very bins
         t_save = time.monotonic()
         dtrain.save_binary(os.environ[SAVE_DATASET_ENV])

@@ -53,8 +53,14 @@ def _cfg(**kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-def test_two_trainings_give_identical_model_and_bundle(staging: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("dataset_from", ["in-memory matrices", "lightgbm.Sequence"])
+def test_two_trainings_give_identical_model_and_bundle(staging: Path, tmp_path: Path, monkeypatch, caplog,
+                                                       dataset_from: str) -> None:
+    if dataset_from == "lightgbm.Sequence":  # the large-range path (issue 10), forced on small data
+        monkeypatch.setenv("CTR_TRAIN_IN_MEMORY_MAX_BYTES", "0")
+    caplog.set_level(logging.INFO, logger="ctr.train")
     a = train(staging, tmp_path / "a", _cfg())
+    assert ("lightgbm.Sequence" if dataset_from == "lightgbm.Sequence" else "in memory") in caplog.text
     b = train(staging, tmp_path / "b", _cfg())
     assert (a / "model.txt").read_bytes() == (b / "model.txt").read_bytes()
     for name in ("features.json", "probe.json", "MLmodel"):
