@@ -12,9 +12,6 @@ one chunk, never a matrix of all rows.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -95,22 +92,3 @@ class ChunkSequence(lgb.Sequence):
 
     def __getitem__(self, idx: int | slice) -> np.ndarray:
         return self.store.load(self.i)[idx]
-
-
-class SpillDir:
-    """A temporary folder for spill files (next to the bundle by default), removed on close."""
-
-    def __init__(self, parent: Path | None = None, prefix: str = "ctr-spill-") -> None:
-        if parent is not None:
-            Path(parent).mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.path), True)
-
-    def close(self) -> None:
-        self._finalizer()
-
-    def __enter__(self) -> SpillDir:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

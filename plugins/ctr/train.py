@@ -268,7 +268,7 @@ def _row_count_problems(split: Split) -> list[str]:
 
 def train(staging: Path, out_dir: Path, cfg: TrainConfig, extra_metadata: dict[str, Any] | None = None) -> Path:
     """Train on staged days [cfg.start, cfg.end] and write a bundle to `out_dir`."""
-    from ctr.dataset_chunks import SpillDir
+    from ctr.spill_dir import SpillDir
 
     with SpillDir(Path(out_dir).parent, prefix=f".spill-{Path(out_dir).name}-") as spill:
         return _train(staging, Path(out_dir), cfg, spill.path, extra_metadata)

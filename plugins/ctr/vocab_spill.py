@@ -22,9 +22,6 @@ value) pair. `vocabulary()` still applies the one rule, `ctr.features.select_voc
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
-import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +32,7 @@ import pyarrow.compute as pc
 
 from ctr.features import VocabCounter, select_vocabulary
 from ctr.schema import CAT_COLUMNS
+from ctr.spill_dir import SpillDir
 
 log = logging.getLogger(__name__)
 
@@ -111,14 +109,12 @@ class SpillingVocabCounter(VocabCounter):
         if buffer_entries < 1024:
             raise ValueError(f"buffer_entries={buffer_entries} is too small; use at least 1024")
         self.buffer_entries = buffer_entries
-        if spill_dir is not None:
-            Path(spill_dir).mkdir(parents=True, exist_ok=True)
-        self.dir = Path(tempfile.mkdtemp(prefix="ctr-vocab-", dir=spill_dir))
+        self._spill = SpillDir(spill_dir, prefix="ctr-vocab-")
+        self.dir = self._spill.path
         self._cols = {c: _Column() for c in CAT_COLUMNS}
-        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.dir), True)
 
     def close(self) -> None:
-        self._finalizer()
+        self._spill.close()
 
     def __enter__(self) -> SpillingVocabCounter:
         return self
