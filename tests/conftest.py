@@ -22,9 +22,9 @@ from tests.loopback import stop_process
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before any lightgbm import; see ctr/__init__.py
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-RAW_SAMPLE = SHARED_DATA / "criteo_raw_sample_100.tsv"
-CSV_SAMPLE = SHARED_DATA / "criteo_deepctr_sample_200.csv"
+TEST_DATA = REPO / "tests" / "data"  # real Criteo extracts, committed with their sources (tests/data/README.md)
+RAW_SAMPLE = TEST_DATA / "criteo_raw_sample_100.tsv"
+CSV_SAMPLE = TEST_DATA / "criteo_deepctr_sample_200.csv"
 END_DAY = dt.date(2026, 11, 20)
 
 

@@ -2,7 +2,7 @@
 
 Paths: `Booster.predict` on the transformed matrix (the reference), `mlflow.pyfunc.load_model`,
 `ctr score` (a subprocess), the scoring service (`ctr serve` on a loopback port) and the
-single-row fast path `Bundle.predict_rows`. Inputs: the real samples in ../shared/data and
+single-row fast path `Bundle.predict_rows`. Inputs: the real samples in tests/data and
 10,000 generated rows in which some values are replaced by unseen codes or made missing.
 """
 
