@@ -10,6 +10,7 @@ re-stage finishes on the copy it started on.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import os
 import shutil
@@ -179,3 +180,23 @@ def test_a_read_in_progress_finishes_on_its_copy(root: Path, tmp_path: Path) -> 
     rest = list(reader)
     assert first.num_rows + sum(t.num_rows for t in rest) == 50, "the started read saw the old copy only"
     assert _rows(tmp_path) == 35, "a read started after the swap sees the new copy only"
+
+
+def test_ctr_train_on_another_landing_zone_trains_on_its_rows(tmp_path: Path, monkeypatch) -> None:
+    """`ctr train --data A` then `--data B` for the same day: the second bundle holds B's rows, not A's."""
+    from ctr.cli import main
+    from ctr.data.generate import GeneratorConfig, generate
+
+    monkeypatch.setenv("CTR_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CTR_NUM_THREADS", "1")
+    a, b = tmp_path / "A", tmp_path / "B"
+    generate(a, 1, 3000, DAY, GeneratorConfig(seed=1, cardinality_scale=0.01))
+    generate(b, 1, 4000, DAY, GeneratorConfig(seed=2, cardinality_scale=0.01))
+    args = ["--from", DAY.isoformat(), "--to", DAY.isoformat()]
+    assert main(["train", "--data", str(a), *args, "--out", str(tmp_path / "ma")]) == 0
+    assert main(["train", "--data", str(b), *args, "--out", str(tmp_path / "mb")]) == 0
+    meta_a = json.loads((tmp_path / "ma" / "metadata.json").read_text())
+    meta_b = json.loads((tmp_path / "mb" / "metadata.json").read_text())
+    assert meta_a["rows"]["total"] == 3000 and meta_b["rows"]["total"] == 4000
+    assert meta_b["data_fingerprints"] == {DAY.isoformat(): fingerprint_day(str(b), DAY).digest}
+    assert meta_a["data_fingerprints"][DAY.isoformat()] != meta_b["data_fingerprints"][DAY.isoformat()]
