@@ -200,3 +200,18 @@ def test_ctr_train_on_another_landing_zone_trains_on_its_rows(tmp_path: Path, mo
     assert meta_a["rows"]["total"] == 3000 and meta_b["rows"]["total"] == 4000
     assert meta_b["data_fingerprints"] == {DAY.isoformat(): fingerprint_day(str(b), DAY).digest}
     assert meta_a["data_fingerprints"][DAY.isoformat()] != meta_b["data_fingerprints"][DAY.isoformat()]
+
+
+def test_part_added_while_staging_fails_the_day(root: Path, tmp_path: Path, monkeypatch) -> None:
+    real = landing.iter_chunks
+
+    def second_part_lands(path, *a, **k):
+        yield from real(path, *a, **k)
+        _write(root, "part-00001.tsv", GOOD[40:50])
+
+    monkeypatch.setattr(landing, "iter_chunks", second_part_lands)
+    with pytest.raises(LandingZoneError, match=r"day=2026-11-04 changed while it was being staged \(part-00001.tsv "
+                                               r"added\); is the export still being written\?"):
+        _stage(root, tmp_path)
+    assert load_report(tmp_path / "staging", DAY) is None and _copies(tmp_path) == []
+    assert not (tmp_path / "quarantine" / f"day={DAY.isoformat()}.tsv").exists()

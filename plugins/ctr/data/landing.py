@@ -300,10 +300,11 @@ def stage_day(
                          fp.digest[:19], rep.rows_in, rep.rows_ok, rep.rows_quarantined)
                 return rep
             log.warning("day=%s re-staged: %s", day, "; ".join(why))
-        return _stage(files, fp, staging_root, Path(quarantine_root), day)
+        return _stage(landing_root, files, fp, staging_root, Path(quarantine_root), day)
 
 
-def _stage(files: list[str], fp: DayFingerprint, staging_root: Path, quarantine_root: Path, day: dt.date) -> DayReport:
+def _stage(landing_root: str, files: list[str], fp: DayFingerprint, staging_root: Path, quarantine_root: Path,
+           day: dt.date) -> DayReport:
     out_dir = staging_root / f"day={day.isoformat()}"
     versions = staging_root / STAGED_DIR
     _remove_leftovers(staging_root, day)
@@ -333,6 +334,12 @@ def _stage(files: list[str], fp: DayFingerprint, staging_root: Path, quarantine_
                 finally:
                     writer.close()
                 _check_unchanged(f, stamp, day)
+        now = _list_day(landing_root, day)[1]
+        if now != fp:  # a part added (or removed) while the others were read
+            raise LandingZoneError(
+                f"landing zone day={day.isoformat()} changed while it was being staged ({'; '.join(fp.differences(now))}); "
+                "is the export still being written? Nothing was staged for this day (any earlier staged copy is "
+                "untouched); re-run once the export is complete")
         if rep.rows_in != rep.rows_ok + rep.rows_quarantined:  # the reader's contract; never lose a row
             raise LandingZoneError(f"day={day.isoformat()}: rows_in {rep.rows_in} != rows_ok {rep.rows_ok} + "
                                    f"rows_quarantined {rep.rows_quarantined}; this is a bug in ctr.data.reader")
