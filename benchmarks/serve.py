@@ -10,7 +10,9 @@
    `Booster.predict` on the same rows pre-encoded as numpy. Goal: rows/s >= 0.7x the faster of
    `Booster.predict(X)` (LightGBM's default threads) and `Booster.predict(X, num_threads=1)`.
 3. Mixed (issue 21): two clients (wrk -c2) streaming 10,000-row batches (JSON rows, then raw TSV)
-   while one client (wrk -c1) sends single rows to /v1/score; the same batch load alone first.
+   while a single-row client (a separate process, one keep-alive connection, open loop at
+   --probe-rate requests/s; latency counted from each request's scheduled time, so queueing
+   behind a stall counts) posts one row to /v1/score; the same batch load alone first.
    Goal: single-row p99 <= 20 ms while batch rows/s stay >= 0.6x the batch load alone.
 Every number a server returns is checked against the offline prediction first.
 Without --model, a bundle is trained here the way `make demo` does (8 days x 50,000 generated rows).
@@ -155,6 +157,47 @@ def in_process_rows_per_s(booster: Any, x: np.ndarray, seconds: float, **kw: Any
             "ms_per_call": round(secs / n * 1e3, 3)}
 
 
+PROBE = r"""
+import http.client, json, sys, time
+host, port, path, rate, seconds, body = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4]), \
+    float(sys.argv[5]), open(sys.argv[6], "rb").read()
+c = http.client.HTTPConnection(host, port, timeout=30)
+lat, errors, t0 = [], 0, time.perf_counter()
+k = 0
+while True:
+    due = t0 + k / rate
+    if due - t0 >= seconds:
+        break
+    now = time.perf_counter()
+    if due > now:
+        time.sleep(due - now)
+    c.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+    r = c.getresponse()
+    r.read()
+    errors += r.status != 200
+    lat.append(time.perf_counter() - due)
+    k += 1
+lat.sort()
+pct = lambda q: lat[min(len(lat) - 1, int(q / 100 * len(lat)))] * 1e3
+print(json.dumps({"requests": len(lat), "errors": errors, "rate_per_s": rate, "p50_ms": round(pct(50), 3),
+                  "p90_ms": round(pct(90), 3), "p99_ms": round(pct(99), 3), "max_ms": round(lat[-1] * 1e3, 3)}))
+"""
+
+
+def probe(url: str, body: bytes, rate: float, seconds: float, work: Path) -> dict[str, Any]:
+    """Single-row requests at a fixed rate from a separate process; latency from the scheduled send time."""
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    (work / "probe.bin").write_bytes(body)
+    cmd = [sys.executable, "-c", PROBE, u.hostname, str(u.port), u.path, str(rate), str(seconds), str(work / "probe.bin")]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=seconds + 120).stdout
+    doc = json.loads(out.strip().splitlines()[-1])
+    doc["command"] = f"python -c PROBE (benchmarks/serve.py) {u.hostname} {u.port} {u.path} {rate} {seconds}"
+    doc["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    return doc
+
+
 def mixed_scenario(url: str, table: Any, lines: list[str], single_body: bytes, a: argparse.Namespace,
                    work: Path) -> dict[str, Any]:
     """Two clients streaming `a.mixed_rows`-row batches, alone and then beside a single-row client."""
@@ -170,7 +213,8 @@ def mixed_scenario(url: str, table: Any, lines: list[str], single_body: bytes, a
         "tsv": (("\n".join(lines[:n]) + "\n").encode(), "text/tab-separated-values"),
     }
     out: dict[str, Any] = {"rows_per_batch": n, "batch_clients": 2, "single_row_clients": 1,
-                           "single_row_request": "POST /v1/score JSON, 1 row", "bodies": {}}
+                           "single_row_request": f"POST /v1/score JSON, 1 row, {a.probe_rate:g}/s open loop",
+                           "bodies": {}}
     for kind, (body, ctype) in bodies.items():
         assert len(post(url + "/v1/score", body, ctype)["probabilities"]) == n
         log(f"mixed ({kind}): {n}-row batches alone ...")
@@ -179,7 +223,7 @@ def mixed_scenario(url: str, table: Any, lines: list[str], single_body: bytes, a
         with ThreadPoolExecutor(2) as ex:
             fb = ex.submit(wrk, url + "/v1/score", body, ctype, 2, a.duration, work, "-batch")
             time.sleep(0.5)  # the batch clients are streaming before the single-row client starts
-            fs = ex.submit(wrk, url + "/v1/score", single_body, "application/json", 1, a.duration - 1, work, "-single")
+            fs = ex.submit(probe, url + "/v1/score", single_body, a.probe_rate, a.duration - 1, work)
             together, single = fb.result(), fs.result()
         for r in (alone, together):
             r["rows_per_s"] = round(r["requests_per_s"] * n, 1)
@@ -198,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--connections", type=int, default=8)
     ap.add_argument("--batch-rows", type=int, default=1000)
     ap.add_argument("--mixed-rows", type=int, default=10_000, help="rows per batch in the mixed scenario")
+    ap.add_argument("--probe-rate", type=float, default=200.0,
+                    help="single-row requests/s beside the batches in the mixed scenario")
     ap.add_argument("--out", type=Path, default=RESULTS)
     a = ap.parse_args(argv)
     if shutil.which("wrk") is None:

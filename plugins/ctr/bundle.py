@@ -26,7 +26,7 @@ import stat
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +195,7 @@ class Bundle:
     digest: str
     probe: dict[str, Any] | None = None
     version: str = ""
+    files: Mapping[str, bytes] = field(default_factory=dict, repr=False)  # the checked bytes it was parsed from
 
     @classmethod
     def load(cls, path: str | Path, *, check_probe: bool = True) -> Bundle:
@@ -241,7 +242,7 @@ class Bundle:
                     and isinstance(probe.get("probabilities"), list)):
                 raise BundleError(f"{p / 'probe.json'} needs rows and probabilities")
         b = cls(path=p, booster=booster, transform=transform, metadata=metadata, digest=digest, probe=probe,
-                version=version)
+                version=version, files=dict(files))
         if check_probe:
             b.check_probe()
         return b

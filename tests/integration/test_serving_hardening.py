@@ -215,9 +215,6 @@ def test_bad_settings_stop_the_service_at_start_naming_the_variable(trained_bund
     assert r.returncode == 1 and "CTR_MAX_ROWS=-5 is out of range" in r.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="issue 21 §6 not met for JSON batches: orjson.loads (~40 ms) and the JSON rows "
-                   "encoder (~100 ms) of a 10k-row body hold the GIL in single C calls, so the batch lane's threads still "
-                   "stall the event loop; needs a process-based lane (see the branch report)")
 def test_big_batches_do_not_stall_single_rows(trained_bundle: Path, tmp_path: Path) -> None:
     lines = RAW_SAMPLE.read_text().splitlines()
     rows = []
@@ -257,8 +254,9 @@ def test_big_batches_do_not_stall_single_rows(trained_bundle: Path, tmp_path: Pa
                 t.join(60)
         assert sum(done) >= 4, done
         p99 = float(np.percentile(lat, 99))
-        # the benchmark's goal is 20 ms with wrk; this client (httpx, same 2 cores) gets some slack
-        assert p99 < 0.100, f"single-row p99 {p99 * 1e3:.1f} ms while 2 clients stream 10k-row batches"
+        print(f"single-row p99 {p99 * 1e3:.1f} ms over {len(lat)} requests; batches {done}")
+        # the benchmark's goal is 20 ms with wrk; these clients (httpx, one process, same 2 cores) get slack
+        assert p99 < 0.050, f"single-row p99 {p99 * 1e3:.1f} ms while 2 clients stream 10k-row batches"
 
 
 def test_rollback_pre_checks_the_previous_bundle(trained_bundle: Path, tmp_path: Path) -> None:

@@ -24,10 +24,6 @@ from ctr.serving.validation import check_rows
 
 log = logging.getLogger("ctr.serving")
 
-# Batches at least this big are predicted on LightGBM's threads, off the event loop.
-BATCH_THREADED_ROWS = 256
-
-
 @dataclass(frozen=True)
 class ServedModel:
     bundle: Bundle
@@ -41,6 +37,11 @@ class ServedModel:
     @property
     def version(self) -> str:
         return self.bundle.version
+
+    @property
+    def key(self) -> str:
+        """This loaded model's identity (the batch lane's workers build and cache it under this key)."""
+        return f"{self.version}/{self.bundle.digest}/{self.loaded_at!r}/{id(self)}"
 
     @property
     def header(self) -> bytes:
