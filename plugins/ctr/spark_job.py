@@ -356,9 +356,19 @@ def _fetch_baseline(spark, uri: str, into: Path) -> Path:
     fs, path = _hadoop_fs(spark, uri)
     jvm = spark.sparkContext._jvm
     into.mkdir(parents=True, exist_ok=True)
-    for name in ("model.txt", "features.json", "metadata.json", "probe.json"):
+
+    def get(name: str) -> None:
         fs.copyToLocalFile(False, jvm.org.apache.hadoop.fs.Path(f"{uri.rstrip('/')}/{name}"),
                            jvm.org.apache.hadoop.fs.Path((into / name).resolve().as_uri()), True)
+
+    from ctr.bundle import MANIFEST
+
+    get(MANIFEST)  # then every file it lists; Bundle.load checks them against it
+    listed = json.loads((into / MANIFEST).read_text()).get("files", {})
+    for name in sorted(listed):
+        if "/" in name or name in (".", ".."):
+            raise ValueError(f"baseline {uri}: {MANIFEST} lists {name[:60]!r}, not a file name")
+        get(name)
     return into
 
 
