@@ -174,11 +174,16 @@ def list_days(root: str) -> list[dt.date]:
 
 
 def _check_container(fs, root: str, base: str) -> None:
-    """An Azure root whose container is absent fails with the container, account and fix named."""
-    from ctr.data.azure_storage import is_azure_url
+    """An Azure root whose endpoint does not answer (within CTR_AZURE_CONNECT_TIMEOUT_S) or whose container is
+    absent fails with the endpoint or container, the account and the fix named."""
+    from ctr.data.azure_storage import StorageUnreachable, check_reachable, is_azure_url, storage_options
 
     if not is_azure_url(root):
         return
+    try:
+        check_reachable(storage_options(root.split("://", 1)[0]))
+    except StorageUnreachable as e:
+        raise LandingZoneError(f"landing zone {root}: {e}") from e
     container = base.split("://", 1)[-1].split("/", 1)[0].split("@", 1)[0]
     if not fs.exists(container):
         account = getattr(fs, "account_name", None) or getattr(getattr(fs, "service_client", None), "account_name", "?")
