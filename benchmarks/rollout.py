@@ -103,7 +103,7 @@ async def _loadgen(url: str, rate: float, stop_file: Path, max_seconds: float, o
 def _train_bundles(work: Path, rows: int) -> list[Path]:
     from ctr.data.generate import GeneratorConfig, generate
     from ctr.data.landing import daterange, stage_day
-    from ctr.train import TrainConfig, train
+    from ctr.training.trainer import TrainConfig, train
 
     end = dt.date(2026, 11, 20)
     generate(work / "landing", 4, rows, end, GeneratorConfig(seed=11))
@@ -126,9 +126,9 @@ def _percentile(xs: list[float], q: float) -> float | None:
 
 
 def run(rate: float, n_rollouts: int, rows: int, out: Path, pause: float, keep: bool = False) -> dict:
-    from ctr.image import build_context
-    from ctr.rollout.base import RolloutError
-    from ctr.rollout.local import LocalRollout
+    from ctr.deployment.image import build_context
+    from ctr.deployment.rollout.base import RolloutError
+    from ctr.deployment.rollout.local import LocalRollout
 
     work = Path(tempfile.mkdtemp(prefix="ctr-bench-rollout-"))
     roll = None

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     from ctr.data.generate import GeneratorConfig, generate
     from ctr.data.landing import daterange, read_staged, stage_day
-    from ctr.features import CAT_INDEX, FeatureTransform
+    from ctr.features.transform import CAT_INDEX, FeatureTransform
     from ctr.schema import LABEL
 
     work = Path(tempfile.mkdtemp(prefix="ctr-bench-train-"))

@@ -1,4 +1,4 @@
-"""ctr_retrain: the daily CTR retraining DAG. Wiring only; the work lives in `ctr.airflow_tasks`.
+"""ctr_retrain: the daily CTR retraining DAG. Wiring only; the work lives in `ctr.airflow.tasks`.
 
 The run with logical date D (the scheduled run for the interval [D 02:00, D+1 02:00), which starts
 at D+1 02:00 UTC) validates days D-train_days..D,
@@ -14,9 +14,9 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import DAG, CronDataIntervalTimetable, Param, task
-from ctr.airflow_databricks import CtrDatabricksSubmitRunOperator
-from ctr.airflow_links import mlflow_model_task, mlflow_run_task
-from ctr.notify import on_task_failure
+from ctr.airflow.databricks import CtrDatabricksSubmitRunOperator
+from ctr.airflow.links import mlflow_model_task, mlflow_run_task
+from ctr.airflow.notify import on_task_failure
 
 # I/O tasks retry with exponential backoff (a late export, a flaky registry); CTR_IO_RETRIES=0 for drills/tests.
 IO_RETRIES = {"retries": int(os.environ.get("CTR_IO_RETRIES", "3")), "retry_delay": timedelta(seconds=30), "retry_exponential_backoff": True,
@@ -54,86 +54,86 @@ with DAG(
 
     @task(**IO_RETRIES)
     def check_data(**context):
-        from ctr import airflow_tasks
+        from ctr.airflow import tasks as airflow_tasks
 
         return airflow_tasks.check_data(context)
 
     @task
     def train(checked, **context):
-        from ctr import airflow_tasks
+        from ctr.airflow import tasks as airflow_tasks
 
         return airflow_tasks.train_local(context)
 
     # ---- compute = databricks: ship code, submit the Spark job, fetch its bundle (docs/databricks.md)
     @task.branch
     def choose_compute(checked, **context):
-        from ctr import airflow_databricks
+        from ctr.airflow import databricks as airflow_databricks
 
         return airflow_databricks.choose_compute(context)
 
     @task(**IO_RETRIES)
     def ship_to_databricks(**context):
-        from ctr import airflow_databricks
+        from ctr.airflow import databricks as airflow_databricks
 
         return airflow_databricks.ship(context)
 
     @task
     def databricks_request(shipped, **context):
-        from ctr import airflow_databricks
+        from ctr.airflow import databricks as airflow_databricks
 
         return airflow_databricks.request(context, shipped)
 
     @task(**IO_RETRIES)
     def fetch_databricks_bundle(payload, **context):
-        from ctr import airflow_databricks
+        from ctr.airflow import databricks as airflow_databricks
 
         return airflow_databricks.fetch(context, payload)
 
     @task(trigger_rule="none_failed_min_one_success")
     def trained(local, remote):
-        from ctr import airflow_databricks
+        from ctr.airflow import databricks as airflow_databricks
 
         return airflow_databricks.join(local, remote)
 
     @mlflow_run_task  # extra link "MLflow run"
     def evaluate(trained, **context):
-        from ctr import airflow_tasks
+        from ctr.airflow import tasks as airflow_tasks
 
         return airflow_tasks.evaluate(context, trained)
 
     @task.short_circuit
     def gate(evaluated, **context):
-        from ctr import airflow_tasks
+        from ctr.airflow import tasks as airflow_tasks
 
         return airflow_tasks.gate(context, evaluated)
 
     @mlflow_model_task(**IO_RETRIES)  # extra links "MLflow run", "MLflow model version"
     def register(evaluated, **context):
-        from ctr import airflow_tasks
+        from ctr.airflow import tasks as airflow_tasks
 
         return airflow_tasks.register(context, evaluated)
 
     @task(**IO_RETRIES)
     def build_image(registered, **context):
-        from ctr import airflow_tasks
+        from ctr.airflow import tasks as airflow_tasks
 
         return airflow_tasks.build_image(context, registered)
 
     @task
     def rollout(image, **context):
-        from ctr import airflow_tasks
+        from ctr.airflow import tasks as airflow_tasks
 
         return airflow_tasks.rollout(context, image)
 
     @task
     def verify(rolled, **context):
-        from ctr import airflow_tasks
+        from ctr.airflow import tasks as airflow_tasks
 
         return airflow_tasks.verify(context, rolled)
 
     @task(**IO_RETRIES)
     def promote(verified, **context):
-        from ctr import airflow_tasks
+        from ctr.airflow import tasks as airflow_tasks
 
         return airflow_tasks.promote(context, verified)
 

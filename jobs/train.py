@@ -1,6 +1,6 @@
 """Training entry point run by the DAG's `train` task in a subprocess (local compute).
 
-Thin on purpose: parse arguments, call `ctr.train`. The same arguments drive
+Thin on purpose: parse arguments, call `ctr.training.trainer`. The same arguments drive
 `jobs/train_spark.py`, the Spark/Databricks entry point.
 
     python jobs/train.py --staging DIR --from 2026-11-13 --to 2026-11-19 --out BUNDLE [--seed 42]
@@ -26,14 +26,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-threads", type=int, default=2)
     p.add_argument("--sample-fraction", type=float, default=1.0)
     p.add_argument("--params", default="{}", help="JSON LightGBM parameter overrides")
-    p.add_argument("--rounds", type=int, default=None, help="maximum number of trees (default: ctr.train's)")
+    p.add_argument("--rounds", type=int, default=None, help="maximum number of trees (default: ctr.training.trainer's)")
     p.add_argument("--min-count", type=int, default=None, help="vocabulary: minimum count of a kept value")
     p.add_argument("--max-vocab", type=int, default=None, help="vocabulary: maximum values kept per column")
     p.add_argument("--metadata", default="{}", help="JSON merged into metadata.json (lineage)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from ctr.train import TrainConfig, train
+    from ctr.training.trainer import TrainConfig, train
 
     optional = {k: v for k, v in (("rounds", a.rounds), ("min_count", a.min_count), ("max_vocab", a.max_vocab))
                 if v is not None}

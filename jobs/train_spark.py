@@ -1,4 +1,4 @@
-"""Spark/Databricks training entry point (a spark_python_task): parse arguments, call ctr.spark_job.
+"""Spark/Databricks training entry point (a spark_python_task): parse arguments, call ctr.training.spark_job.
 
     python jobs/train_spark.py --data abfss://landing@acct.dfs.core.windows.net/criteo \
         --from 2026-11-13 --to 2026-11-19 --holdout 2026-11-20 \
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("py4j").setLevel(logging.WARNING)
-    from ctr.spark_job import JobArgs, run_job, spark_session
+    from ctr.training.spark_job import JobArgs, run_job, spark_session
 
     try:
         args = JobArgs(data=a.data, start=a.start, end=a.end, out=a.out, holdout=a.holdout, engine=a.engine, seed=a.seed,

@@ -1,6 +1,6 @@
 """Daily-retrained Criteo click-through-rate model: the package behind the `ctr_retrain` DAG.
 
-Only `ctr.airflow_tasks` (and what it alone imports) touches Airflow, so the scoring image
+Only `ctr.airflow.tasks` (and what it alone imports) touches Airflow, so the scoring image
 and the Spark job can use this package without Airflow installed.
 """
 

@@ -193,7 +193,7 @@ class Registry:
         """Metrics, gate decision and the report files (metrics.json, report.html, PNGs) on the run."""
         from mlflow.entities import Metric, RunTag
 
-        from ctr.gate import verdict
+        from ctr.validation.gate import verdict
 
         now = int(time.time() * 1000)
         flat: dict[str, float] = {}

@@ -1,6 +1,6 @@
 """Configuration resolved once from `CTR_*` environment variables into a typed object.
 
-The DAG layers Airflow Variables/params on top (see ctr.airflow_tasks); everything else reads
+The DAG layers Airflow Variables/params on top (see ctr.airflow.tasks); everything else reads
 `Settings.from_env()`. Secrets are only ever read from the environment, never logged.
 """
 

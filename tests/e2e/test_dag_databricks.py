@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 from ctr.data.generate import GeneratorConfig, generate
-from ctr.databricks import idempotency_token
+from ctr.training.databricks import idempotency_token
 
 from tests.e2e.airflow_env import BIN
 from tests.integration.fake_databricks import FakeDatabricks

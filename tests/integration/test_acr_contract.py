@@ -8,8 +8,8 @@ import time
 
 import pytest
 from azure.core.credentials import AccessToken
-from ctr.acr import AcrBuilder, AcrBuildError, AcrTarget, context_tarball
-from ctr.image import build_context
+from ctr.deployment.acr import AcrBuilder, AcrBuildError, AcrTarget, context_tarball
+from ctr.deployment.image import build_context
 
 from tests.integration.fake_arm_acr import FakeAcr
 

@@ -6,8 +6,8 @@ import time
 
 import pytest
 from azure.core.credentials import AccessToken
-from ctr.rollout.aks import AksConfig, AksRollout, api_client_from_kubeconfig, kubeconfig_from_aks
-from ctr.rollout.base import RolloutError
+from ctr.deployment.rollout.aks import AksConfig, AksRollout, api_client_from_kubeconfig, kubeconfig_from_aks
+from ctr.deployment.rollout.base import RolloutError
 from kubernetes import client
 
 from tests.integration.fake_kube_api import TOKEN, FakeKube
@@ -29,7 +29,7 @@ def _rollout(fake: FakeKube, timeout: float = 20.0, **cfg: object) -> AksRollout
 
 
 def test_rolling_update_waits_for_generation_and_replicas(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level("INFO", logger="ctr.rollout.aks")
+    caplog.set_level("INFO", logger="ctr.deployment.rollout.aks")
     with FakeKube() as fake:
         r = _rollout(fake)
         first = r.deploy(V1, "1")

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from ctr.bundle import write_manifest
-from ctr.image import build_context
-from ctr.rollout.base import RolloutError
-from ctr.rollout.local import LocalRollout
+from ctr.deployment.image import build_context
+from ctr.deployment.rollout.base import RolloutError
+from ctr.deployment.rollout.local import LocalRollout
+from ctr.model.bundle import write_manifest
 
 from tests.conftest import free_port
 

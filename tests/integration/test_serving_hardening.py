@@ -15,9 +15,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from ctr.bundle import MANIFEST, Bundle, write_manifest
-from ctr.rollout.base import RolloutError
-from ctr.rollout.local import LocalRollout
+from ctr.deployment.rollout.base import RolloutError
+from ctr.deployment.rollout.local import LocalRollout
+from ctr.model.bundle import MANIFEST, Bundle, write_manifest
 from ctr.serving.process import ServiceProcess
 
 from tests.conftest import RAW_SAMPLE

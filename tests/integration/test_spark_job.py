@@ -29,7 +29,7 @@ START, END = END_DAY - dt.timedelta(days=7), END_DAY - dt.timedelta(days=1)
 
 @pytest.fixture(scope="session")
 def spark():
-    from ctr.spark_job import spark_session
+    from ctr.training.spark_job import spark_session
 
     s = spark_session("ctr-tests", master="local[2]")
     yield s
@@ -53,9 +53,9 @@ def small_landing(tmp_path_factory) -> Path:
 
 
 def test_cli_spark_and_lightgbm_engines_agree(small_landing: Path, tmp_path: Path):
-    from ctr.bundle import Bundle
     from ctr.data.landing import stage_day
-    from ctr.evaluation_run import evaluate_day
+    from ctr.model.bundle import Bundle
+    from ctr.validation.holdout import evaluate_day
 
     start = HOLDOUT - dt.timedelta(days=3)
     env = {**os.environ, "CTR_HOME": str(tmp_path / "home"), "CTR_NUM_THREADS": "2", "CTR_SPARK_MASTER": "local[2]"}
@@ -105,7 +105,7 @@ BAD_LINES = [
 def test_validation_matches_check_data(spark, small_landing: Path, tmp_path: Path):
     from ctr.data.landing import stage_day
     from ctr.data.reader import read_table
-    from ctr.spark_job import day_reports, list_day_files, read_days
+    from ctr.training.spark_job import day_reports, list_day_files, read_days
 
     day = END_DAY - dt.timedelta(days=3)
     land = tmp_path / "landing"
@@ -120,7 +120,7 @@ def test_validation_matches_check_data(spark, small_landing: Path, tmp_path: Pat
     (rep,) = day_reports(parsed, [day], {day.isoformat(): list_day_files(spark, str(land), day)})
     for k in ("rows_in", "rows_ok", "rows_quarantined", "clicks", "reasons"):
         assert getattr(rep, k) == getattr(local, k), k
-    from ctr.spark_job import day_fingerprint_digest
+    from ctr.training.spark_job import day_fingerprint_digest
 
     assert day_fingerprint_digest(spark, str(land), day) == local.digest  # Hadoop's listing, stage_day's digest
     assert local.rows_quarantined == 6
@@ -131,9 +131,9 @@ def test_validation_matches_check_data(spark, small_landing: Path, tmp_path: Pat
 
 
 def test_synapseml_parameter_mapping():
-    from ctr.features import CAT_INDEX
-    from ctr.spark_synapseml import synapseml_params
-    from ctr.train import TrainConfig
+    from ctr.features.transform import CAT_INDEX
+    from ctr.training.synapseml import synapseml_params
+    from ctr.training.trainer import TrainConfig
     from synapse.ml.lightgbm import LightGBMClassifier
 
     cfg = TrainConfig(start=START, end=END, seed=123, params={"num_leaves": 31, "min_data_in_bin": 7})
@@ -143,7 +143,7 @@ def test_synapseml_parameter_mapping():
     assert kw["numThreads"] == 7 and kw["useBarrierExecutionMode"] is True and kw["seed"] == 123
     assert kw["categoricalSlotIndexes"] == CAT_INDEX and kw["numLeaves"] == 31
     assert kw["numIterations"] == cfg.rounds and kw["earlyStoppingRound"] == cfg.early_stopping
-    # every LightGBM parameter of ctr.train reaches the cluster: mapped, or passed through verbatim
+    # every LightGBM parameter of ctr.training.trainer reaches the cluster: mapped, or passed through verbatim
     passthrough = dict(x.split("=", 1) for x in kw.get("passThroughArgs", "").split())
     assert passthrough["min_data_in_bin"] == "7" and passthrough["force_row_wise"] == "true"
     assert synapseml_params(cfg, executor_cores=1)["numThreads"] == 1

@@ -67,7 +67,7 @@ def test_parse_time_imports_stay_light():
 
     code = (
         "import sys, runpy; runpy.run_path(sys.argv[1]);"
-        "heavy = [m for m in ('lightgbm', 'mlflow', 'pyspark', 'pandas', 'ctr.train') if m in sys.modules];"
+        "heavy = [m for m in ('lightgbm', 'mlflow', 'pyspark', 'pandas', 'ctr.training.trainer') if m in sys.modules];"
         "print(','.join(heavy))"
     )
     out = subprocess.run([sys.executable, "-c", code, str(REPO / "dags" / "ctr_retrain.py")],
@@ -76,7 +76,7 @@ def test_parse_time_imports_stay_light():
 
 
 def test_holdout_day_is_logical_date():
-    from ctr.airflow_tasks import holdout_day, train_range
+    from ctr.airflow.tasks import holdout_day, train_range
 
     class _Dag:
         dag_id = "ctr_retrain"

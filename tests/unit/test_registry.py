@@ -161,8 +161,8 @@ def test_dag_tasks_carry_the_mlflow_extra_links() -> None:
     import pendulum
     from airflow.sdk import DAG
     from airflow.serialization.serialized_objects import DagSerialization
-    from ctr import airflow_links
-    from ctr.airflow_links import MlflowModelVersionLink, MlflowRunLink, mlflow_model_task, mlflow_run_task
+    from ctr.airflow import links as airflow_links
+    from ctr.airflow.links import MlflowModelVersionLink, MlflowRunLink, mlflow_model_task, mlflow_run_task
 
     with DAG("links_probe", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC")) as dag:
         @mlflow_run_task

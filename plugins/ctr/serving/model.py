@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from ctr.bundle import Bundle, BundleError
-from ctr.serving.batch_encode import JsonRowsEncoder, NumpyTsvEncoder
-from ctr.serving.fast import BatchPredictor, SingleRowPredictor, TsvEncoder, probe_tsv
+from ctr.model.bundle import Bundle, BundleError
+from ctr.serving.encoders import JsonRowsEncoder, NumpyTsvEncoder
+from ctr.serving.predictors import BatchPredictor, SingleRowPredictor, TsvEncoder, probe_tsv
 from ctr.serving.validation import check_rows
 
 log = logging.getLogger("ctr.serving")
