@@ -13,6 +13,8 @@ from ctr.deployment.image import build_context
 
 from tests.integration.fake_arm_acr import FakeAcr
 
+pytestmark = pytest.mark.integration
+
 
 class StaticCredential:
     """A TokenCredential handing out a fixed token (what ClientSecretCredential returns, minus AAD)."""

@@ -12,6 +12,8 @@ from kubernetes import client
 
 from tests.integration.fake_kube_api import TOKEN, FakeKube
 
+pytestmark = pytest.mark.integration
+
 V1 = "ctrprod.azurecr.io/ctr-scorer:1-aaaaaaaaaaaa"
 V2 = "ctrprod.azurecr.io/ctr-scorer:2-bbbbbbbbbbbb"
 BAD = "ctrprod.azurecr.io/ctr-scorer:3-cccccccccccc"

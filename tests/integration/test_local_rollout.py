@@ -18,6 +18,8 @@ from ctr.model.bundle import write_manifest
 
 from tests.conftest import free_port
 
+pytestmark = pytest.mark.integration
+
 ROW = {"I1": 3, "I2": 20, "C1": "05db9164", "C9": "a73ee510"}
 
 

@@ -27,6 +27,8 @@ from ctr.schema import CAT_COLUMNS, FEATURE_COLUMNS, INT_COLUMNS, LABEL
 
 from tests.conftest import CSV_SAMPLE, RAW_SAMPLE
 
+pytestmark = pytest.mark.integration
+
 TOL = 1e-12
 
 

@@ -22,6 +22,8 @@ from ctr.serving.process import ServiceProcess
 
 from tests.conftest import END_DAY
 
+pytestmark = pytest.mark.integration
+
 TOKEN = "t0ken-for-tests"
 ADMIN = "adm1n-for-tests"
 MAX_ROWS = 100

@@ -25,6 +25,8 @@ from ctr.serving.process import ServiceProcess
 
 from tests.conftest import END_DAY
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def second_bundle(staged: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -16,54 +16,15 @@ from ctr.serving.predictors import BatchPredictor, TsvEncoder
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.criteo_lines import ODD_CATS, ODD_INTS, random_lines, random_transform
 
-def _transform(seed: int = 2, missing: str = "nan") -> FeatureTransform:
-    rng = np.random.default_rng(seed)
-    vocab = {c: sorted({f"{v:08x}" for v in rng.integers(0, 2**32, int(rng.integers(0, 40)))}) for c in CAT_COLUMNS}
-    vocab[CAT_COLUMNS[0]] = []  # an empty vocabulary: everything is rare
-    vocab[CAT_COLUMNS[1]] = ["00000000", "ffffffff"]  # the extremes of the key space
-    return FeatureTransform(vocab=vocab, missing=missing)
-
-
-TRANSFORM = _transform()
+TRANSFORM = random_transform(2, extremes=True)
 ENCODER = NumpyTsvEncoder(TRANSFORM)
-
-# Spellings the numpy path must refuse or read exactly as the reader does.
-_ODD_INTS = ["-0", "007", "-007", "0", "-", "--1", "1-2", "+5", " 5", "5 ", "1.0", "1e5", "a", "\x00", "\u00e9",
-             "9" * 15, "-" + "9" * 15, "9" * 16, str(2**53), str(2**53 + 1), "9" * 19, "12345678", "123456789"]
-_ODD_CATS = ["abcdef1", "abcdef123", "ABCDEFGH", "ab cdef1", "\u00e9bcdef1", "abcdef1\x00", "0x123456", "-1234567",
-             "AbCdEf12", "FFFFFFFF", "00000000"]
+_ODD_INTS, _ODD_CATS = ODD_INTS, ODD_CATS
 
 
 def _lines(seed: int, n: int, odd: float, short: float) -> list[str]:
-    """Random raw Criteo lines; `odd` is the chance of an odd field, `short` of a cut/extra/blank line."""
-    rng = random.Random(seed)
-    lines = []
-    for _ in range(n):
-        fields = [rng.choice(["", "0", "1"]) if rng.random() > odd else rng.choice(["0.0", "2", "x", " 1", "01"])]
-        for _c in INT_COLUMNS:
-            r = rng.random()
-            if r < 0.2:
-                fields.append("")
-            elif r < 0.2 + odd:
-                fields.append(rng.choice(_ODD_INTS))
-            else:
-                fields.append(str(rng.choice([rng.randint(-5, 10**6), rng.randint(-(10**15) + 1, 10**15 - 1)])))
-        for c in CAT_COLUMNS:
-            vocab, r = TRANSFORM.vocab[c], rng.random()
-            if r < 0.2:
-                v = ""
-            elif r < 0.2 + odd:
-                v = rng.choice(_ODD_CATS)
-            elif vocab and r < 0.7:
-                v = rng.choice(vocab)
-            else:
-                v = f"{rng.getrandbits(32):08x}"
-            fields.append(v.upper() if rng.random() < 0.2 else v)
-        if rng.random() < short:
-            fields = rng.choice([fields[: rng.randint(1, 39)], [*fields, "1"], [""]])  # cut, extra, blank line
-        lines.append("\t".join(fields))
-    return lines
+    return random_lines(TRANSFORM, seed, n, odd, short, wide_ints=True)
 
 
 def _reference(body: bytes, transform: FeatureTransform = TRANSFORM) -> np.ndarray | None:
@@ -136,7 +97,7 @@ def test_numpy_tsv_encoder_reads_integers_exactly() -> None:
 
 
 def test_numpy_tsv_encoder_follows_the_missing_code_mode() -> None:
-    coded = _transform(missing="code")
+    coded = random_transform(2, missing="code", extremes=True)
     body = ("\n".join(_lines(5, 300, 0.0, 0.0)) + "\n").encode()
     fast = NumpyTsvEncoder(coded).encode(body)
     ref = _reference(body, coded)
