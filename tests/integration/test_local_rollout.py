@@ -108,7 +108,7 @@ def test_hot_swap_under_load_then_refuse_corrupt_then_roll_back(local: LocalRoll
         local.deploy(altered_leaves_copy(versions["2"], tmp_path / "altered"), "3")
     # and the service itself refuses a bundle failing its probe (HTTP 409) should one reach it
     with pytest.raises(RolloutError, match="409"):
-        local._swap(tmp_path / "altered")
+        local.swap(tmp_path / "altered")
     assert local.readyz()["model_version"] == "2"
     assert local.state_path.read_text() == json_before
     assert json.loads(local.state_path.read_text())["pid"] == pid

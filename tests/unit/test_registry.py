@@ -220,4 +220,4 @@ def test_corrected_data_gets_a_new_version_that_supersedes_the_old(reg: Registry
     assert (reg.download(v2.version) / "model.txt").read_text() == "tree for b\n"
     again = reg.register(tmp_path / "b", key, {}, {}, data_digest="sha256:bbb")  # a third run, unchanged data
     assert again.version == v2.version
-    assert len(reg._search(RUN_KEY_TAG, key)) == 2
+    assert len(reg.versions_tagged(RUN_KEY_TAG, key)) == 2

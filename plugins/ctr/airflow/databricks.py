@@ -146,12 +146,12 @@ def output_prefix(context: dict[str, Any], s) -> str:
 
 def request(context: dict[str, Any], shipped: dict[str, Any]) -> dict[str, Any]:
     """The runs/submit JSON for this DAG run (fed to the operator's templated `json` through XCom)."""
-    from ctr.airflow.tasks import _train_spec, holdout_day, settings
+    from ctr.airflow.tasks import holdout_day, settings, train_spec
     from ctr.training.databricks import TrainRequest, idempotency_token, submit_payload
 
     s = databricks_settings()
     p = context["params"]
-    spec = _train_spec(context, settings())
+    spec = train_spec(context, settings())
     dag_id, run_id = context["dag"].dag_id, context["run_id"]
     # A failed run keeps its token's run forever; dag_run.conf {"databricks_attempt": n} asks for a new one.
     attempt = int((getattr(context.get("dag_run"), "conf", None) or {}).get("databricks_attempt", 0))

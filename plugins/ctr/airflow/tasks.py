@@ -127,7 +127,7 @@ def check_data(context: dict[str, Any]) -> dict[str, Any]:
     return {"days": summary, "rows_ok": sum(r.rows_ok for r in reports.values())}
 
 
-def _train_spec(context: dict[str, Any], s: Settings) -> dict[str, Any]:
+def train_spec(context: dict[str, Any], s: Settings) -> dict[str, Any]:
     from ctr.data.landing import daterange, staged_fingerprints
 
     p = context["params"]
@@ -143,7 +143,7 @@ def train_local(context: dict[str, Any]) -> dict[str, Any]:
     """Run jobs/train.py in a subprocess (the same entry the Spark job mirrors)."""
     s = settings()
     out = run_dir(context, s) / "candidate"
-    spec = _train_spec(context, s)
+    spec = train_spec(context, s)
     spec_path = run_dir(context, s) / "train_spec.json"
     if (out / "probe.json").exists() and spec_path.exists() and json.loads(spec_path.read_text()) == spec:
         log.info("train: bundle for this run and spec already at %s; reusing it", out)

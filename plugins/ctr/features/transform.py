@@ -146,9 +146,10 @@ class FeatureTransform:
         self._index = {c: {v: i for i, v in enumerate(self.vocab[c])} for c in CAT_COLUMNS}
         self._arrays = {c: pa.array(self.vocab[c], type=pa.string()) for c in CAT_COLUMNS}
         # per categorical column: (index, rare code, missing code) for the single-row path
-        self._cat_plan = [(self._index[c], float(len(self.vocab[c])), self._missing_code(c)) for c in CAT_COLUMNS]
+        self._cat_plan = [(self._index[c], float(len(self.vocab[c])), self.missing_code(c)) for c in CAT_COLUMNS]
 
-    def _missing_code(self, c: str) -> float:
+    def missing_code(self, c: str) -> float:
+        """The code of a missing value in categorical column `c`: NaN, or V+1 in "code" mode."""
         return math.nan if self.missing == "nan" else float(len(self.vocab[c]) + 1)
 
     @property
@@ -222,7 +223,7 @@ class FeatureTransform:
             rare = float(len(self.vocab[c]))
             codes = pc.fill_null(pc.cast(idx, pa.float64()), rare).to_numpy(zero_copy_only=False)
             if col.null_count:
-                codes = np.where(pc.is_null(col).to_numpy(zero_copy_only=False), self._missing_code(c), codes)
+                codes = np.where(pc.is_null(col).to_numpy(zero_copy_only=False), self.missing_code(c), codes)
             out[:, j] = codes
         return out
 

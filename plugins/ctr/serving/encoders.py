@@ -1,29 +1,57 @@
-"""Raw Criteo TSV batches -> feature matrix in a handful of numpy passes (the service's batch path).
+"""Raw request bodies -> feature matrix for the scoring service, bit-identical to the reader + transform.
 
-`NumpyTsvEncoder.encode(body)` reads the body's bytes in place: one scan finds the 40 separators of
-every line, each field is then loaded as one unaligned 8-byte word (a strided uint64 view of the
-body), categoricals are decoded with the 16-bit hex-pair table of fast.py and integers with the
-8-digits-at-once SWAR parse (Lemire / simdjson), all vectorised over the whole batch. There is no
-per-line or per-field Python, no Arrow table and no string column.
+* `NumpyTsvEncoder.encode(body)` (the batch path's first choice) reads the body's bytes in place: one
+  scan finds the 40 separators of every line, each field is then loaded as one unaligned 8-byte word
+  (a strided uint64 view of the body), categoricals are decoded with the 16-bit `HEX_PAIR` table and
+  integers with the 8-digits-at-once SWAR parse (Lemire / simdjson), all vectorised over the whole
+  batch. There is no per-line or per-field Python, no Arrow table and no string column. It accepts
+  only a strict subset of what `ctr.data.reader` accepts, and gives exactly its values: LF line ends,
+  exactly 40 fields per line, label empty/0/1, integers `-?[0-9]{1,15}` (so |v| < 2^53 and the float
+  is exact) or empty, categoricals 8 hex digits or empty. Anything else (CR, short or blank lines,
+  headers, `1.0`, `+5`, spaces, 16+ digits, bad hex, non-ASCII) returns None.
+* `TsvEncoder` (the second choice, a few more spellings) turns the body into the matrix with
+  `pyarrow.csv` and numpy (8-hex categoricals become uint32 keys looked up in one hash index),
+  instead of the general reader's per-field regexes and `index_in`'s per-call hash set. Anything
+  the reader would not accept the same way (padding, headers, bad fields) returns None and the
+  caller falls back to `ctr.data.reader`, which names the bad line and field.
+* `JsonRowsEncoder` checks and encodes JSON rows in one pass (large JSON batches).
 
-It accepts only a strict subset of what `ctr.data.reader` accepts, and gives exactly its values:
-LF line ends, exactly 40 fields per line, label empty/0/1, integers `-?[0-9]{1,15}` (so |v| < 2^53
-and the float is exact) or empty, categoricals 8 hex digits or empty. Anything else (CR, short or
-blank lines, headers, `1.0`, `+5`, spaces, 16+ digits, bad hex, non-ASCII) returns None and the
-caller falls back to fast.TsvEncoder, then to the reader, which names the bad line and field.
-Tests prove bit-identity with the reader + `FeatureTransform.transform_table` on random bodies.
+Tests prove bit-identity with the reader + `FeatureTransform.transform_table` on random bodies, and
+`ServedModel.build` checks each encoder on the bundle's probe rows before the model takes traffic.
 """
 
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
 
-from ctr.features.transform import N_FEATURES, FeatureTransform
-from ctr.schema import CAT_COLUMNS, INT_ABS_MAX, INT_COLUMNS, LABEL, N_FIELDS
-from ctr.serving.predictors import _HEX_PAIR, vocabulary_index
+from ctr.features.transform import CAT_INDEX, N_FEATURES, FeatureTransform
+from ctr.schema import ALL_COLUMNS, CAT_COLUMNS, INT_ABS_MAX, INT_COLUMNS, LABEL, N_FIELDS
+
+# Two ASCII hex digits (read as one native uint16) -> their byte value; 256 marks "not hex".
+HEX_PAIR = np.full(1 << 16, 256, dtype=np.uint16)
+for _hi, _a in enumerate(b"0123456789abcdef"):
+    for _lo, _b in enumerate(b"0123456789abcdef"):
+        for _x in {_a, bytes([_a]).upper()[0]}:
+            for _y in {_b, bytes([_b]).upper()[0]}:
+                HEX_PAIR[np.frombuffer(bytes([_x, _y]), dtype=np.uint16)[0]] = _hi * 16 + _lo
+_LOWER_HEX8 = re.compile(r"[0-9a-f]{8}")
+
+_READ = pcsv.ReadOptions(column_names=ALL_COLUMNS, use_threads=False, block_size=1 << 30)
+_PARSE = pcsv.ParseOptions(delimiter="\t", quote_char=False, double_quote=False, escape_char=False,
+                           newlines_in_values=False, ignore_empty_lines=False)
+_CONVERT = pcsv.ConvertOptions(
+    column_types={LABEL: pa.string(), **{c: pa.int64() for c in INT_COLUMNS}, **{c: pa.binary(8) for c in CAT_COLUMNS}},
+    null_values=[""], strings_can_be_null=True, check_utf8=False,
+)
+_LABELS = pa.array(["0", "1"])
 
 _N_INT = len(INT_COLUMNS)
 _FIRST_CAT = 1 + _N_INT
@@ -72,7 +100,7 @@ class NumpyTsvEncoder:
         if not np.array_equal(codes, np.arange(len(codes)) - np.repeat(self.offset, sizes)):
             raise ValueError("vocabulary index is not in code order")
         self.rare = np.array(sizes, dtype=np.float64)
-        self.missing = np.array([transform._missing_code(c) for c in CAT_COLUMNS])  # NaN or V+1
+        self.missing = np.array([transform.missing_code(c) for c in CAT_COLUMNS])  # NaN or V+1
         self.column_tag = np.arange(len(CAT_COLUMNS), dtype=np.uint64) << np.uint64(32)
 
     def encode(self, body: bytes) -> np.ndarray | None:
@@ -133,7 +161,7 @@ class NumpyTsvEncoder:
         any_null = bool(null.any())
         if any_null:
             w = np.where(null, _ASCII_ZEROS, w)  # the word of an empty field holds the next fields' bytes
-        pairs = _HEX_PAIR[w.view(np.uint16)]  # (n, 26*4): byte values, 256 where not hex
+        pairs = HEX_PAIR[w.view(np.uint16)]  # (n, 26*4): byte values, 256 where not hex
         if int(pairs.max()) > 255:
             return None
         keys = pairs.astype(np.uint8).view(">u4").astype(np.uint64) | self.column_tag
@@ -162,7 +190,7 @@ class JsonRowsEncoder:
             index = {v: i for i, v in enumerate(transform.vocab[c])}
             self.plan[c] = (1, _N_INT + j, index, float(len(transform.vocab[c])))
         self.plan[LABEL] = (2, 0, None, 0.0)
-        self.template = [math.nan] * _N_INT + [transform._missing_code(c) for c in CAT_COLUMNS]
+        self.template = [math.nan] * _N_INT + [transform.missing_code(c) for c in CAT_COLUMNS]
 
     def encode(self, rows: list[Any]) -> np.ndarray | None:
         plan, template, hexdigits, limit = self.plan, self.template, _HEX_CHARS, INT_ABS_MAX
@@ -190,3 +218,86 @@ class JsonRowsEncoder:
                     return None
             vecs.append(vec)
         return np.array(vecs, dtype=np.float64).reshape(len(vecs), N_FEATURES)
+
+
+class TsvEncoder:
+    """Raw Criteo lines (bytes) -> float64 matrix (n, 39), or None when the reader must decide.
+
+    All 26 vocabularies live in one hash index of (column << 32 | hex value) keys, so a whole
+    batch of categoricals is coded with one `get_indexer` (a C hash lookup per value).
+    """
+
+    def __init__(self, transform: FeatureTransform) -> None:
+        self.index, self.codes = vocabulary_index(transform)
+        self.rare = np.array([float(len(transform.vocab[c])) for c in CAT_COLUMNS])[:, None]
+        self.missing = [transform.missing_code(c) for c in CAT_COLUMNS]  # NaN or V+1, the transform's mode
+        self.column_tag = (np.arange(len(CAT_COLUMNS), dtype=np.uint64) << np.uint64(32))[:, None]
+
+    def encode(self, body: bytes) -> np.ndarray | None:
+        # Arrow trims spaces around integers, splits on a lone CR and reads a blank line as a row
+        # of nulls; the reader does none of these.
+        if b" " in body or (b"\r" in body and body.count(b"\r") != body.count(b"\r\n")) \
+                or body.startswith((b"\n", b"\r\n")) or b"\n\n" in body or b"\n\r\n" in body:
+            return None
+        try:
+            table = pcsv.read_csv(pa.py_buffer(body), read_options=_READ, parse_options=_PARSE,
+                                  convert_options=_CONVERT)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            return None
+        label = table.column(LABEL)
+        if label.null_count != len(label) and not pc.all(pc.or_kleene(pc.is_null(label), pc.is_in(label, _LABELS))).as_py():
+            return None
+        n = table.num_rows
+        out = np.empty((n, N_FEATURES), dtype=np.float64)
+        for j, c in enumerate(INT_COLUMNS):
+            # int64 -> float64 (NaN for null), the conversion transform_table's cast does
+            out[:, j] = _single_chunk(table.column(c)).to_numpy(zero_copy_only=False)
+        if n and not np.all(np.abs(out[:, : len(INT_COLUMNS)]) < INT_ABS_MAX, where=~np.isnan(out[:, : len(INT_COLUMNS)])):
+            return None  # at or beyond 2^53 the float may have rounded: let the reader judge exactly
+        raw = np.empty((len(CAT_COLUMNS), n, 4), dtype=np.uint16)  # 8 hex digits = 4 digit pairs
+        nulls = []
+        for j, c in enumerate(CAT_COLUMNS):
+            arr = _single_chunk(table.column(c))
+            raw[j] = np.frombuffer(arr.buffers()[1], dtype=np.uint16, count=4 * n, offset=8 * arr.offset).reshape(n, 4)
+            if arr.null_count:
+                mask = arr.is_null().to_numpy(zero_copy_only=False)
+                raw[j, mask] = 0x3030  # "00": null slots hold zero bytes, not hex
+                nulls.append((j, mask))
+        value = HEX_PAIR[raw]
+        if n and int(value.max()) > 255:
+            return None
+        keys = value.astype(np.uint8).view(">u4")[:, :, 0].astype(np.uint64) | self.column_tag
+        pos = self.index.get_indexer(keys.ravel()).reshape(keys.shape)
+        codes = np.where(pos >= 0, self.codes[pos], self.rare)
+        for j, mask in nulls:
+            codes[j, mask] = self.missing[j]
+        out[:, CAT_INDEX] = codes.T
+        return out
+
+
+def vocabulary_index(transform: FeatureTransform) -> tuple[Any, np.ndarray]:
+    """All 26 vocabularies as one hash index of (column << 32 | hex value) keys, and each key's code."""
+    import pandas as pd
+
+    keys, codes = [], []
+    for j, c in enumerate(CAT_COLUMNS):
+        vocab = transform.vocab[c]
+        if any(not _LOWER_HEX8.fullmatch(v) for v in vocab) or len(set(vocab)) != len(vocab):
+            raise ValueError(f"{c}: vocabulary is not unique lower-case 8-hex values")
+        keys.append(np.array([int(v, 16) for v in vocab], dtype=np.uint64) | np.uint64(j << 32))
+        codes.append(np.arange(len(vocab), dtype=np.float64))  # code = position in the vocabulary
+    return pd.Index(np.concatenate(keys), dtype=np.uint64), np.concatenate(codes)
+
+
+def _single_chunk(col: pa.ChunkedArray) -> pa.Array:
+    return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+
+
+def probe_tsv(rows: Sequence[dict[str, Any]]) -> bytes:
+    """Probe rows (dicts) as raw Criteo lines with an empty label, for checking the TSV path."""
+    lines = []
+    for r in rows:
+        fields = [""] + ["" if r.get(c) is None else str(int(r[c])) for c in INT_COLUMNS]
+        fields += ["" if r.get(c) is None else str(r[c]) for c in CAT_COLUMNS]
+        lines.append("\t".join(fields))
+    return ("\n".join(lines) + "\n").encode()

@@ -11,8 +11,8 @@ import pytest
 from ctr.data.reader import read_text
 from ctr.features.transform import CAT_INDEX, FeatureTransform
 from ctr.schema import CAT_COLUMNS, INT_COLUMNS
-from ctr.serving.encoders import NumpyTsvEncoder
-from ctr.serving.predictors import BatchPredictor, TsvEncoder
+from ctr.serving.encoders import NumpyTsvEncoder, TsvEncoder
+from ctr.serving.predictors import BatchPredictor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -9,7 +9,8 @@ import pytest
 from ctr.data.reader import read_text
 from ctr.features.transform import CAT_INDEX, FeatureTransform
 from ctr.schema import CAT_COLUMNS, INT_COLUMNS
-from ctr.serving.predictors import SingleRowPredictor, TsvEncoder, probe_tsv
+from ctr.serving.encoders import TsvEncoder, probe_tsv
+from ctr.serving.predictors import SingleRowPredictor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -46,7 +46,8 @@ class LocalRollout:
             return json.loads(self.state_path.read_text())
         return {}
 
-    def _save(self, st: dict[str, Any]) -> None:
+    def save_state(self, st: dict[str, Any]) -> None:
+        """Write the rollout state (current and previous bundle/version) atomically."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(st, indent=1, sort_keys=True) + "\n")
@@ -94,13 +95,13 @@ class LocalRollout:
             return RolloutResult(self.url, str(version), st.get("previous_version"), st.get("previous_bundle"), changed=False)
         else:
             previous = {"bundle": live.get("bundle"), "version": live.get("model_version")}
-            self._swap(bundle)
+            self.swap(bundle)
             live = self.readyz()
         if live is None or live.get("model_version") != str(version):
             raise RolloutError(f"after rollout {self.url} reports {live and live.get('model_version')}, expected {version}")
         st.update(bundle=str(bundle), version=str(version), url=self.url,
                   previous_bundle=previous and previous["bundle"], previous_version=previous and previous["version"])
-        self._save(st)
+        self.save_state(st)
         log.info("rollout: %s now serves version %s (previous %s)", self.url, version, st["previous_version"])
         return RolloutResult(self.url, str(version), st["previous_version"], st["previous_bundle"], changed=True)
 
@@ -124,13 +125,14 @@ class LocalRollout:
             return None
         # the same pre-flight as deploy: the previous bundle may have been damaged since it served
         self.preflight(Path(prev), st.get("previous_version"))
-        self._swap(Path(prev))
+        self.swap(Path(prev))
         st.update(bundle=prev, version=st.get("previous_version"), previous_bundle=None, previous_version=None)
-        self._save(st)
+        self.save_state(st)
         log.warning("rollback: %s serves version %s again", self.url, st["version"])
         return RolloutResult(self.url, str(st["version"]), None, None, changed=True)
 
-    def _swap(self, bundle: Path) -> None:
+    def swap(self, bundle: Path) -> None:
+        """Ask the running service to load, probe-check and swap to `bundle` (RolloutError if refused)."""
         headers = {"Authorization": f"Bearer {self.admin_token}"} if self.admin_token else {}
         try:
             r = httpx.post(f"{self.url}/admin/load", json={"bundle": str(bundle)}, headers=headers, timeout=120)
@@ -149,7 +151,7 @@ class LocalRollout:
                                     env=env, start_new_session=True, close_fds=True)
         st = self.state()
         st["pid"] = proc.pid
-        self._save(st)
+        self.save_state(st)
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -180,7 +182,7 @@ class LocalRollout:
                 pass
         for k in ("pid", "bundle", "version", "previous_bundle", "previous_version"):
             st.pop(k, None)
-        self._save(st)
+        self.save_state(st)
         return stopped
 
 
