@@ -10,7 +10,7 @@
 3. Runs the DAG's tasks in order, each in its own Python process as Airflow's task runner would, by
    calling the very functions the DAG calls (`ctr.airflow.tasks.<task>(context, upstream)`) with an
    Airflow-like context: check_data (validate + stage 7 days), train (the train task runs
-   jobs/train.py in a subprocess: 6 days, the 6th validating), evaluate (candidate and champion on
+   `python -m ctr.training.job` in a subprocess: 6 days, the 6th validating), evaluate (candidate and champion on
    the 7th day), gate, register, build_image, rollout (local scoring service), verify, promote.
 4. Times raw `lightgbm.train` on the same binned Dataset (saved by the train job, see
    `ctr.training.trainer.SAVE_DATASET_ENV`) with the same parameters and number of trees, in its own process.
@@ -206,7 +206,7 @@ class RssPoller:
 
 
 def _short(cmd: str) -> str:
-    for key, name in (("scale.py --task", None), ("jobs/train.py", "training job (jobs/train.py)"),
+    for key, name in (("scale.py --task", None), ("ctr.training.job", "training job (ctr.training.job)"),
                       ("ctr.serving", "scoring service"), ("serve", "scoring service"), ("RAW", None)):
         if key in cmd:
             if name:

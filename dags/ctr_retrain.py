@@ -9,7 +9,6 @@ deploy tasks skipped.
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 
 import pendulum
@@ -17,9 +16,12 @@ from airflow.sdk import DAG, CronDataIntervalTimetable, Param, task
 from ctr.airflow.databricks import CtrDatabricksSubmitRunOperator
 from ctr.airflow.links import mlflow_model_task, mlflow_run_task
 from ctr.airflow.notify import on_task_failure
+from ctr.settings import dag_settings
+
+DAG_SETTINGS = dag_settings()  # CTR_IO_RETRIES, CTR_DATABRICKS_POLLING_SECONDS (environment only: parse time)
 
 # I/O tasks retry with exponential backoff (a late export, a flaky registry); CTR_IO_RETRIES=0 for drills/tests.
-IO_RETRIES = {"retries": int(os.environ.get("CTR_IO_RETRIES", "3")), "retry_delay": timedelta(seconds=30), "retry_exponential_backoff": True,
+IO_RETRIES = {"retries": DAG_SETTINGS.io_retries, "retry_delay": timedelta(seconds=30), "retry_exponential_backoff": True,
               "max_retry_delay": timedelta(minutes=10)}
 
 with DAG(
@@ -145,7 +147,7 @@ with DAG(
     submitted = CtrDatabricksSubmitRunOperator(
         task_id="train_databricks", json=payload,
         databricks_conn_id="{{ var.value.get('ctr_databricks_conn_id', 'databricks_default') }}",
-        polling_period_seconds=int(os.environ.get("CTR_DATABRICKS_POLLING_SECONDS", "30")),
+        polling_period_seconds=DAG_SETTINGS.databricks_polling_seconds,
         retries=IO_RETRIES["retries"], retry_delay=timedelta(minutes=2))
     remote_bundle = fetch_databricks_bundle(payload)
     branch >> [local_bundle, shipped]

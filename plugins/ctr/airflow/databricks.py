@@ -59,7 +59,7 @@ class CtrDatabricksSubmitRunOperator(DatabricksSubmitRunOperator):
     auto = Airflow's [operators] default_deferrable, which deployments with a triggerer turn on)."""
 
     def execute(self, context: Any):
-        self.deferrable = resolve_deferrable(databricks_settings().deferrable, self.deferrable)
+        self.deferrable = resolve_deferrable(databricks_settings(context).deferrable, self.deferrable)
         log.info("train_databricks: deferrable=%s polling=%ss", self.deferrable, self.polling_period_seconds)
         return super().execute(context)
 
@@ -75,40 +75,19 @@ def resolve_deferrable(setting: str, default: bool) -> bool:
     raise ValueError(f"ctr_databricks_deferrable={setting!r}: use auto, true or false")
 
 
-# ---- settings ------------------------------------------------------------------------------------
-def databricks_settings():
-    """CTR_DATABRICKS_* environment, overridden by Airflow Variables ctr_databricks_<field>."""
-    import os
-    from dataclasses import fields
+# ---- configuration -------------------------------------------------------------------------------
+def databricks_settings(context: dict[str, Any]):
+    """This task's DatabricksSettings (CTR_DATABRICKS_* environment, Variables ctr_databricks_<field>; config.py)."""
+    from ctr.airflow.config import resolve
 
-    from ctr.training.databricks import DatabricksSettings
-
-    env = dict(os.environ)
-    try:
-        from airflow.sdk import Variable
-
-        for f in fields(DatabricksSettings):
-            v = Variable.get(f"ctr_databricks_{f.name}", default=None)
-            if v not in (None, ""):
-                env[f"CTR_DATABRICKS_{f.name.upper()}"] = str(v)
-    except Exception as e:  # no Variables backend reachable: environment only
-        log.debug("Airflow Variables not read: %s", e)
-    return DatabricksSettings.from_env(env)
+    return resolve(context).databricks
 
 
 def choose_compute(context: dict[str, Any]) -> str:
     """Branch: Variable ctr_compute (a deployment-wide switch) wins over the run's param `compute`."""
-    compute = str(context["params"].get("compute", "local"))
-    try:
-        from airflow.sdk import Variable
+    from ctr.airflow.config import resolve
 
-        override = Variable.get("ctr_compute", default=None)
-        if override not in (None, ""):
-            compute = str(override)
-    except Exception as e:
-        log.debug("Variable ctr_compute not read: %s", e)
-    if compute not in ("local", "databricks"):
-        raise ValueError(f"compute={compute!r} (param or Variable ctr_compute): use local or databricks")
+    compute = resolve(context).compute
     log.info("compute=%s", compute)
     return "train" if compute == "local" else "ship_to_databricks"
 
@@ -118,7 +97,7 @@ def ship(context: dict[str, Any]) -> dict[str, Any]:
     """Build the ctr wheel and import it with jobs/train_spark.py under a content-addressed workspace dir."""
     from ctr.training.databricks import JOB_FILE, artifact_paths, build_wheel, source_digest
 
-    s = databricks_settings()
+    s = databricks_settings(context)
     hook = CtrDatabricksHook(s.conn_id)
     digest = source_digest()
     with tempfile.TemporaryDirectory(prefix="ctr-ship-") as tmp:
@@ -149,9 +128,9 @@ def request(context: dict[str, Any], shipped: dict[str, Any]) -> dict[str, Any]:
     from ctr.airflow.tasks import holdout_day, settings, train_spec
     from ctr.training.databricks import TrainRequest, idempotency_token, submit_payload
 
-    s = databricks_settings()
+    s = databricks_settings(context)
     p = context["params"]
-    spec = train_spec(context, settings())
+    spec = train_spec(context, settings(context))
     dag_id, run_id = context["dag"].dag_id, context["run_id"]
     # A failed run keeps its token's run forever; dag_run.conf {"databricks_attempt": n} asks for a new one.
     attempt = int((getattr(context.get("dag_run"), "conf", None) or {}).get("databricks_attempt", 0))
@@ -191,7 +170,7 @@ def fetch(context: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
     from ctr.model.bundle import Bundle
 
     out = payload["spark_python_task"]["parameters"][payload["spark_python_task"]["parameters"].index("--out") + 1]
-    local = run_dir(context, settings()) / "candidate"
+    local = run_dir(context, settings(context)) / "candidate"
     _copy_tree(f"{out}/model", local)
     b = Bundle.load(local)  # refuses a bundle that fails its own probe
     ti = context["ti"]
@@ -199,8 +178,8 @@ def fetch(context: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
     url = ti.xcom_pull(task_ids=TRAIN_TASK_ID, key="run_page_url")
     cluster_metrics = None
     try:
-        _copy_tree(out, run_dir(context, settings()) / "databricks")
-        m = json.loads((run_dir(context, settings()) / "databricks" / "metrics.json").read_text())
+        _copy_tree(out, run_dir(context, settings(context)) / "databricks")
+        m = json.loads((run_dir(context, settings(context)) / "databricks" / "metrics.json").read_text())
         cluster_metrics = {"auc": m["candidate"]["auc"], "logloss": m["candidate"]["logloss"], "gate": m["gate"]["passed"]}
     except (OSError, KeyError, json.JSONDecodeError) as e:
         log.warning("fetch: no cluster-side metrics.json under %s: %s", out, e)

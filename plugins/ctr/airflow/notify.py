@@ -3,8 +3,8 @@
 Events: `task_failed` (a task's on_failure_callback), `gate_rejected` (the gate task, on a rejected
 candidate) and `rollback` (verify rolled the live service back). The webhook is the HTTP connection
 `ctr_alerts` (override with CTR_ALERTS_CONN_ID); without that connection every notification is a
-logged no-op, so a laptop or a test installation needs no webhook. Parse-time light: only
-`airflow.sdk`'s BaseNotifier is imported at module level.
+logged no-op, so a laptop or a test installation needs no webhook. The connection is read by
+`ctr.airflow.hooks.WebhookHook`; this module only builds and posts the message.
 
 Connection forms (e.g. `AIRFLOW_CONN_CTR_ALERTS`):
   JSON  {"conn_type": "http", "host": "hooks.example.com", "schema": "https", "port": 443,
@@ -20,45 +20,19 @@ headers, the URL's path when it carries a token) are never logged.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from typing import Any
 
 from airflow.sdk import BaseNotifier
 
+from ctr.airflow.hooks import DEFAULT_ALERTS_CONN_ID, WebhookHook, alerts_conn_id, webhook_url
+
+__all__ = ["DEFAULT_CONN_ID", "EVENTS", "WebhookNotifier", "alerts_conn_id", "on_task_failure", "send", "webhook_url"]
+
 log = logging.getLogger("ctr.airflow.notify")
 
-DEFAULT_CONN_ID = "ctr_alerts"
+DEFAULT_CONN_ID = DEFAULT_ALERTS_CONN_ID
 EVENTS = ("task_failed", "gate_rejected", "rollback")
-
-
-def alerts_conn_id() -> str:
-    return os.environ.get("CTR_ALERTS_CONN_ID", DEFAULT_CONN_ID)
-
-
-def webhook_url(conn: Any) -> str:
-    """The webhook URL an HTTP connection describes (see the module doc for the accepted forms)."""
-    host = (conn.host or "").strip()
-    extra = conn.extra_dejson or {}
-    endpoint = str(extra.get("endpoint") or "")
-    if host.startswith(("http://", "https://")):
-        base = host.rstrip("/")
-        if conn.port and ":" not in base.split("://", 1)[1].split("/", 1)[0]:
-            scheme, rest = base.split("://", 1)
-            netloc, _, path = rest.partition("/")
-            base = f"{scheme}://{netloc}:{conn.port}" + (f"/{path}" if path else "")
-    else:
-        if not host:
-            raise ValueError(f"connection {conn.conn_id!r} has no host; set host (and schema/port/extra.endpoint) "
-                             "or a full URL in host")
-        schema = (conn.schema or "").strip()
-        scheme = schema if schema in ("http", "https") else "http"
-        if schema and schema not in ("http", "https") and not endpoint:
-            endpoint = schema  # URI form: http://host:port/path puts the path in `schema`
-        base = f"{scheme}://{host}" + (f":{conn.port}" if conn.port else "")
-    if endpoint:
-        base = base.rstrip("/") + "/" + endpoint.lstrip("/")
-    return base
 
 
 def _field(context: Any, name: str) -> Any:
@@ -103,25 +77,21 @@ class WebhookNotifier(BaseNotifier):
                 "logical_date": logical.isoformat() if hasattr(logical, "isoformat") else logical, "details": details}
 
     def notify(self, context: Any) -> None:
-        from airflow.sdk import BaseHook
         from airflow.sdk.exceptions import AirflowNotFoundException
 
-        conn_id = self.conn_id or alerts_conn_id()
+        hook = WebhookHook(self.conn_id)
+        conn_id = hook.conn_id
         try:
-            conn = BaseHook.get_connection(conn_id)
+            conn = hook.get_conn()
         except AirflowNotFoundException:
             log.info("notify: event=%s not sent: no connection %r (add it to enable alerts)", self.event, conn_id)
             return
         body = self.payload(context)
-        headers = {"Content-Type": "application/json"}
-        extra_headers = (conn.extra_dejson or {}).get("headers") or {}
-        headers.update({str(k): str(v) for k, v in extra_headers.items()})
-        if conn.password:
-            headers["Authorization"] = f"Bearer {conn.password}"
         try:
             import httpx
 
-            r = httpx.post(webhook_url(conn), json=body, headers=headers, timeout=self.timeout)
+            url, headers = hook.endpoint(conn)
+            r = httpx.post(url, json=body, headers=headers, timeout=self.timeout)
             r.raise_for_status()
         except Exception as e:  # an alert must not turn a good run into a failed one
             # name the connection, not its URL (a webhook URL often is a secret)

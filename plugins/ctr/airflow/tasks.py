@@ -1,6 +1,7 @@
-"""What each task of the `ctr_retrain` DAG does. The only module of `ctr` that knows about Airflow.
+"""What each task of the `ctr_retrain` DAG does: task context in, a small JSON-able dict (the XCom) out.
 
-Every function takes the task context and returns a small JSON-able dict (the XCom). Each is
+Configuration comes from `ctr.airflow.config.resolve(context)`, once per task; image builders and
+rollout targets from `ctr.deployment.factory`, so no task asks which one it drives. Each task is
 idempotent for a DAG run: it finds its own earlier result (staged day, bundle with the same
 training spec, registry version by run key, image by content digest, rollout already serving).
 """
@@ -10,58 +11,22 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+from ctr.airflow.config import resolve
 from ctr.settings import Settings
 
 log = logging.getLogger("ctr.dag")
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
-VARIABLE_FIELDS = ("home", "landing", "registry_uri", "mlflow_ui_url", "model_name", "serve_host", "serve_port")
 
 
 # ---- context helpers ---------------------------------------------------------------------
-def settings() -> Settings:
-    """CTR_* environment, overridden by Airflow Variables `ctr_<field>` where set."""
-    env = dict(os.environ)
-    try:
-        from airflow.sdk import Variable
-
-        for f in VARIABLE_FIELDS:
-            v = Variable.get(f"ctr_{f}", default=None)
-            if v not in (None, ""):
-                env[f"CTR_{f.upper()}"] = str(v)
-    except Exception as e:  # no Variables backend reachable: environment only
-        log.debug("Airflow Variables not read: %s", e)
-    azure_env_from_connection(env)
-    return Settings.from_env(env)
-
-
-def azure_env_from_connection(env: dict[str, str]) -> None:
-    """For an Azure landing zone, fill CTR_AZURE_* (in `env` and this task process) from the Airflow
-    WASB connection `CTR_AZURE_CONN_ID` (default wasb_default), unless CTR_AZURE_* are already set."""
-    from ctr.data.azure_storage import ENV_KEYS, env_from_connection, is_azure_url
-
-    landing = env.get("CTR_LANDING", "")
-    if not is_azure_url(landing) or any(env.get(k) for k in ENV_KEYS):
-        return
-    conn_id = env.get("CTR_AZURE_CONN_ID", "wasb_default")
-    try:
-        from airflow.sdk import BaseHook
-
-        conn = BaseHook.get_connection(conn_id)
-    except Exception as e:
-        log.warning("landing %s: Airflow connection %r not readable (%s); falling back to DefaultAzureCredential",
-                    landing, conn_id, e)
-        return
-    values = env_from_connection(conn.host, conn.login, conn.password, conn.extra_dejson)
-    env.update(values)
-    os.environ.update(values)  # read by ctr.data.azure_storage.storage_options in this task process
-    log.info("landing %s: Azure credentials from Airflow connection %r (%s)", landing, conn_id, ", ".join(sorted(values)))
+def settings(context: dict[str, Any]) -> Settings:
+    """This task's `Settings` (environment + Variables + the landing zone's connection; see config.py)."""
+    return resolve(context).settings
 
 
 def holdout_day(context: dict[str, Any]) -> dt.date:
@@ -94,17 +59,13 @@ def train_range(context: dict[str, Any]) -> tuple[dt.date, dt.date]:
     return d - dt.timedelta(days=n), d - dt.timedelta(days=1)
 
 
-def _staging(s: Settings) -> Path:
-    return s.home / "staging"
-
-
 # ---- tasks -------------------------------------------------------------------------------
 def check_data(context: dict[str, Any]) -> dict[str, Any]:
     """Validate and stage every day the run needs (training range + holdout day)."""
     from ctr.data.checks import CheckConfig, problems, trailing_history
     from ctr.data.landing import DayReport, daterange, stage_day
 
-    s = settings()
+    s = settings(context)
     p = context["params"]
     cfg = CheckConfig(max_bad_fraction=float(p.get("max_bad_fraction", 0.001)))
     start, _ = train_range(context)
@@ -112,9 +73,9 @@ def check_data(context: dict[str, Any]) -> dict[str, Any]:
     reports: dict[str, DayReport] = {}
     failures: list[str] = []
     for d in daterange(start, day):
-        rep = stage_day(s.landing_root, _staging(s), s.home / "quarantine", d)
+        rep = stage_day(s.landing_root, s.staging_dir, s.home / "quarantine", d)
         reports[d.isoformat()] = rep
-        history = trailing_history(_staging(s), d, reports, cfg)  # this run's days or earlier runs' reports
+        history = trailing_history(s.staging_dir, d, reports, cfg)  # this run's days or earlier runs' reports
         failures += problems(rep, history, cfg)
         log.info("day=%s rows=%d ok=%d bad=%d quarantined=%s", d, rep.rows_in, rep.rows_ok, rep.rows_quarantined, rep.quarantine)
     summary = {k: {"rows_in": r.rows_in, "rows_ok": r.rows_ok, "rows_quarantined": r.rows_quarantined,
@@ -136,12 +97,12 @@ def train_spec(context: dict[str, Any], s: Settings) -> dict[str, Any]:
             "sample_fraction": float(p.get("sample_fraction", 1.0)), "params": p.get("lgb_params") or {},
             "num_threads": s.num_threads,
             # the staged copies (training days + holdout) this bundle is for: corrected data retrains
-            "data_fingerprints": staged_fingerprints(_staging(s), daterange(start, holdout_day(context)))}
+            "data_fingerprints": staged_fingerprints(s.staging_dir, daterange(start, holdout_day(context)))}
 
 
 def train_local(context: dict[str, Any]) -> dict[str, Any]:
-    """Run jobs/train.py in a subprocess (the same entry the Spark job mirrors)."""
-    s = settings()
+    """Run the training job (`python -m ctr.training.job`) in a subprocess (the same arguments the Spark job takes)."""
+    s = settings(context)
     out = run_dir(context, s) / "candidate"
     spec = train_spec(context, s)
     spec_path = run_dir(context, s) / "train_spec.json"
@@ -151,7 +112,7 @@ def train_local(context: dict[str, Any]) -> dict[str, Any]:
     day = holdout_day(context).isoformat()
     lineage = {"dag_id": context["dag"].dag_id, "run_id": context["run_id"], "holdout_day": day,
                "holdout_fingerprint": {day: spec["data_fingerprints"].get(day)}}
-    cmd = [sys.executable, str(REPO_ROOT / "jobs" / "train.py"), "--staging", str(_staging(s)),
+    cmd = [sys.executable, "-m", "ctr.training.job", "--staging", str(s.staging_dir),
            "--from", spec["from"], "--to", spec["to"], "--out", str(out), "--seed", str(spec["seed"]),
            "--num-threads", str(spec["num_threads"]), "--sample-fraction", str(spec["sample_fraction"]),
            "--params", json.dumps(spec["params"]), "--metadata", json.dumps(lineage)]
@@ -181,7 +142,7 @@ def run_fingerprints(context: dict[str, Any], s: Settings, bundle: Path) -> dict
 
     start, end = train_range(context)
     day = holdout_day(context)
-    staged = staged_fingerprints(_staging(s), daterange(start, day))
+    staged = staged_fingerprints(s.staging_dir, daterange(start, day))
     meta = json.loads((bundle / "metadata.json").read_text())
     trained = meta.get("data_fingerprints") or {k: v for k, v in staged.items() if k != day.isoformat()}
     return {**trained, **({day.isoformat(): staged[day.isoformat()]} if day.isoformat() in staged else {})}
@@ -195,7 +156,7 @@ def evaluate(context: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]
     from ctr.registry import ui_links
     from ctr.validation.holdout import evaluate_day
 
-    s = settings()
+    s = settings(context)
     fingerprints = run_fingerprints(context, s, Path(trained["bundle"]))
     reg = _registry(s)
     out = run_dir(context, s)
@@ -203,7 +164,7 @@ def evaluate(context: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]
     champ, why = reg.baseline_for(day.isoformat())  # the champion, unless it trained on this day (backfills)
     log.info("evaluate: baseline for %s: %s", day, why)
     baseline = reg.download(champ.version) if champ else None
-    doc = evaluate_day(_staging(s), day, Path(trained["bundle"]), baseline, gate_params=context["params"],
+    doc = evaluate_day(s.staging_dir, day, Path(trained["bundle"]), baseline, gate_params=context["params"],
                        report_dir=out / "report", title=f"{run_key(context)}: candidate vs champion "
                        f"{'v' + champ.version if champ else '(none)'} on {day.isoformat()}")
     doc["baseline_version"] = champ.version if champ else None
@@ -254,7 +215,7 @@ def register(context: dict[str, Any], evaluated: dict[str, Any]) -> dict[str, An
     from ctr.training.trainer import code_version
     from ctr.validation.gate import verdict
 
-    s = settings()
+    s = settings(context)
     doc = json.loads(Path(evaluated["metrics_path"]).read_text())
     bundle = Path(evaluated["bundle"])
     start, end = train_range(context)
@@ -288,101 +249,38 @@ def register(context: dict[str, Any], evaluated: dict[str, Any]) -> dict[str, An
             "mlflow_model_version_url": links["model_version"] or None}
 
 
-# ---- build / roll out / verify / promote (image_builder: local | acr, deploy_target: local | aks) ----------
-def _deploy_var(name: str, default: str = "") -> str:
-    """Airflow Variable `ctr_<name>`, else env CTR_<NAME>, else default (names only, never secrets)."""
-    v = os.environ.get(f"CTR_{name.upper()}", "")
-    try:
-        from airflow.sdk import Variable
+# ---- build / roll out / verify / promote (which builder and target: DeploySettings, via the factory) ----------
+def _rollout(context: dict[str, Any]):
+    from ctr.airflow.hooks import CloudAccess
+    from ctr.deployment import factory
 
-        v = Variable.get(f"ctr_{name}", default=None) or v
-    except Exception as e:  # no Variables backend reachable: environment only
-        log.debug("Airflow Variable ctr_%s not read: %s", name, e)
-    return str(v or default)
-
-
-def _azure_credential(conn_id: str) -> tuple[Any, dict[str, str]]:
-    """azure-identity credential + extras from an Airflow Azure connection: service principal
-    (login=client id, password=secret, extra tenantId) or the worker's managed identity."""
-    from airflow.sdk import BaseHook
-    from azure.identity import ClientSecretCredential, DefaultAzureCredential
-
-    conn = BaseHook.get_connection(conn_id)
-    extras = {k.removeprefix("extra__azure__"): str(v) for k, v in (conn.extra_dejson or {}).items()}
-    if conn.login and conn.password and extras.get("tenantId"):
-        log.info("azure connection %s: service principal %s", conn_id, conn.login)
-        return ClientSecretCredential(extras["tenantId"], conn.login, conn.password), extras
-    log.info("azure connection %s: managed identity (DefaultAzureCredential)", conn_id)
-    return DefaultAzureCredential(managed_identity_client_id=extras.get("managed_identity_client_id") or None), extras
-
-
-def _subscription(extras: dict[str, str], conn_id: str) -> str:
-    sub = extras.get("subscriptionId") or _deploy_var("azure_subscription_id")
-    if not sub:
-        raise ValueError(f"no subscription: set extra subscriptionId on connection {conn_id} or Variable ctr_azure_subscription_id")
-    return sub
+    cfg = resolve(context)
+    return factory.rollout(cfg.settings, cfg.deploy, CloudAccess(cfg.deploy))
 
 
 def build_image(context: dict[str, Any], registered: dict[str, Any]) -> dict[str, Any]:
-    from ctr.deployment.image import build_context, local_build
+    from ctr.airflow.hooks import CloudAccess
+    from ctr.deployment import factory
+    from ctr.deployment.image import build_context
 
-    s = settings()
+    cfg = resolve(context)
+    s = cfg.settings
     ctx = build_context(Path(registered["bundle"]), registered["version"], s.model_name, s.images_dir)
-    log.info("build_image: context %s tag %s", ctx.path, ctx.tag)
-    if context["params"].get("image_builder", "local") != "acr":
-        return local_build(ctx)
-    from ctr.deployment.acr import AcrBuilder, AcrTarget
-
-    conn_id = _deploy_var("azure_conn_id", "azure_default")
-    cred, extras = _azure_credential(conn_id)
-    registry, rg = _deploy_var("acr_registry"), _deploy_var("acr_resource_group")
-    if not registry or not rg:
-        raise ValueError("image_builder=acr needs Variables ctr_acr_registry and ctr_acr_resource_group")
-    builder = AcrBuilder(cred, AcrTarget(_subscription(extras, conn_id), rg, registry))
+    log.info("build_image: context %s tag %s (builder %s)", ctx.path, ctx.tag, cfg.deploy.image_builder)
+    builder = factory.image_builder(cfg.deploy, CloudAccess(cfg.deploy))
     try:
         return builder.build(ctx)
     finally:
         builder.close()
 
 
-def _local_rollout(s: Settings):
-    from ctr.deployment.rollout.local import LocalRollout
-
-    return LocalRollout(s.serving_dir, s.serve_host, s.serve_port, admin_token=s.admin_token, serve_token=s.serve_token)
-
-
-def _aks_rollout():
-    from ctr.deployment.rollout.aks import (
-        AksConfig,
-        AksRollout,
-        api_client_from_kubeconfig,
-        kubeconfig_from_aks,
-    )
-
-    cfg = AksConfig(namespace=_deploy_var("aks_namespace", "ctr"), url=_deploy_var("aks_url"))
-    kube_conn = _deploy_var("kube_conn_id")
-    if kube_conn:  # a cncf-kubernetes connection holding a kubeconfig (or in-cluster)
-        from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
-
-        return AksRollout(KubernetesHook(conn_id=kube_conn).get_conn(), cfg)
-    conn_id = _deploy_var("azure_conn_id", "azure_default")
-    cred, extras = _azure_credential(conn_id)
-    cluster, rg = _deploy_var("aks_cluster"), _deploy_var("aks_resource_group")
-    if not cluster or not rg:
-        raise ValueError("deploy_target=aks needs Variable ctr_kube_conn_id, or ctr_aks_cluster and ctr_aks_resource_group")
-    return AksRollout(api_client_from_kubeconfig(kubeconfig_from_aks(cred, _subscription(extras, conn_id), rg, cluster)), cfg)
-
-
 def rollout(context: dict[str, Any], image: dict[str, Any]) -> dict[str, Any]:
-    s = settings()
-    bundle = str(Path(image["path"]) / "model")
-    if context["params"].get("deploy_target", "local") == "aks":
-        if not image.get("image"):
-            raise ValueError("deploy_target=aks pulls the image from ACR: run with image_builder=acr")
-        res = _aks_rollout().deploy(image["image"], image["version"])
-        return {**res.to_json(), "bundle": bundle, "target": "aks"}
-    res = _local_rollout(s).deploy(Path(bundle), image["version"])
-    return {**res.to_json(), "bundle": bundle, "target": "local"}
+    from ctr.deployment.rollout.base import Release
+
+    release = Release(str(image["version"]), Path(image["path"]) / "model", image.get("image"))
+    target = _rollout(context)
+    res = target.deploy(release)
+    return {**res.to_json(), "bundle": str(release.bundle), "image": release.image, "target": target.target}
 
 
 def verify(context: dict[str, Any], rolled: dict[str, Any]) -> dict[str, Any]:
@@ -390,12 +288,14 @@ def verify(context: dict[str, Any], rolled: dict[str, Any]) -> dict[str, Any]:
     import pyarrow as pa
 
     from ctr.data.landing import read_staged
-    from ctr.deployment.rollout.base import verify_endpoint
+    from ctr.deployment.rollout.base import Release, RolloutResult
 
-    s = settings()
+    s = settings(context)
+    target = _rollout(context)
+    release = Release(str(rolled["version"]), Path(rolled["bundle"]), rolled.get("image"))
     n = int(context["params"].get("verify_rows", 100))
     head: list[pa.Table] = []
-    for t in read_staged(_staging(s), holdout_day(context)):  # the first n rows, not the whole day
+    for t in read_staged(s.staging_dir, holdout_day(context)):  # the first n rows, not the whole day
         head.append(t.slice(0, n - sum(h.num_rows for h in head)))
         if sum(h.num_rows for h in head) >= n:
             break
@@ -403,13 +303,10 @@ def verify(context: dict[str, Any], rolled: dict[str, Any]) -> dict[str, Any]:
     try:
         if context["params"].get("fail_verify"):  # operator drill: prove the rollback path end to end
             raise RuntimeError("fail_verify=true: verification forced to fail")
-        return verify_endpoint(rolled["url"], rolled["version"], Path(rolled["bundle"]), rows, token=s.serve_token)
+        return target.verify(release, rows, token=s.serve_token)
     except Exception as e:
         log.error("verify failed: %s; rolling back (champion pointer unchanged)", e)
-        if rolled.get("target") == "aks":
-            back = _aks_rollout().rollback(rolled.get("previous_ref"), rolled.get("previous_version"))
-        else:
-            back = _local_rollout(s).rollback(failed_version=rolled.get("version"))
+        back = target.rollback(release, RolloutResult.from_json(rolled))
         outcome = ("stopped the service (no previous version)" if back is None else
                    f"rolled back to {back.version}" if back.changed else f"left version {back.version} serving (deployed since)")
         log.error("%s", outcome)
@@ -422,7 +319,7 @@ def verify(context: dict[str, Any], rolled: dict[str, Any]) -> dict[str, Any]:
 
 
 def promote(context: dict[str, Any], verified: dict[str, Any]) -> dict[str, Any]:
-    s = settings()
+    s = settings(context)
     champ = _registry(s).promote(verified["version"])
     return {"champion": champ.version, "url": verified["url"]}
 

@@ -1,4 +1,4 @@
-"""The scoring image: a content-addressed Docker build context, and the local builder.
+"""The scoring image: a content-addressed Docker build context, the `ImageBuilder` interface, the local builder.
 
 The context holds a Dockerfile (slim Python base, non-root user, HEALTHCHECK on /healthz),
 pinned serving requirements, the `ctr` package source and the model bundle stamped with its
@@ -18,6 +18,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from importlib.metadata import version as pkg_version
 from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 from ctr.model.bundle import MANIFEST, check_version, read_bundle_files, write_manifest
 
@@ -134,3 +135,27 @@ def local_build(ctx: ImageContext) -> dict[str, object]:
     if r.returncode != 0:
         raise RuntimeError(f"docker build of {ctx.tag} failed (exit {r.returncode}); see the log above")
     return {"built": True, **ctx.to_json()}
+
+
+@runtime_checkable
+class ImageBuilder(Protocol):
+    """Builds the image of a build context: `LocalImageBuilder` (docker, when an engine answers) or
+    `ctr.deployment.acr.AcrBuilder` (ACR Tasks, pushed). `ctr.deployment.factory.image_builder` picks one."""
+
+    def build(self, ctx: ImageContext) -> dict[str, Any]:
+        """Build (or find) the image; the dict holds the context's fields, "built", and "image" once pushed."""
+        ...
+
+    def close(self) -> None:
+        """Release clients the builder holds."""
+        ...
+
+
+class LocalImageBuilder:
+    """`docker build` on this machine when an engine answers; otherwise the context is left for later."""
+
+    def build(self, ctx: ImageContext) -> dict[str, Any]:
+        return local_build(ctx)
+
+    def close(self) -> None:
+        return None

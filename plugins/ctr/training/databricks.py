@@ -16,64 +16,22 @@ documented Jobs API 2.1/2.2 `runs/submit` payload or the files it points at:
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
+
+from ctr.settings import DatabricksConfigError, DatabricksSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 JOB_FILE = REPO_ROOT / "jobs" / "train_spark.py"
 SYNAPSEML_VERSION = "1.1.3"
 SYNAPSEML_REPO = "https://mmlspark.blob.core.windows.net/maven"
 MAX_TOKEN = 64
-
-
-class DatabricksConfigError(ValueError):
-    """A Databricks setting is missing or inconsistent; the message names the setting and the fix."""
-
-
-@dataclass(frozen=True)
-class DatabricksSettings:
-    """`CTR_DATABRICKS_*` environment (the DAG layers Variables `ctr_databricks_*` on top)."""
-
-    conn_id: str = "databricks_default"
-    workspace_dir: str = "/Workspace/Shared/ctr"       # where the job file and wheel are imported
-    landing: str = ""                                   # abfss:// landing zone as the cluster sees it
-    output: str = ""                                    # abfss:// prefix for run outputs
-    spark_version: str = "15.4.x-scala2.12"             # LTS, Spark 3.5 (or 17.3.x-scala2.13: Spark 4.0)
-    node_type_id: str = "Standard_D8ds_v5"
-    num_workers: int = 4
-    executor_cores: int = 8                             # cores of node_type_id (numThreads = this - 1)
-    policy_id: str = ""
-    engine: str = "synapseml"
-    timeout_seconds: int = 4 * 3600
-    polling_seconds: int = 30
-    deferrable: str = "auto"                            # auto | true | false
-    storage_account: str = ""                           # for the OAuth (managed identity) Spark conf
-    spark_conf: str = ""                                # extra "k=v;k=v" cluster Spark conf
-    single_user: str = ""                               # data_security_mode SINGLE_USER owner (UC)
-
-    @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> DatabricksSettings:
-        env = dict(os.environ if env is None else env)
-        kw: dict[str, Any] = {}
-        for f in fields(cls):
-            raw = env.get(f"CTR_DATABRICKS_{f.name.upper()}")
-            if raw in (None, ""):
-                continue
-            if f.type in ("int", int):
-                try:
-                    kw[f.name] = int(raw)
-                except ValueError:
-                    raise DatabricksConfigError(f"CTR_DATABRICKS_{f.name.upper()}={raw!r} is not an integer") from None
-            else:
-                kw[f.name] = raw
-        return cls(**kw)
 
 
 # ---- idempotency ---------------------------------------------------------------------------

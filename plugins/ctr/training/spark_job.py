@@ -40,6 +40,7 @@ from ctr.data.landing import DATA_SUFFIXES, DayReport, FileStamp, LandingZoneErr
 from ctr.data.reader import Layout, parse_lines
 from ctr.features.transform import CAT_INDEX, FeatureTransform, VocabCounter
 from ctr.schema import ALL_COLUMNS, ARROW_SCHEMA, CAT_COLUMNS, FEATURE_COLUMNS, LABEL
+from ctr.settings import Settings
 from ctr.training.trainer import TrainConfig, TrainingError
 
 log = logging.getLogger("ctr.training.spark_job")
@@ -526,7 +527,7 @@ def run_local_spark_job(*, data: str, start: dt.date, end: dt.date, out: Path, s
     args = JobArgs(data=str(Path(data).resolve()) if not _is_remote(data) else data, start=start, end=end,
                    out=str(reports), holdout=holdout, engine="lightgbm", seed=seed, params=params or {},
                    sample_fraction=sample_fraction, bundle_dir=str(out),
-                   num_threads=int(os.environ.get("CTR_NUM_THREADS", "2")))
+                   num_threads=Settings.from_env().num_threads)
     summary = run_job(spark, args)
     if summary["metrics"]:
         m = summary["metrics"]["candidate"]

@@ -12,8 +12,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from ctr.data import generate as gen
-from ctr.data.generate import GeneratorConfig, generate, generate_chunk, to_tsv_bytes, write_day
+from ctr.data.generate import GeneratorConfig, generate, generate_chunk, write_day
 from ctr.data.reader import read_table
+from ctr.data.tsv import to_tsv_bytes
 from ctr.schema import CAT_COLUMNS, INT_COLUMNS, REAL_CARDINALITY
 from sklearn.metrics import roc_auc_score
 

@@ -19,9 +19,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import yaml
 
-from ctr.deployment.rollout.base import RolloutError, RolloutResult
+from ctr.deployment.rollout.base import Release, RolloutError, RolloutResult, verify_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,10 @@ def kubeconfig_from_aks(credential: Any, subscription_id: str, resource_group: s
 
 # ---- rollout ---------------------------------------------------------------------------------
 class AksRollout:
+    """The `Rollout` of an AKS Deployment: apply the rendered manifests, wait, re-apply the previous image."""
+
+    target = "aks"
+
     def __init__(self, api_client: Any, cfg: AksConfig | None = None, *, timeout: float = 600.0,
                  poll_interval: float = 2.0) -> None:
         from kubernetes import client
@@ -162,7 +167,17 @@ class AksRollout:
             log.info("aks: applied %s %s/%s", kind, ns, name)
         return generation
 
-    def deploy(self, image: str, version: str) -> RolloutResult:
+    @property
+    def url(self) -> str:
+        return self.cfg.service_url
+
+    def verify(self, release: Release, rows: pa.Table, token: str = "") -> dict[str, Any]:
+        return verify_endpoint(self.url, release.version, Path(release.bundle), rows, token=token)
+
+    def deploy(self, release: Release) -> RolloutResult:
+        if not release.image:
+            raise ValueError("deploy_target=aks pulls the image from ACR: run with image_builder=acr")
+        image, version = release.image, str(release.version)
         before = self.current()
         if before and before["image"] == image and before["version"] == str(version):
             try:
@@ -180,12 +195,16 @@ class AksRollout:
         except RolloutError as e:
             if before and before["image"] != image:
                 log.error("aks: rollout of %s failed (%s); rolling back to %s", image, e, before["image"])
-                self.rollback(before["image"], before["version"])
+                self._reapply(before["image"], before["version"])
                 raise RolloutError(f"{e}; rolled back to {before['image']} (version {before['version']})") from None
             raise
         return RolloutResult(self.cfg.service_url, str(version), before and before["version"], before and before["image"])
 
-    def rollback(self, image: str | None, version: str | None) -> RolloutResult | None:
+    def rollback(self, failed: Release | None, deployed: RolloutResult | None = None) -> RolloutResult | None:
+        """Re-apply the image that ran before `failed` (`deployed.previous_ref`, as deploy reported it)."""
+        return self._reapply(deployed.previous_ref if deployed else None, deployed.previous_version if deployed else None)
+
+    def _reapply(self, image: str | None, version: str | None) -> RolloutResult | None:
         if not image:
             log.warning("aks: no previous image recorded; leaving %s/%s as it is", self.cfg.namespace, self.cfg.name)
             return None

@@ -1,4 +1,9 @@
-"""What every rollout returns, and the post-rollout verification shared by all targets."""
+"""The one rollout interface: `Release` in, `RolloutResult` out, and the verification every target shares.
+
+A target (local.LocalRollout, aks.AksRollout) is a `Rollout`: `deploy(release)`, `verify(release, rows)`,
+`rollback(failed, deployed)` and `current()`, the same signatures everywhere, so the tasks never ask
+which target they drive; `ctr.deployment.factory.rollout` picks one from the settings.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +14,12 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import httpx
 import pyarrow as pa
 
-from ctr.data.generate import to_tsv_bytes
+from ctr.data.tsv import to_tsv_bytes
 from ctr.schema import ALL_COLUMNS, FEATURE_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -23,7 +28,23 @@ VERIFY_TOLERANCE = 1e-9
 
 
 class RolloutError(RuntimeError):
-    pass
+    """A rollout, verification or rollback failed; the message names the target and the cause."""
+
+
+@dataclass(frozen=True)
+class Release:
+    """One model version as a target receives it: the served bundle and, once pushed, its image."""
+
+    version: str
+    bundle: Path               # the bundle exactly as the image holds it (the build context's model/)
+    image: str | None = None   # the pushed image reference (None: built locally or not at all)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": self.version, "bundle": str(self.bundle), "image": self.image}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Release:
+        return cls(str(d["version"]), Path(d["bundle"]), d.get("image"))
 
 
 @dataclass(frozen=True)
@@ -36,6 +57,36 @@ class RolloutResult:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> RolloutResult:
+        return cls(str(d["url"]), str(d["version"]), d.get("previous_version"), d.get("previous_ref"),
+                   bool(d.get("changed", True)))
+
+
+@runtime_checkable
+class Rollout(Protocol):
+    """A place the scoring service runs (the local process, an AKS Deployment)."""
+
+    target: str
+    url: str
+
+    def deploy(self, release: Release) -> RolloutResult:
+        """Make `release` the served version (idempotent: already serving it is `changed=False`)."""
+        ...
+
+    def verify(self, release: Release, rows: pa.Table, token: str = "") -> dict[str, Any]:
+        """Check the live endpoint serves `release` and scores `rows` as `ctr score` does (RolloutError if not)."""
+        ...
+
+    def rollback(self, failed: Release, deployed: RolloutResult | None = None) -> RolloutResult | None:
+        """Undo `deployed` (what `deploy(failed)` returned): put the version before it back, if `failed` is
+        still what is served. None when there was nothing to go back to."""
+        ...
+
+    def current(self) -> dict[str, Any] | None:
+        """What the target serves now ({"version", ...}), or None when nothing runs."""
+        ...
 
 
 def verify_endpoint(url: str, version: str, bundle_dir: Path, rows: pa.Table, token: str = "") -> dict[str, Any]:

@@ -23,13 +23,18 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pyarrow as pa
 
-from ctr.deployment.rollout.base import RolloutError, RolloutResult
+from ctr.deployment.rollout.base import Release, RolloutError, RolloutResult, verify_endpoint
 
 log = logging.getLogger(__name__)
 
 
 class LocalRollout:
+    """The `Rollout` of one local `ctr serve`: start it, hot-swap bundles, put the previous one back."""
+
+    target = "local"
+
     def __init__(self, state_dir: Path, host: str = "127.0.0.1", port: int = 8765, admin_token: str = "",
                  serve_token: str = "", start_timeout: float = 60.0) -> None:
         self.state_dir = state_dir
@@ -79,7 +84,15 @@ class LocalRollout:
         if version is not None and got != str(version):
             raise RolloutError(f"bundle {bundle} reports version {got!r}, expected {version!r}; was it stamped by build_image?")
 
-    def deploy(self, bundle: Path, version: str) -> RolloutResult:
+    def current(self) -> dict[str, Any] | None:
+        """The live service's /readyz document (version, bundle, digest), or None when none answers."""
+        return self.readyz(timeout=10.0)
+
+    def verify(self, release: Release, rows: pa.Table, token: str = "") -> dict[str, Any]:
+        return verify_endpoint(self.url, release.version, Path(release.bundle), rows, token=token or self.serve_token)
+
+    def deploy(self, release: Release) -> RolloutResult:
+        bundle, version = Path(release.bundle), str(release.version)
         st = self.state()
         # patient: a busy service answering late must not be mistaken for none (we would start a second one)
         live = self.readyz(timeout=10.0)
@@ -105,12 +118,14 @@ class LocalRollout:
         log.info("rollout: %s now serves version %s (previous %s)", self.url, version, st["previous_version"])
         return RolloutResult(self.url, str(version), st["previous_version"], st["previous_bundle"], changed=True)
 
-    def rollback(self, failed_version: str | None = None) -> RolloutResult | None:
+    def rollback(self, failed: Release | None = None, deployed: RolloutResult | None = None) -> RolloutResult | None:
         """Put the previous bundle back (stop the service if there was none).
 
-        With `failed_version`, only if the service still serves it: if something else was deployed
-        since, rolling that back would undo a model nobody found fault with.
+        With `failed`, only if the service still serves that version: if something else was deployed
+        since, rolling that back would undo a model nobody found fault with. The previous bundle is
+        the one this target's state file recorded at deploy (`deployed.previous_ref` reports the same).
         """
+        failed_version = failed.version if failed is not None else None
         st = self.state()
         if failed_version is not None:
             live = self.readyz(timeout=10.0)
