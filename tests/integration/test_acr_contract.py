@@ -34,6 +34,7 @@ def image_ctx(tmp_path_factory: pytest.TempPathFactory):
     bundle = tmp_path_factory.mktemp("bundle")
     (bundle / "model.txt").write_text("tree\nversion=v4\n")
     (bundle / "features.json").write_text("{}\n")
+    (bundle / "metadata.json").write_text("{}\n")
     write_manifest(bundle)  # build_context takes only manifest-checked bundles
     return build_context(bundle, "7", "ctr-lightgbm", tmp_path_factory.mktemp("images"))
 

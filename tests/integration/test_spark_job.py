@@ -1,7 +1,8 @@
 """The Spark training job on pyspark's bundled local Spark, against the local (non-Spark) path.
 
 * `ctr train --engine spark` and `ctr train --engine lightgbm` on the same days: byte-identical
-  features.json, holdout AUCs within 0.002, and the job's metrics.json in the gate's format;
+  features.json, holdout AUCs within 0.002, the job's metrics.json in the gate's format, and the
+  same metadata.json keys (one builder) apart from the Spark job's own lineage;
 * validation on Spark partitions gives check_data's counts and reasons, line by line;
 * the SynapseML parameter mapping uses LightGBMClassifier's real parameter names.
 """
@@ -88,6 +89,17 @@ def test_cli_spark_and_lightgbm_engines_agree(small_landing: Path, tmp_path: Pat
     assert meta["data_fingerprints"] == local_meta["data_fingerprints"] == {k: staged[k] for k in sorted(staged)[:-1]}
     assert meta["holdout_fingerprint"] == {HOLDOUT.isoformat(): staged[HOLDOUT.isoformat()]}
     Bundle.load(tmp_path / "spark")  # probe.json and MLmodel written by finalize_bundle
+
+    # one metadata builder: both bundles carry the same keys; only the Spark job's own lineage is extra
+    from ctr.model.bundle import METADATA_KEYS
+
+    assert set(METADATA_KEYS) <= set(local_meta) and set(METADATA_KEYS) <= set(meta)
+    assert set(meta) - set(local_meta) == {"ctr_location", "spark_master", "data_report", "holdout_fingerprint"}
+    assert set(local_meta) <= set(meta)
+    for key in ("validation", "min_count", "max_vocab", "missing", "rounds", "seed", "sample_fraction",
+                "lightgbm_version", "vocab_sizes"):
+        assert meta[key] == local_meta[key], key
+    assert 0 < meta["best_iteration"] <= meta["trees_built"] <= meta["rounds"]
 
 
 BAD_LINES = [

@@ -210,9 +210,8 @@ def gate(context: dict[str, Any], evaluated: dict[str, Any]) -> bool:
 def register(context: dict[str, Any], evaluated: dict[str, Any]) -> dict[str, Any]:
     """Register the candidate in the DAG run's MLflow run with lineage tags (or find the version already there)."""
     from ctr.airflow.links import push_links
-    from ctr.model.bundle import bundle_digest
+    from ctr.model.bundle import bundle_digest, code_version
     from ctr.registry import ui_links
-    from ctr.training.trainer import code_version
     from ctr.validation.gate import verdict
 
     s = settings(context)

@@ -4,7 +4,7 @@ No pickles: the booster is LightGBM's text format, the transform is JSON, and ML
 bundle through `ctr.model.pyfunc` (a loader module), so the same directory is an MLflow model.
 
 A bundle is an artefact whose integrity is checked before anything parses it: `write_manifest`
-(called by `ctr.training.trainer.finalize_bundle`, the one way bundles are finished) records the size and
+(called by `finalize_bundle`, the one way bundles are finished, by the local trainer and the Spark job alike) records the size and
 SHA-256 of every file in `manifest.json`. `Bundle.load`, the one loader (`ctr score`, `ctr evaluate`,
 `ctr serve`, `/admin/load`, the rollout), reads each listed file once into memory, refusing anything
 that is not a regular file (a named pipe can never block it), checks size and hash, and only then
@@ -28,14 +28,17 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from ctr.features.transform import FeatureTransform
-from ctr.schema import CAT_COLUMNS, INT_COLUMNS
+from ctr.schema import CAT_COLUMNS, INT_COLUMNS, LABEL
+
+if TYPE_CHECKING:
+    from ctr.training.trainer import TrainConfig
 
 REQUIRED_FILES = ("model.txt", "features.json", "metadata.json")
 MANIFEST = "manifest.json"
@@ -381,3 +384,92 @@ def refinalize(bundle_dir: Path, timeout: float = 300.0) -> str:
     tmp.write_text(json.dumps({"format": MANIFEST_FORMAT, "files": checked}, indent=1, sort_keys=True) + "\n")
     tmp.replace(p / MANIFEST)
     return Bundle.load(p).version
+
+
+# ---- writing a bundle: the one metadata builder and the one finisher (local trainer and Spark job) ----
+# Every bundle's metadata.json carries these keys (engine-specific lineage such as the Spark master is
+# added through `extra`); tests/integration/test_spark_job.py compares a local and a Spark bundle's keys.
+METADATA_KEYS = (
+    "best_iteration", "click_rate", "code_version", "data_fingerprints", "data_interval", "early_stopping", "engine",
+    "feature_notes", "lightgbm_version", "max_vocab", "min_count", "missing", "num_threads", "params", "rounds", "rows",
+    "sample_fraction", "seed", "trees_built", "valid_auc", "valid_logloss", "validation", "vocab_sizes",
+)
+
+
+def code_version() -> str:
+    """`ctr` version plus the git commit when running from a checkout."""
+    import ctr
+
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=Path(__file__).parent,
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+        return f"{ctr.__version__}+g{sha}"
+    except (OSError, subprocess.SubprocessError):
+        return ctr.__version__
+
+
+def bundle_metadata(cfg: TrainConfig, *, engine: str, validation: str, rows_train: int, rows_valid: int,
+                    click_rate: float, transform: FeatureTransform, feature_notes: Sequence[str],
+                    params: Mapping[str, Any], trees_built: int, best_iteration: int, valid_auc: float | None,
+                    valid_logloss: float | None, data_fingerprints: Mapping[str, str],
+                    extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """metadata.json of a freshly trained bundle: exactly `METADATA_KEYS`, then `extra` (lineage) on top."""
+    import lightgbm as lgb
+
+    doc = {
+        "data_interval": {"start": cfg.start.isoformat(), "end": cfg.end.isoformat()},
+        "validation": validation,
+        "rows": {"train": int(rows_train), "valid": int(rows_valid), "total": int(rows_train + rows_valid)},
+        "click_rate": float(click_rate),
+        "vocab_sizes": transform.vocab_sizes,
+        "min_count": cfg.min_count,
+        "max_vocab": cfg.max_vocab,
+        "missing": cfg.missing,
+        "feature_notes": list(feature_notes),
+        "params": dict(params),
+        "rounds": cfg.rounds,
+        "early_stopping": cfg.early_stopping,
+        "trees_built": int(trees_built),
+        "best_iteration": int(best_iteration),
+        "valid_auc": valid_auc,
+        "valid_logloss": valid_logloss,
+        "seed": cfg.seed,
+        "num_threads": cfg.num_threads,
+        "sample_fraction": cfg.sample_fraction,
+        "code_version": code_version(),
+        "lightgbm_version": lgb.__version__,
+        "engine": engine,
+        "data_fingerprints": dict(data_fingerprints),
+    }
+    assert tuple(sorted(doc)) == METADATA_KEYS, "bundle_metadata and METADATA_KEYS disagree"
+    return {**doc, **(extra or {})}
+
+
+def finalize_bundle(out_dir: Path, sample: pa.Table, metadata: Mapping[str, Any] | None = None) -> None:
+    """Finish a bundle once model.txt and features.json exist: metadata.json (when given), strict-JSON
+    metadata, probe.json, MLmodel, manifest.
+
+    Every bundle writer (the local trainer, the Spark job) ends here; the manifest (sizes and SHA-256
+    of every file, `write_manifest`) is written last, and the bundle is then loaded back through the
+    one loader so a bundle that leaves here is one the service accepts.
+    """
+    from ctr.model.pyfunc import write_mlmodel
+
+    out_dir = Path(out_dir)
+    if metadata is not None:
+        (out_dir / "metadata.json").write_text(json.dumps(dict(metadata), indent=1, sort_keys=True) + "\n")
+    clean_metadata(out_dir)
+    files = {n: (out_dir / n).read_bytes() for n in ("model.txt", "features.json", "metadata.json")}
+    b = Bundle.from_files(out_dir, files, check_probe=False)
+    rows = [
+        {k: v for k, v in r.items() if k != LABEL and v is not None}
+        for r in sample.slice(0, 16).to_pylist()
+    ]
+    rows.append({})  # an all-missing row
+    rows.append({"C1": "ffffffff", "I1": 3})  # an unseen categorical value
+    write_probe(out_dir, rows, b)
+    write_mlmodel(out_dir, model_uuid=bundle_digest(out_dir)[:32])
+    write_manifest(out_dir)
+    Bundle.load(out_dir)

@@ -281,7 +281,7 @@ def to_arrow(df) -> pa.Table:
 
 # ---- engines -----------------------------------------------------------------------------------
 def train_lightgbm(train_t: pa.Table, valid_t: pa.Table, transform: FeatureTransform, cfg: TrainConfig):
-    """Driver-side LightGBM with ctr.training.trainer's parameters; returns (booster, best_iteration, valid_auc)."""
+    """Driver-side LightGBM with ctr.training.trainer's parameters; returns (booster, best_iteration, valid AUC, logloss)."""
     import lightgbm as lgb
 
     x_tr = transform.transform_table(train_t)
@@ -297,8 +297,10 @@ def train_lightgbm(train_t: pa.Table, valid_t: pa.Table, transform: FeatureTrans
                         callbacks=[lgb.early_stopping(cfg.early_stopping, first_metric_only=True, verbose=False),
                                    lgb.log_evaluation(period=25), lgb.record_evaluation(evals)])
     best = booster.best_iteration or cfg.rounds
-    valid_auc = evals.get("valid", {}).get("auc", [None])[best - 1] if evals else None
-    return booster, int(best), valid_auc
+    valid = evals.get("valid", {})
+    valid_auc = valid.get("auc", [None] * best)[best - 1]
+    valid_logloss = valid.get("binary_logloss", [None] * best)[best - 1]
+    return booster, int(best), valid_auc, valid_logloss
 
 
 # ---- scoring on the executors --------------------------------------------------------------------
@@ -379,7 +381,7 @@ def run_job(spark, a: JobArgs) -> dict[str, Any]:
     from pyspark.sql import functions as F
 
     from ctr.data.checks import CheckConfig, problems
-    from ctr.training.trainer import code_version, finalize_bundle
+    from ctr.model.bundle import bundle_metadata, finalize_bundle
 
     t0 = time.monotonic()
     cfg = a.train_config()
@@ -435,7 +437,8 @@ def run_job(spark, a: JobArgs) -> dict[str, Any]:
             if train_t.num_rows == 0:
                 raise TrainingError(f"no rows to train on in days {a.start}..{a.end} under {a.data}")
             log.info("train rows=%d valid rows=%d (driver-side LightGBM over Arrow)", train_t.num_rows, valid_t.num_rows)
-            booster, best, valid_auc = train_lightgbm(train_t, valid_t, transform, cfg)
+            booster, best, valid_auc, valid_logloss = train_lightgbm(train_t, valid_t, transform, cfg)
+            trees_built = booster.current_iteration()
             booster.save_model(str(bundle / "model.txt"), num_iteration=best)
             n_train, n_valid, sample = train_t.num_rows, valid_t.num_rows, valid_t
             click_rate = float(np.concatenate([train_t.column(LABEL).to_numpy(), valid_t.column(LABEL).to_numpy()]).mean())
@@ -446,45 +449,42 @@ def run_job(spark, a: JobArgs) -> dict[str, Any]:
             cores = a.executor_cores or executor_cores(spark)
             res = train_synapseml(spark, train_df, valid_df, transform, cfg, cores, f"{a.out.rstrip('/')}/_synapseml")
             (bundle / "model.txt").write_text(res["model_str"])
-            best, valid_auc, params = res["best_iteration"], None, res["params"]
+            best, valid_auc, valid_logloss, params = res["best_iteration"], None, None, res["params"]
+            trees_built = res.get("trees_built", best)
             n_train, n_valid = train_df.count(), valid_df.count()
             click_rate = float(train_good.agg(F.avg(LABEL)).collect()[0][0])
             sample = valid_df.limit(16).select(*ALL_COLUMNS).toArrow().cast(ARROW_SCHEMA)
         log.info("trees best_iteration=%s valid_auc=%s train_secs=%.1f", best, valid_auc, time.monotonic() - t2)
         transform.save(bundle / "features.json")
-        metadata = {
-            "data_interval": {"start": a.start.isoformat(), "end": a.end.isoformat()},
-            "rows": {"train": int(n_train), "valid": int(n_valid), "total": int(n_train + n_valid)},
-            "click_rate": click_rate, "vocab_sizes": {c: len(v) for c, v in transform.vocab.items()},
-            "feature_notes": transform.notes, "params": params, "rounds": cfg.rounds, "best_iteration": int(best),
-            "valid_auc": valid_auc, "seed": cfg.seed, "sample_fraction": cfg.sample_fraction,
-            "code_version": code_version(), "engine": f"spark-{a.engine}",
-            "ctr_location": str(Path(ctr.__file__).parent), "spark_master": spark.sparkContext.master,
-            "data_report": {r.day: {"rows_in": r.rows_in, "rows_ok": r.rows_ok} for r in reports},
-            "data_fingerprints": {d.isoformat(): fingerprints[d.isoformat()] for d in train_days},
-            **({"holdout_fingerprint": {a.holdout.isoformat(): fingerprints[a.holdout.isoformat()]}} if a.holdout else {}),
-            **a.metadata,
-        }
-        (bundle / "metadata.json").write_text(json.dumps(metadata, indent=1, sort_keys=True) + "\n")
-        finalize_bundle(bundle, sample)
+        validation = train_days[-1].isoformat() + (" (last tenth)" if len(train_days) == 1 else "")
+        metadata = bundle_metadata(
+            cfg, engine=f"spark-{a.engine}", validation=validation, rows_train=n_train, rows_valid=n_valid,
+            click_rate=click_rate, transform=transform, feature_notes=transform.notes, params=params,
+            trees_built=trees_built, best_iteration=best, valid_auc=valid_auc, valid_logloss=valid_logloss,
+            data_fingerprints={d.isoformat(): fingerprints[d.isoformat()] for d in train_days},
+            extra={  # Spark-only lineage, then the caller's (DAG run) metadata
+                "ctr_location": str(Path(ctr.__file__).parent), "spark_master": spark.sparkContext.master,
+                "data_report": {r.day: {"rows_in": r.rows_in, "rows_ok": r.rows_ok} for r in reports},
+                **({"holdout_fingerprint": {a.holdout.isoformat(): fingerprints[a.holdout.isoformat()]}} if a.holdout else {}),
+                **a.metadata})
+        finalize_bundle(bundle, sample, metadata)
 
         # 4. evaluate on the holdout day, on the executors
         summary: dict[str, Any] = {"bundle": None, "metrics": None, "data_report": data_report}
         if a.holdout is not None:
             from ctr.model.bundle import Bundle
-            from ctr.validation.gate import GateConfig, decide
-            from ctr.validation.metrics import compare
+            from ctr.validation.gate import GateConfig
+            from ctr.validation.holdout import evaluation_document
 
             dirs = [bundle] + ([_fetch_baseline(spark, a.baseline, work / "baseline")] if a.baseline else [])
             holdout_df = good.where(F.col("day") == a.holdout.isoformat())
             y, probs = score_holdout(holdout_df, dirs)
             if len(y) == 0:
                 raise ValueError(f"holdout day={a.holdout} has no valid rows under {a.data}")
-            doc = compare(y, probs[0], probs[1] if a.baseline else None)
-            doc["day"] = a.holdout.isoformat()
-            doc["candidate_version"] = Bundle.load(bundle).version
-            doc["baseline_version"] = Bundle.load(dirs[1]).version if a.baseline else None
-            doc["gate"] = decide(doc, GateConfig.from_params(a.gate_params))
+            doc = evaluation_document(y, probs[0], probs[1] if a.baseline else None, day=a.holdout,
+                                      gate=GateConfig.from_params(a.gate_params),
+                                      candidate_version=Bundle.load(bundle).version,
+                                      baseline_version=Bundle.load(dirs[1]).version if a.baseline else None)
             (reports_dir / "metrics.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
             summary["metrics"] = doc
             log.info("holdout day=%s rows=%d candidate AUC %.4f logloss %.4f gate=%s", a.holdout, doc["rows"],

@@ -15,10 +15,8 @@ raw or encoded features; what grows with the rows is LightGBM's binned Dataset a
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import os
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,11 +26,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-import ctr
 from ctr.data.landing import daterange, read_staged, staged_fingerprints
 from ctr.features.transform import CAT_INDEX, FeatureTransform
 from ctr.features.vocab_spill import SpillingVocabCounter
-from ctr.model.bundle import Bundle, bundle_digest, clean_metadata, write_manifest, write_probe
+from ctr.model.bundle import bundle_metadata, finalize_bundle
 from ctr.schema import FEATURE_COLUMNS, INT_COLUMNS, LABEL
 
 if TYPE_CHECKING:
@@ -129,18 +126,6 @@ class TrainConfig:
             if key in self.params:
                 raise TrainingError(f"lgb_params must not set {key!r}: it is fixed for reproducibility "
                                     "(use the seed/num_threads settings)")
-
-
-def code_version() -> str:
-    """`ctr` version plus the git commit when running from a checkout."""
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"], cwd=Path(__file__).parent,
-            capture_output=True, text=True, timeout=5, check=True,
-        ).stdout.strip()
-        return f"{ctr.__version__}+g{sha}"
-    except (OSError, subprocess.SubprocessError):
-        return ctr.__version__
 
 
 def _sample(table: pa.Table, fraction: float, seed: int, salt: int) -> pa.Table:
@@ -353,59 +338,12 @@ def _train(staging: Path, out_dir: Path, cfg: TrainConfig, spill: Path, extra_me
     out_dir.mkdir(parents=True, exist_ok=True)
     booster.save_model(str(out_dir / "model.txt"), num_iteration=best)
     transform.save(out_dir / "features.json")
-    metadata = {
-        "data_interval": {"start": cfg.start.isoformat(), "end": cfg.end.isoformat()},
-        "validation": split.valid_days,
-        "rows": {"train": int(len(y_tr)), "valid": int(len(y_va)), "total": int(len(y_tr) + len(y_va))},
-        "click_rate": float((y_tr.sum() + y_va.sum()) / (len(y_tr) + len(y_va))),
-        "vocab_sizes": transform.vocab_sizes,
-        "min_count": cfg.min_count,
-        "max_vocab": cfg.max_vocab,
-        "missing": cfg.missing,
-        "feature_notes": notes,
-        "params": params,
-        "rounds": cfg.rounds,
-        "early_stopping": cfg.early_stopping,
-        "trees_built": int(built),
-        "best_iteration": int(best),
-        "valid_auc": valid_metrics.get("auc"),
-        "valid_logloss": valid_metrics.get("binary_logloss"),
-        "seed": cfg.seed,
-        "num_threads": cfg.num_threads,
-        "sample_fraction": cfg.sample_fraction,
-        "code_version": code_version(),
-        "lightgbm_version": lgb.__version__,
-        "engine": "lightgbm",
-        "data_fingerprints": fingerprints,
-        **(extra_metadata or {}),
-    }
-    (out_dir / "metadata.json").write_text(json.dumps(metadata, indent=1, sort_keys=True) + "\n")
-    finalize_bundle(out_dir, probe_rows)
+    metadata = bundle_metadata(
+        cfg, engine="lightgbm", validation=split.valid_days, rows_train=len(y_tr), rows_valid=len(y_va),
+        click_rate=(y_tr.sum() + y_va.sum()) / (len(y_tr) + len(y_va)), transform=transform, feature_notes=notes,
+        params=params, trees_built=built, best_iteration=best, valid_auc=valid_metrics.get("auc"),
+        valid_logloss=valid_metrics.get("binary_logloss"), data_fingerprints=fingerprints, extra=extra_metadata)
+    finalize_bundle(out_dir, probe_rows, metadata)
     log.info("bundle written path=%s trees=%d train_secs=%.1f total_secs=%.1f", out_dir, best, train_secs,
              time.monotonic() - t0)
     return out_dir
-
-
-def finalize_bundle(out_dir: Path, sample: pa.Table) -> None:
-    """Finish a bundle once model/features/metadata exist: strict-JSON metadata, probe.json, MLmodel, manifest.
-
-    Every bundle writer (this module, the Spark job) ends here; the manifest (sizes and SHA-256 of
-    every file, `ctr.model.bundle.write_manifest`) is written last, and the bundle is then loaded back
-    through the one loader so a bundle that leaves here is one the service accepts.
-    """
-    from ctr.model.pyfunc import write_mlmodel
-
-    out_dir = Path(out_dir)
-    clean_metadata(out_dir)
-    files = {n: (out_dir / n).read_bytes() for n in ("model.txt", "features.json", "metadata.json")}
-    b = Bundle.from_files(out_dir, files, check_probe=False)
-    rows = [
-        {k: v for k, v in r.items() if k != LABEL and v is not None}
-        for r in sample.slice(0, 16).to_pylist()
-    ]
-    rows.append({})  # an all-missing row
-    rows.append({"C1": "ffffffff", "I1": 3})  # an unseen categorical value
-    write_probe(out_dir, rows, b)
-    write_mlmodel(out_dir, model_uuid=bundle_digest(out_dir)[:32])
-    write_manifest(out_dir)
-    Bundle.load(out_dir)
