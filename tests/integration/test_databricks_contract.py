@@ -67,14 +67,14 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def shipped(server):
     from ctr.airflow.databricks import CtrDatabricksHook
-    from ctr.training.databricks import JOB_FILE, artifact_paths, build_wheel, source_digest
+    from ctr.training.databricks import JOB_SCRIPT, artifact_digest, artifact_paths, build_wheel
 
     hook = CtrDatabricksHook(CONN_ID)
     wheel = build_wheel(server.root / "build")
-    paths = artifact_paths("/Workspace/Shared/ctr", wheel.name, source_digest())
+    paths = artifact_paths("/Workspace/Shared/ctr", wheel.name, artifact_digest(wheel))
     assert not hook.workspace_exists(paths["wheel"])
     hook.workspace_mkdirs(paths["dir"])
-    hook.workspace_import(paths["python_file"], JOB_FILE.read_bytes())
+    hook.workspace_import(paths["python_file"], JOB_SCRIPT)
     hook.workspace_import(paths["wheel"], wheel.read_bytes())
     assert hook.workspace_exists(paths["wheel"]) and hook.workspace_exists(paths["python_file"])
     with zipfile.ZipFile(server.local_path(paths["wheel"])) as z:

@@ -94,20 +94,20 @@ def choose_compute(context: dict[str, Any]) -> str:
 
 # ---- tasks -----------------------------------------------------------------------------------------
 def ship(context: dict[str, Any]) -> dict[str, Any]:
-    """Build the ctr wheel and import it with jobs/train_spark.py under a content-addressed workspace dir."""
-    from ctr.training.databricks import JOB_FILE, artifact_paths, build_wheel, source_digest
+    """Build (or take) the ctr wheel and import it with the job script under a content-addressed workspace dir."""
+    from ctr.training.databricks import JOB_SCRIPT, artifact_digest, artifact_paths, build_wheel
 
     s = databricks_settings(context)
     hook = CtrDatabricksHook(s.conn_id)
-    digest = source_digest()
     with tempfile.TemporaryDirectory(prefix="ctr-ship-") as tmp:
-        wheel = build_wheel(Path(tmp))
+        wheel = build_wheel(Path(tmp), s)
+        digest = artifact_digest(wheel)
         paths = artifact_paths(s.workspace_dir, wheel.name, digest)
         if hook.workspace_exists(paths["wheel"]) and hook.workspace_exists(paths["python_file"]):
             log.info("ship: %s already holds this code (sha %s); not re-importing", paths["dir"], digest[:16])
         else:
             hook.workspace_mkdirs(paths["dir"])
-            hook.workspace_import(paths["python_file"], JOB_FILE.read_bytes())
+            hook.workspace_import(paths["python_file"], JOB_SCRIPT)
             hook.workspace_import(paths["wheel"], wheel.read_bytes())
             log.info("ship: imported %s (%d bytes) and %s", paths["wheel"], wheel.stat().st_size, paths["python_file"])
     return {"python_file": paths["python_file"], "wheel": paths["wheel"], "digest": digest}

@@ -3,7 +3,9 @@
 No Airflow import (ctr.airflow.databricks is the Airflow-facing half). Everything here builds the
 documented Jobs API 2.1/2.2 `runs/submit` payload or the files it points at:
 
-  * the job file (jobs/train_spark.py) and the `ctr` wheel go to Workspace files under
+  * the job script (`JOB_SCRIPT`, which runs `ctr.training.spark_entry` from the wheel) and the `ctr`
+    wheel (`CTR_DATABRICKS_WHEEL`, else built from `CTR_DATABRICKS_SOURCE_DIR`, else from this
+    package's own files) go to Workspace files under
     `<workspace_dir>/<content sha>/...` (Workspace `import` API, through the provider's hook): one
     JSON API the provider's connection already authenticates, paths a running job never sees
     change (content-addressed), and no DBFS root (disabled for libraries on recent runtimes);
@@ -20,6 +22,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -27,8 +30,31 @@ from typing import Any
 
 from ctr.settings import DatabricksConfigError, DatabricksSettings
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
-JOB_FILE = REPO_ROOT / "jobs" / "train_spark.py"
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the installed ctr package (not a repository layout)
+JOB_SCRIPT = b'''"""ctr Spark training job (a spark_python_task): runs ctr.training.spark_entry from the shipped wheel."""
+import sys
+
+from ctr.training.spark_entry import main
+
+sys.exit(main())
+'''
+# A wheel built from the package's own files: the package data patterns of the project's pyproject.toml.
+WHEEL_PYPROJECT = """[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "ctr"
+version = "{version}"
+requires-python = ">=3.11"
+
+[tool.setuptools.packages.find]
+where = ["src"]
+include = ["ctr*"]
+
+[tool.setuptools.package-data]
+ctr = ["**/*.txt", "**/*.yaml", "**/*.j2", "**/*.json", "**/Dockerfile"]
+"""
 SYNAPSEML_VERSION = "1.1.3"
 SYNAPSEML_REPO = "https://mmlspark.blob.core.windows.net/maven"
 MAX_TOKEN = 64
@@ -167,27 +193,42 @@ def file_sha(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def source_digest(root: Path = REPO_ROOT) -> str:
-    """sha256 over the package sources and the job file: the wheel's content address."""
-    h = hashlib.sha256()
-    for p in sorted((root / "plugins" / "ctr").rglob("*")):
-        if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc":
-            h.update(p.relative_to(root).as_posix().encode())
-            h.update(hashlib.sha256(p.read_bytes()).digest())
-    return h.hexdigest()
+def _existing(path: str, setting: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DatabricksConfigError(f"{setting}={path!r} does not exist")
+    return p
 
 
-def build_wheel(out_dir: Path, root: Path = REPO_ROOT) -> Path:
-    """`pip wheel --no-deps` of the ctr package (pure Python); returns the .whl path."""
+def wheel_source(s: DatabricksSettings | None = None) -> Path:
+    """The `ctr` package folder the wheel is built from: `CTR_DATABRICKS_SOURCE_DIR`, else this package itself."""
+    root = _existing(s.source_dir, "CTR_DATABRICKS_SOURCE_DIR") if s is not None and s.source_dir else PACKAGE_DIR
+    if not (root / "__init__.py").is_file() or not (root / "training" / "spark_entry.py").is_file():
+        raise DatabricksConfigError(f"CTR_DATABRICKS_SOURCE_DIR={str(root)!r} is not a ctr package folder "
+                                    "(it needs __init__.py and training/spark_entry.py)")
+    return root
+
+
+def build_wheel(out_dir: Path, s: DatabricksSettings | None = None) -> Path:
+    """The ctr wheel to ship, in `out_dir`: `CTR_DATABRICKS_WHEEL` as given, else `pip wheel --no-deps` of the
+    package folder (`wheel_source`) with a generated pyproject (pure Python)."""
     import shutil
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    if s is not None and s.wheel:
+        given = _existing(s.wheel, "CTR_DATABRICKS_WHEEL")
+        if given.suffix != ".whl" or not zipfile.is_zipfile(given):
+            raise DatabricksConfigError(f"CTR_DATABRICKS_WHEEL={s.wheel!r} is not a wheel (.whl zip)")
+        target = out_dir / given.name
+        shutil.copy2(given, target)
+        return target
+    root = wheel_source(s)
+    m = re.search(r'^__version__ = "([^"]+)"', (root / "__init__.py").read_text(), re.M)
     with tempfile.TemporaryDirectory(prefix="ctr-wheel-") as build:
-        # build from a clean copy: setuptools' build/ dir in a checkout can carry stale modules into the wheel
+        # build from a clean copy: a build/ dir next to the sources can carry stale modules into the wheel
         src = Path(build) / "src"
-        shutil.copytree(root / "plugins" / "ctr", src / "plugins" / "ctr",
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
-        shutil.copy2(root / "pyproject.toml", src / "pyproject.toml")
+        shutil.copytree(root, src / "src" / "ctr", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
+        (src / "pyproject.toml").write_text(WHEEL_PYPROJECT.format(version=m.group(1) if m else "0"))
         proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                                "-w", build, str(src)], capture_output=True, text=True)
         if proc.returncode != 0:
@@ -198,6 +239,17 @@ def build_wheel(out_dir: Path, root: Path = REPO_ROOT) -> Path:
         target = out_dir / wheels[0].name
         target.write_bytes(wheels[0].read_bytes())
     return target
+
+
+def artifact_digest(wheel: Path) -> str:
+    """sha256 over the job script and the wheel's members (names and contents, not zip timestamps):
+    the workspace folder's content address, so an unchanged package ships nothing new."""
+    h = hashlib.sha256(JOB_SCRIPT)
+    with zipfile.ZipFile(wheel) as z:
+        for name in sorted(z.namelist()):
+            h.update(name.encode() + b"\0")
+            h.update(hashlib.sha256(z.read(name)).digest())
+    return h.hexdigest()
 
 
 def artifact_paths(workspace_dir: str, wheel_name: str, digest: str) -> dict[str, str]:

@@ -1,7 +1,7 @@
 """The local training job's command line, run by the DAG's `train` task in a subprocess (local compute).
 
 Thin on purpose: parse arguments, call `ctr.training.trainer.train`. The same arguments drive
-`ctr.training.spark_job` (jobs/train_spark.py), the Spark/Databricks entry point.
+`ctr.training.spark_entry` (jobs/train_spark.py), the Spark/Databricks entry point.
 
     python -m ctr.training.job --staging DIR --from 2026-11-13 --to 2026-11-19 --out BUNDLE [--seed 42]
 """

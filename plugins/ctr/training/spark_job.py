@@ -1,7 +1,7 @@
 """The Spark training job: landing zone -> validated rows -> vocabularies -> LightGBM -> bundle + metrics.
 
 Runs the same on pyspark's bundled local Spark (`ctr train --engine spark`, CI) and on a
-Databricks cluster (`jobs/train_spark.py` as a spark_python_task). Each step reuses the local
+Databricks cluster (`ctr.training.spark_entry` as a spark_python_task). Each step reuses the local
 path's rule rather than re-implementing it:
 
   * validation: `ctr.data.reader.parse_lines` on every partition (mapInArrow), so bad-row reasons
