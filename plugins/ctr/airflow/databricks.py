@@ -1,8 +1,8 @@
 """The Airflow-facing half of training on Databricks: hook, operator, and the small tasks around it.
 
-DAG shape (compute = databricks):
-    choose_compute -> ship_to_databricks -> databricks_request -> train_databricks -> fetch_databricks_bundle
-                   -> train (compute = local)                                          \\-> trained (join)
+DAG shape: the TaskGroup `databricks` holds the compute choice and the four Databricks tasks:
+    databricks.choose_compute -> databricks.ship_to_databricks -> .databricks_request -> .train_databricks
+                              -> train (compute = local)            .fetch_databricks_bundle -> trained (join)
 `train_databricks` is the provider's DatabricksSubmitRunOperator (idempotency token, run-page link,
 on_kill cancel, crash-safe reconnect), deferrable when the deployment runs a triggerer.
 
@@ -25,7 +25,9 @@ from airflow.providers.databricks.operators.databricks import DatabricksSubmitRu
 
 log = logging.getLogger("ctr.dag.databricks")
 
-TRAIN_TASK_ID = "train_databricks"
+GROUP_ID = "databricks"  # the DAG's TaskGroup holding choose_compute and the four tasks below
+TRAIN_TASK_ID = f"{GROUP_ID}.train_databricks"
+TOKEN_TASK_NAME = "train_databricks"  # in the idempotency token: unchanged since the tasks moved into the group
 WORKSPACE_IMPORT = ("POST", "2.0/workspace/import")
 WORKSPACE_MKDIRS = ("POST", "2.0/workspace/mkdirs")
 WORKSPACE_GET_STATUS = ("GET", "2.0/workspace/get-status")
@@ -89,7 +91,7 @@ def choose_compute(context: dict[str, Any]) -> str:
 
     compute = resolve(context).compute
     log.info("compute=%s", compute)
-    return "train" if compute == "local" else "ship_to_databricks"
+    return "train" if compute == "local" else f"{GROUP_ID}.ship_to_databricks"
 
 
 # ---- tasks -----------------------------------------------------------------------------------------
@@ -134,7 +136,7 @@ def request(context: dict[str, Any], shipped: dict[str, Any]) -> dict[str, Any]:
     dag_id, run_id = context["dag"].dag_id, context["run_id"]
     # A failed run keeps its token's run forever; dag_run.conf {"databricks_attempt": n} asks for a new one.
     attempt = int((getattr(context.get("dag_run"), "conf", None) or {}).get("databricks_attempt", 0))
-    token = idempotency_token(dag_id, run_id if not attempt else f"{run_id}#{attempt}", TRAIN_TASK_ID)
+    token = idempotency_token(dag_id, run_id if not attempt else f"{run_id}#{attempt}", TOKEN_TASK_NAME)
     gate_keys = ("min_auc", "max_auc_drop", "max_logloss_rise", "max_ece", "force_deploy")
     req = TrainRequest(start=spec["from"], end=spec["to"], holdout=holdout_day(context).isoformat(),
                        out=output_prefix(context, s), seed=spec["seed"], params=spec["params"],
