@@ -104,6 +104,8 @@ class NumpyTsvEncoder:
         self.column_tag = np.arange(len(CAT_COLUMNS), dtype=np.uint64) << np.uint64(32)
 
     def encode(self, body: bytes) -> np.ndarray | None:
+        # One function on purpose (~65 lines): a single sequence of whole-batch numpy passes over the same
+        # views of the body; split up, the intermediate arrays would have to be handed around or rebuilt.
         if not body or b"\r" in body:
             return None
         size = len(body) + (body[-1] != 10)

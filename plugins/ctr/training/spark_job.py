@@ -377,7 +377,13 @@ def _fetch_baseline(spark, uri: str, into: Path) -> Path:
 
 # ---- the job ---------------------------------------------------------------------------------------
 def run_job(spark, a: JobArgs) -> dict[str, Any]:
-    """The whole job; returns the summary also written to OUT/data_report.json (and metrics)."""
+    """The whole job; returns the summary also written to OUT/data_report.json (and metrics).
+
+    One function on purpose (~120 lines): its numbered steps share the cached `parsed` DataFrame and
+    the work folder whose release the `finally` owns, and read top to bottom as the job's outline;
+    each step's substance is a function of this module (day_reports, fit_vocabulary, train_lightgbm,
+    score_holdout, publish) or a shared builder (bundle_metadata, finalize_bundle, evaluation_document).
+    """
     from pyspark.sql import functions as F
 
     from ctr.data.checks import CheckConfig, problems

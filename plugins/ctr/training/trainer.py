@@ -259,13 +259,10 @@ def train(staging: Path, out_dir: Path, cfg: TrainConfig, extra_metadata: dict[s
         return _train(staging, Path(out_dir), cfg, spill.path, extra_metadata)
 
 
-def _train(staging: Path, out_dir: Path, cfg: TrainConfig, spill: Path, extra_metadata: dict[str, Any] | None) -> Path:
-    import lightgbm as lgb
-
+def _vocabulary(split: Split, cfg: TrainConfig, spill: Path, staging: Path) -> tuple[FeatureTransform, list[str]]:
+    """Pass 1 over the training rows: the vocabularies (spilling counter) -> the transform, and notes about it."""
     t0 = time.monotonic()
-    split = plan_split(staging, cfg)
     days = split.days
-    fingerprints = staged_fingerprints(staging, days)  # lineage: the landing files each day was staged from
     counter, rows, empty_ints = count_vocabulary(split, spill)
     if rows["train"] == 0 or rows["valid"] == 0:
         empty = _row_count_problems(split)
@@ -282,13 +279,13 @@ def _train(staging: Path, out_dir: Path, cfg: TrainConfig, spill: Path, extra_me
         log.warning("features: %s", note)
     log.info("vocabularies days=%s..%s train_rows=%d sizes=%s spilled_pairs=%s secs=%.1f", days[0], days[-1],
              rows["train"], transform.vocab_sizes, spilled, time.monotonic() - t0)
-    enc, probe_rows = encode(split, transform, spill)
-    y_tr, y_va = enc["train"].y(), enc["valid"].y()
-    if len(np.unique(y_tr)) < 2:
-        raise TrainingError(f"training rows of {days[0]}..{days[-1]} hold a single class; cannot train a click model")
-    log.info("train rows=%d valid rows=%d (validation day %s) features=%d chunks=%d read_secs=%.1f",
-             len(y_tr), len(y_va), split.valid_days, len(FEATURE_COLUMNS), len(enc["train"]), time.monotonic() - t0)
-    params = _per_tree_metrics(cfg.lgb_params())
+    return transform, notes
+
+
+def _datasets(enc: dict[str, EncodedChunks], y_tr: np.ndarray, y_va: np.ndarray, params: dict[str, Any]) -> tuple[Any, Any]:
+    """LightGBM's binned train/valid Datasets from the spilled chunks (in memory when small, else Sequences)."""
+    import lightgbm as lgb
+
     in_memory = (len(y_tr) + len(y_va)) * len(FEATURE_COLUMNS) * 8 <= int(os.environ.get(IN_MEMORY_ENV, IN_MEMORY_MAX_BYTES))
     source = (lambda c: list(c.matrices())) if in_memory else (lambda c: c.sequences())
     dtrain = lgb.Dataset(source(enc["train"]), y_tr, feature_name=FEATURE_COLUMNS, categorical_feature=CAT_INDEX,
@@ -306,6 +303,13 @@ def _train(staging: Path, out_dir: Path, cfg: TrainConfig, spill: Path, extra_me
         t_save = time.monotonic()
         dtrain.save_binary(os.environ[SAVE_DATASET_ENV])
         log.info("binned training dataset saved path=%s secs=%.1f", os.environ[SAVE_DATASET_ENV], time.monotonic() - t_save)
+    return dtrain, dvalid
+
+
+def _fit(params: dict[str, Any], dtrain: Any, dvalid: Any, cfg: TrainConfig) -> tuple[Any, int, int, dict[str, Any], float]:
+    """Boost with early stopping on the validation rows: (booster, trees built, best iteration, evals, seconds)."""
+    import lightgbm as lgb
+
     evals: dict[str, Any] = {}
     built_box = [0]
     callbacks = [_progress(PROGRESS_EVERY, built_box), lgb.record_evaluation(evals)]
@@ -314,10 +318,25 @@ def _train(staging: Path, out_dir: Path, cfg: TrainConfig, spill: Path, extra_me
     t1 = time.monotonic()
     booster = lgb.train(params, dtrain, num_boost_round=cfg.rounds, valid_sets=[dvalid], valid_names=["valid"],
                         callbacks=callbacks)
-    del dtrain, dvalid
-    train_secs = time.monotonic() - t1
-    built = built_box[0]
     best = booster.best_iteration or booster.current_iteration()
+    return booster, built_box[0], best, evals, time.monotonic() - t1
+
+
+def _train(staging: Path, out_dir: Path, cfg: TrainConfig, spill: Path, extra_metadata: dict[str, Any] | None) -> Path:
+    t0 = time.monotonic()
+    split = plan_split(staging, cfg)
+    days = split.days
+    fingerprints = staged_fingerprints(staging, days)  # lineage: the landing files each day was staged from
+    transform, notes = _vocabulary(split, cfg, spill, staging)
+    enc, probe_rows = encode(split, transform, spill)  # pass 2: encoded chunks spilled to disk
+    y_tr, y_va = enc["train"].y(), enc["valid"].y()
+    if len(np.unique(y_tr)) < 2:
+        raise TrainingError(f"training rows of {days[0]}..{days[-1]} hold a single class; cannot train a click model")
+    log.info("train rows=%d valid rows=%d (validation day %s) features=%d chunks=%d read_secs=%.1f",
+             len(y_tr), len(y_va), split.valid_days, len(FEATURE_COLUMNS), len(enc["train"]), time.monotonic() - t0)
+    params = _per_tree_metrics(cfg.lgb_params())
+    # the Datasets are never bound here, so they are freed as soon as _fit returns
+    booster, built, best, evals, train_secs = _fit(params, *_datasets(enc, y_tr, y_va, params), cfg)
     valid_metrics = {m: float(v[best - 1]) for m, v in evals.get("valid", {}).items()}
     if "auc" not in valid_metrics:
         from ctr.validation.metrics import auc
