@@ -2,7 +2,7 @@
 
 For each seed: generate 6 days x R rows (`ctr.data.generate`), stage them, train on days 1-5,
 score day 6, and report AUC and logloss for
-  (a) `ctr.train.train` (the DAG's training, default parameters unless --params);
+  (a) `ctr.training.trainer.train` (the DAG's training, default parameters unless --params);
   (b) the Recommenders `lightgbm_tinycriteo` basic recipe, re-implemented here: ordinal-encoded
       categoricals (codes by first appearance in the training rows, as category_encoders does;
       unseen and missing both end up as LightGBM missing), native missing integers,
@@ -33,12 +33,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from ctr.bundle import Bundle
 from ctr.data.generate import GeneratorConfig, generate
 from ctr.data.landing import daterange, read_staged, stage_day
-from ctr.evaluate import auc, logloss
+from ctr.model.bundle import Bundle
 from ctr.schema import CAT_COLUMNS, FEATURE_COLUMNS, INT_COLUMNS, LABEL
-from ctr.train import TrainConfig, train
+from ctr.training.trainer import TrainConfig, train
+from ctr.validation.metrics import auc, logloss
 
 log = logging.getLogger("bench.quality")
 END = dt.date(2026, 6, 6)

@@ -103,7 +103,7 @@ async def _loadgen(url: str, rate: float, stop_file: Path, max_seconds: float, o
 def _train_bundles(work: Path, rows: int) -> list[Path]:
     from ctr.data.generate import GeneratorConfig, generate
     from ctr.data.landing import daterange, stage_day
-    from ctr.train import TrainConfig, train
+    from ctr.training.trainer import TrainConfig, train
 
     end = dt.date(2026, 11, 20)
     generate(work / "landing", 4, rows, end, GeneratorConfig(seed=11))
@@ -126,9 +126,9 @@ def _percentile(xs: list[float], q: float) -> float | None:
 
 
 def run(rate: float, n_rollouts: int, rows: int, out: Path, pause: float, keep: bool = False) -> dict:
-    from ctr.image import build_context
-    from ctr.rollout.base import RolloutError
-    from ctr.rollout.local import LocalRollout
+    from ctr.deployment.image import build_context
+    from ctr.deployment.rollout.base import Release, RolloutError
+    from ctr.deployment.rollout.local import LocalRollout
 
     work = Path(tempfile.mkdtemp(prefix="ctr-bench-rollout-"))
     roll = None
@@ -153,7 +153,7 @@ def run(rate: float, n_rollouts: int, rows: int, out: Path, pause: float, keep: 
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         roll = LocalRollout(work / "serving", "127.0.0.1", port, start_timeout=120)
-        roll.deploy(bundles[versions[0]], versions[0])
+        roll.deploy(Release(versions[0], bundles[versions[0]]))
         stop_file, records_file = work / "stop", work / "records.jsonl"
         gen = subprocess.Popen([sys.executable, __file__, "loadgen", "--url", roll.url, "--rate", str(rate),
                                 "--stop-file", str(stop_file), "--out", str(records_file), "--max-seconds", "300"])
@@ -161,14 +161,14 @@ def run(rate: float, n_rollouts: int, rows: int, out: Path, pause: float, keep: 
         events = []
         for v in versions[1:]:
             a = time.time()
-            res = roll.deploy(bundles[v], v)
+            res = roll.deploy(Release(v, bundles[v]))
             b = time.time()
             events.append({"version": v, "start": a, "end": b, "seconds": round(b - a, 3), "ok": res.version == v})
             print(f"bench rollout: version {v} live after {b - a:.2f}s", flush=True)
             time.sleep(pause)
         a = time.time()
         try:
-            roll.deploy(bad_copy, bad_version)
+            roll.deploy(Release(bad_version, bad_copy))
             refused, why = False, ""
         except RolloutError as e:
             refused, why = True, str(e)

@@ -8,12 +8,12 @@
    generator (7 days x 30k rows), registered in the run's MLflow registry and promoted, so the
    measured run's evaluate/gate compare against a real champion on the same holdout rows.
 3. Runs the DAG's tasks in order, each in its own Python process as Airflow's task runner would, by
-   calling the very functions the DAG calls (`ctr.airflow_tasks.<task>(context, upstream)`) with an
+   calling the very functions the DAG calls (`ctr.airflow.tasks.<task>(context, upstream)`) with an
    Airflow-like context: check_data (validate + stage 7 days), train (the train task runs
-   jobs/train.py in a subprocess: 6 days, the 6th validating), evaluate (candidate and champion on
+   `python -m ctr.training.job` in a subprocess: 6 days, the 6th validating), evaluate (candidate and champion on
    the 7th day), gate, register, build_image, rollout (local scoring service), verify, promote.
 4. Times raw `lightgbm.train` on the same binned Dataset (saved by the train job, see
-   `ctr.train.SAVE_DATASET_ENV`) with the same parameters and number of trees, in its own process.
+   `ctr.training.trainer.SAVE_DATASET_ENV`) with the same parameters and number of trees, in its own process.
 5. Writes the JSON: seconds and rows/s per stage, the total, the peak RSS of every process (each
    task process, the training job, the scoring service, the raw run; polled from /proc VmHWM
    every 0.5 s, and os.wait4's ru_maxrss for the task processes), the holdout AUCs, the machine.
@@ -108,7 +108,7 @@ def run_task(task: str, spec_path: Path) -> int:
     if task == "seed_champion":
         out = seed_champion(Path(spec["work"]))
     else:
-        from ctr import airflow_tasks
+        from ctr.airflow import tasks as airflow_tasks
 
         ctx = _context(task, spec["run_id"], spec["params"])
         fn = getattr(airflow_tasks, task)
@@ -124,7 +124,7 @@ def seed_champion(work: Path) -> dict[str, Any]:
     from ctr.data.landing import daterange, stage_day
     from ctr.registry import Registry
     from ctr.settings import Settings
-    from ctr.train import TrainConfig, train
+    from ctr.training.trainer import TrainConfig, train
 
     s = Settings.from_env()
     root = work / "champion"
@@ -206,7 +206,7 @@ class RssPoller:
 
 
 def _short(cmd: str) -> str:
-    for key, name in (("scale.py --task", None), ("jobs/train.py", "training job (jobs/train.py)"),
+    for key, name in (("scale.py --task", None), ("ctr.training.job", "training job (ctr.training.job)"),
                       ("ctr.serving", "scoring service"), ("serve", "scoring service"), ("RAW", None)):
         if key in cmd:
             if name:
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         champ = task("seed_champion", None)
         seed = {"secs": round(time.monotonic() - t_seed, 1), **champ, "how": (
             f"before the measured run: a model trained on 6 days x {CHAMPION_ROWS_PER_DAY} rows of the same generator "
-            "(ctr.train, 100 trees), registered for logical date 2026-07-06 and promoted; the measured run's "
+            "(ctr.training.trainer, 100 trees), registered for logical date 2026-07-06 and promoted; the measured run's "
             "evaluate scores it and the candidate on the same holdout rows, and the gate compares them")}
         stages.pop("seed_champion")
         t_dag = time.monotonic()
@@ -433,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _stop_service(env: dict[str, str]) -> None:
-    code = ("from ctr.rollout.local import LocalRollout; from ctr.settings import Settings; s = Settings.from_env(); "
+    code = ("from ctr.deployment.rollout.local import LocalRollout; from ctr.settings import Settings; s = Settings.from_env(); "
             "print(LocalRollout(s.serving_dir, s.serve_host, s.serve_port).stop())")
     subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
 

@@ -250,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         print("bench serve: wrk not found; install it with `apt-get install wrk` (Debian package)", file=sys.stderr)
         return 2
     sys.path.insert(0, str(REPO / "plugins"))
-    from ctr.bundle import Bundle
     from ctr.data.reader import read_text
+    from ctr.model.bundle import Bundle
     from ctr.schema import FEATURE_COLUMNS
     from ctr.serving.process import free_port
 

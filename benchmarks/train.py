@@ -1,7 +1,7 @@
 """Speed benchmark: the whole training step against raw `lightgbm.train`, same data, same run.
 
 Generates and stages `--days` x `--rows-per-day` rows (default 5 x 200k = 1M), then times
-  (ours)  `jobs/train.py` in a subprocess, as the DAG's train task runs it: read staged Parquet,
+  (ours)  `python -m ctr.training.job` in a subprocess, as the DAG's train task runs it: read staged Parquet,
           count vocabularies, encode, LightGBM with early stopping on the last day, write the
           bundle (model.txt, features.json, metadata.json, probe.json, MLmodel);
   (raw)   `lightgbm.train` in a subprocess on the already-encoded numpy matrix of the same
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     from ctr.data.generate import GeneratorConfig, generate
     from ctr.data.landing import daterange, read_staged, stage_day
-    from ctr.features import CAT_INDEX, FeatureTransform
+    from ctr.features.transform import CAT_INDEX, FeatureTransform
     from ctr.schema import LABEL
 
     work = Path(tempfile.mkdtemp(prefix="ctr-bench-train-"))
@@ -96,12 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         runs = []
         for rep in range(a.repeats):
             out = work / f"bundle-{rep}"
-            cmd = [sys.executable, str(REPO / "jobs" / "train.py"), "--staging", str(staging), "--from",
+            cmd = [sys.executable, "-m", "ctr.training.job", "--staging", str(staging), "--from",
                    days[0].isoformat(), "--to", days[-1].isoformat(), "--out", str(out), "--seed", str(a.seed),
                    "--num-threads", str(a.num_threads)]
             ours_wall, ours_rss, res = run_timed(cmd, env)
             if res.returncode != 0:
-                raise RuntimeError(f"jobs/train.py failed: {res.stderr[-2000:]}")
+                raise RuntimeError(f"ctr.training.job failed: {res.stderr[-2000:]}")
             md = json.loads((out / "metadata.json").read_text())
             inner = [ln for ln in res.stderr.splitlines() if "bundle written" in ln]
             inner_secs = float(inner[-1].rsplit("total_secs=", 1)[1]) if inner else None

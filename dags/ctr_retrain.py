@@ -1,4 +1,4 @@
-"""ctr_retrain: the daily CTR retraining DAG. Wiring only; the work lives in `ctr.airflow_tasks`.
+"""ctr_retrain: the daily CTR retraining DAG. Wiring only; the work lives in `ctr.airflow.tasks`.
 
 The run with logical date D (the scheduled run for the interval [D 02:00, D+1 02:00), which starts
 at D+1 02:00 UTC) validates days D-train_days..D,
@@ -9,17 +9,19 @@ deploy tasks skipped.
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import DAG, CronDataIntervalTimetable, Param, task
-from ctr.airflow_databricks import CtrDatabricksSubmitRunOperator
-from ctr.airflow_links import mlflow_model_task, mlflow_run_task
-from ctr.notify import on_task_failure
+from airflow.sdk import DAG, CronDataIntervalTimetable, Param, TaskGroup, task
+from ctr.airflow.databricks import CtrDatabricksSubmitRunOperator
+from ctr.airflow.links import mlflow_model_task, mlflow_run_task
+from ctr.airflow.notify import on_task_failure
+from ctr.settings import dag_settings
+
+DAG_SETTINGS = dag_settings()  # CTR_IO_RETRIES, CTR_DATABRICKS_POLLING_SECONDS (environment only: parse time)
 
 # I/O tasks retry with exponential backoff (a late export, a flaky registry); CTR_IO_RETRIES=0 for drills/tests.
-IO_RETRIES = {"retries": int(os.environ.get("CTR_IO_RETRIES", "3")), "retry_delay": timedelta(seconds=30), "retry_exponential_backoff": True,
+IO_RETRIES = {"retries": DAG_SETTINGS.io_retries, "retry_delay": timedelta(seconds=30), "retry_exponential_backoff": True,
               "max_retry_delay": timedelta(minutes=10)}
 
 with DAG(
@@ -54,102 +56,108 @@ with DAG(
 
     @task(**IO_RETRIES)
     def check_data(**context):
-        from ctr import airflow_tasks
+        from ctr.airflow import tasks
 
-        return airflow_tasks.check_data(context)
+        return tasks.check_data(context)
 
     @task
     def train(checked, **context):
-        from ctr import airflow_tasks
+        from ctr.airflow import tasks
 
-        return airflow_tasks.train_local(context)
+        return tasks.train_local(context)
 
-    # ---- compute = databricks: ship code, submit the Spark job, fetch its bundle (docs/databricks.md)
-    @task.branch
-    def choose_compute(checked, **context):
-        from ctr import airflow_databricks
+    checked = check_data()
 
-        return airflow_databricks.choose_compute(context)
+    # ---- compute = databricks: the compute choice, then ship code, submit the Spark job, fetch its bundle
+    # (docs/databricks.md). One group, so the grid shows the pipeline's stages, not four skipped peers.
+    with TaskGroup("databricks", tooltip="compute choice, and training on Databricks when compute=databricks"):
 
-    @task(**IO_RETRIES)
-    def ship_to_databricks(**context):
-        from ctr import airflow_databricks
+        @task.branch
+        def choose_compute(checked, **context):
+            from ctr.airflow import databricks
 
-        return airflow_databricks.ship(context)
+            return databricks.choose_compute(context)
 
-    @task
-    def databricks_request(shipped, **context):
-        from ctr import airflow_databricks
+        @task(**IO_RETRIES)
+        def ship_to_databricks(**context):
+            from ctr.airflow import databricks
 
-        return airflow_databricks.request(context, shipped)
+            return databricks.ship(context)
 
-    @task(**IO_RETRIES)
-    def fetch_databricks_bundle(payload, **context):
-        from ctr import airflow_databricks
+        @task
+        def databricks_request(shipped, **context):
+            from ctr.airflow import databricks
 
-        return airflow_databricks.fetch(context, payload)
+            return databricks.request(context, shipped)
+
+        @task(**IO_RETRIES)
+        def fetch_databricks_bundle(payload, **context):
+            from ctr.airflow import databricks
+
+            return databricks.fetch(context, payload)
+
+        branch = choose_compute(checked)
+        shipped = ship_to_databricks()
+        payload = databricks_request(shipped)
+        submitted = CtrDatabricksSubmitRunOperator(
+            task_id="train_databricks", json=payload,
+            databricks_conn_id="{{ var.value.get('ctr_databricks_conn_id', 'databricks_default') }}",
+            polling_period_seconds=DAG_SETTINGS.databricks_polling_seconds,
+            retries=IO_RETRIES["retries"], retry_delay=timedelta(minutes=2))
+        remote_bundle = fetch_databricks_bundle(payload)
+        branch >> shipped
+        submitted >> remote_bundle
 
     @task(trigger_rule="none_failed_min_one_success")
     def trained(local, remote):
-        from ctr import airflow_databricks
+        from ctr.airflow import databricks
 
-        return airflow_databricks.join(local, remote)
+        return databricks.join(local, remote)
 
     @mlflow_run_task  # extra link "MLflow run"
     def evaluate(trained, **context):
-        from ctr import airflow_tasks
+        from ctr.airflow import tasks
 
-        return airflow_tasks.evaluate(context, trained)
+        return tasks.evaluate(context, trained)
 
     @task.short_circuit
     def gate(evaluated, **context):
-        from ctr import airflow_tasks
+        from ctr.airflow import tasks
 
-        return airflow_tasks.gate(context, evaluated)
+        return tasks.gate(context, evaluated)
 
     @mlflow_model_task(**IO_RETRIES)  # extra links "MLflow run", "MLflow model version"
     def register(evaluated, **context):
-        from ctr import airflow_tasks
+        from ctr.airflow import tasks
 
-        return airflow_tasks.register(context, evaluated)
+        return tasks.register(context, evaluated)
 
     @task(**IO_RETRIES)
     def build_image(registered, **context):
-        from ctr import airflow_tasks
+        from ctr.airflow import tasks
 
-        return airflow_tasks.build_image(context, registered)
+        return tasks.build_image(context, registered)
 
     @task
     def rollout(image, **context):
-        from ctr import airflow_tasks
+        from ctr.airflow import tasks
 
-        return airflow_tasks.rollout(context, image)
+        return tasks.rollout(context, image)
 
     @task
     def verify(rolled, **context):
-        from ctr import airflow_tasks
+        from ctr.airflow import tasks
 
-        return airflow_tasks.verify(context, rolled)
+        return tasks.verify(context, rolled)
 
     @task(**IO_RETRIES)
     def promote(verified, **context):
-        from ctr import airflow_tasks
+        from ctr.airflow import tasks
 
-        return airflow_tasks.promote(context, verified)
+        return tasks.promote(context, verified)
 
-    checked = check_data()
-    branch = choose_compute(checked)
     local_bundle = train(checked)
-    shipped = ship_to_databricks()
-    payload = databricks_request(shipped)
-    submitted = CtrDatabricksSubmitRunOperator(
-        task_id="train_databricks", json=payload,
-        databricks_conn_id="{{ var.value.get('ctr_databricks_conn_id', 'databricks_default') }}",
-        polling_period_seconds=int(os.environ.get("CTR_DATABRICKS_POLLING_SECONDS", "30")),
-        retries=IO_RETRIES["retries"], retry_delay=timedelta(minutes=2))
-    remote_bundle = fetch_databricks_bundle(payload)
-    branch >> [local_bundle, shipped]
-    submitted >> remote_bundle
+    branch >> local_bundle
     evaluated = evaluate(trained(local_bundle, remote_bundle))
     registered = register(evaluated)
     gate(evaluated) >> registered

@@ -57,7 +57,7 @@ def staged(tiny_landing: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 @pytest.fixture(scope="session")
 def trained_bundle(staged: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from ctr.train import TrainConfig, train
+    from ctr.training.trainer import TrainConfig, train
 
     out = tmp_path_factory.mktemp("bundle") / "model"
     train(staged, out, TrainConfig(start=END_DAY - dt.timedelta(days=7), end=END_DAY - dt.timedelta(days=1), rounds=60))

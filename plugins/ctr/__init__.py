@@ -1,7 +1,17 @@
 """Daily-retrained Criteo click-through-rate model: the package behind the `ctr_retrain` DAG.
 
-Only `ctr.airflow_tasks` (and what it alone imports) touches Airflow, so the scoring image
-and the Spark job can use this package without Airflow installed.
+One folder per lifecycle stage (docs/architecture.md has the picture):
+  data/        reading raw files, day checks, landing zone and staging, Azure storage, the generator
+  features/    the raw-row -> model-input transform and its vocabularies
+  training/    the local trainer and its job, chunked datasets, the Spark job, SynapseML, Databricks payloads
+  validation/  metrics, holdout scoring, the promotion gate, the evaluation report
+  model/       the bundle (format, metadata, loading), its MLflow pyfunc flavour, batch file scoring
+  deployment/  the scoring image (local, ACR) and rollouts (local, AKS) behind one interface each
+  serving/     the scoring service (`ctr serve`), its encoders and predictors
+  airflow/     the only code that imports Airflow: tasks, configuration, hooks, links, notifier
+and settings.py (typed settings, the env parser), schema.py, registry.py (MLflow), cli.py (`ctr`), demo.py.
+Everything outside `ctr.airflow` runs without Airflow installed (the scoring image, the Spark job);
+tests/unit/test_airflow_edge.py proves it.
 """
 
 import os
@@ -12,3 +22,4 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
+__all__ = ["__version__"]

@@ -114,11 +114,11 @@ def cmd_train(a: argparse.Namespace, settings: Settings) -> int:
         raise ValueError(f"--to {a.end} is before --from {a.start}")
     params = json.loads(a.params)
     if a.engine == "spark":
-        from ctr.spark_job import run_local_spark_job
+        from ctr.training.spark_job import run_local_spark_job
 
         run_local_spark_job(data=a.data, start=a.start, end=a.end, out=a.out, seed=a.seed, params=params)
         return 0
-    from ctr.train import TrainConfig, train
+    from ctr.training.trainer import TrainConfig, train
 
     staging = _staging(a.staging, settings)
     _stage_range(a.data, staging, settings, daterange(a.start, a.end))
@@ -129,7 +129,7 @@ def cmd_train(a: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_evaluate(a: argparse.Namespace, settings: Settings) -> int:
-    from ctr.evaluation_run import evaluate_day
+    from ctr.validation.holdout import evaluate_day
 
     staging = _staging(a.staging, settings)
     _stage_range(a.data, staging, settings, [a.day])
@@ -139,7 +139,7 @@ def cmd_evaluate(a: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_score(a: argparse.Namespace, settings: Settings) -> int:
-    from ctr.scoring import score_files
+    from ctr.model.batch_scoring import score_files
 
     n_ok, n_bad = score_files(a.model, a.input, a.output)
     print(f"scored {n_ok} rows, rejected {n_bad}; wrote {a.output}", file=sys.stderr)
@@ -154,7 +154,7 @@ def cmd_serve(a: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_bundle(a: argparse.Namespace, settings: Settings) -> int:
-    from ctr.bundle import refinalize
+    from ctr.model.bundle import refinalize
 
     version = refinalize(a.dir)
     print(f"bundle {a.dir} finalised (manifest.json written); version {version}", file=sys.stderr)

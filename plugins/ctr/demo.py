@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     s = Settings.from_env()
     if a.stop:
-        from ctr.rollout.local import LocalRollout
+        from ctr.deployment.rollout.local import LocalRollout
 
         stopped = LocalRollout(s.serving_dir, s.serve_host, s.serve_port).stop()
         print("demo: scoring service stopped" if stopped else "demo: no scoring service was running")

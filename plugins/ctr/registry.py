@@ -193,7 +193,7 @@ class Registry:
         """Metrics, gate decision and the report files (metrics.json, report.html, PNGs) on the run."""
         from mlflow.entities import Metric, RunTag
 
-        from ctr.gate import verdict
+        from ctr.validation.gate import verdict
 
         now = int(time.time() * 1000)
         flat: dict[str, float] = {}
@@ -222,23 +222,24 @@ class Registry:
     def find(self, run_key: str, data_digest: str | None = None) -> VersionInfo | None:
         """The version registered for a run key (on `data_digest`, when given), if any (the lowest when
         a race left several)."""
-        found = self._search(RUN_KEY_TAG, run_key)
+        found = self.versions_tagged(RUN_KEY_TAG, run_key)
         if data_digest is not None:
             found = [v for v in found if v.tags.get(DATA_DIGEST_TAG) == data_digest]
         return found[0] if found else None
 
-    def _search(self, tag: str, value: str) -> list[VersionInfo]:
+    def versions_tagged(self, tag: str, value: str) -> list[VersionInfo]:
         """Versions of this model with tag == value, lowest version first (paged; never 'latest')."""
         from mlflow.exceptions import MlflowException
 
         try:
-            out = self._paged(f"name = {_quoted(self.model_name)} and tags.`{tag}` = {_quoted(value)}")
+            out = self.search_versions(f"name = {_quoted(self.model_name)} and tags.`{tag}` = {_quoted(value)}")
         except MlflowException as e:  # registries that cannot filter on tags: filter here
             log.info("registry: tag filter unsupported (%s); filtering %s versions locally", type(e).__name__, self.model_name)
-            out = [v for v in self._paged(f"name = {_quoted(self.model_name)}") if v.tags.get(tag) == value]
+            out = [v for v in self.search_versions(f"name = {_quoted(self.model_name)}") if v.tags.get(tag) == value]
         return sorted(out, key=lambda v: int(v.version))
 
-    def _paged(self, flt: str) -> list[VersionInfo]:
+    def search_versions(self, flt: str) -> list[VersionInfo]:
+        """Every model version matching the MLflow search filter `flt`, all pages."""
         out: list[VersionInfo] = []
         token = None
         while True:
@@ -270,7 +271,7 @@ class Registry:
             existing = self.find(run_key, data_digest)
             if existing:
                 return existing
-            earlier = self._search(RUN_KEY_TAG, run_key)  # on other data: the newest is superseded
+            earlier = self.versions_tagged(RUN_KEY_TAG, run_key)  # on other data: the newest is superseded
             previous = earlier[-1] if earlier else None
             all_tags = {k: _tag(v) for k, v in {**tags, **keys}.items()}
             if previous is not None:
@@ -354,7 +355,7 @@ class Registry:
         if not champ.logical_date or champ.logical_date <= day:
             return champ, f"champion v{champ.version}"
         why = f"champion v{champ.version} holds out {champ.logical_date}, after {day}, so it trained on {day}"
-        older = [v for v in self._search(PROMOTED_TAG, "true") if v.logical_date and v.logical_date <= day]
+        older = [v for v in self.versions_tagged(PROMOTED_TAG, "true") if v.logical_date and v.logical_date <= day]
         if not older:
             return None, f"{why}; no verified version trained before {day}: absolute thresholds only"
         best = max(older, key=lambda v: (v.logical_date, int(v.version)))
@@ -371,7 +372,7 @@ class Registry:
         with self._lock():
             self.set_tags(version, {PROMOTED_TAG: "true"})
             for _ in range(PROMOTE_ROUNDS):
-                verified = self._search(PROMOTED_TAG, "true")
+                verified = self.versions_tagged(PROMOTED_TAG, "true")
                 best = max(verified, key=lambda v: (v.logical_date, int(v.version)))
                 now = self.champion()
                 if now is not None and now.version == best.version and self._tag_pointer() == best.version:

@@ -1,22 +1,54 @@
-"""Configuration resolved once from `CTR_*` environment variables into a typed object.
+"""Typed settings of the pipeline and the one parser that fills them from `CTR_*` environment variables.
 
-The DAG layers Airflow Variables/params on top (see ctr.airflow_tasks); everything else reads
-`Settings.from_env()`. Secrets are only ever read from the environment, never logged.
+`Settings` (paths, registry, service), `DeploySettings` (image builder and rollout target, ACR/AKS
+names) and `DatabricksSettings` (the Spark job's cluster) are frozen dataclasses; `from_env` reads
+`CTR_<FIELD>` (`CTR_DATABRICKS_<FIELD>` for Databricks) through `parse_env`, the only environment
+parser. Outside Airflow (`ctr` CLI, scoring image, Spark job) the environment is all there is; in a
+DAG task `ctr.airflow.config` layers Airflow Variables and Connections on top, once per task. Secrets
+are only ever read from the environment or a Connection, never logged.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any, TypeVar
 
-_REPO_ROOT = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
 
 
-def _default_home() -> Path:
-    if (_REPO_ROOT / "dags").is_dir() and (_REPO_ROOT / "plugins").is_dir():
-        return _REPO_ROOT / "state"
-    return Path.home() / ".ctr"
+def default_home(env: Mapping[str, str] | None = None) -> Path:
+    """`CTR_HOME` from the environment (the Makefile exports the repo's `state/`), else `~/.ctr`."""
+    raw = (os.environ if env is None else env).get("CTR_HOME", "")
+    return Path(raw).expanduser().resolve() if raw else Path.home() / ".ctr"
+
+
+def parse_env(cls: type[T], env: Mapping[str, str] | None = None, prefix: str = "CTR_",
+              error: type[Exception] = ValueError) -> T:
+    """An instance of dataclass `cls` from `<prefix><FIELD>` variables (unset or empty: the default).
+
+    int fields must parse as integers and Path fields are expanded and resolved; a bad value raises
+    `error` naming the variable.
+    """
+    env = os.environ if env is None else env
+    kw: dict[str, Any] = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        name = f"{prefix}{f.name.upper()}"
+        raw = env.get(name)
+        if raw is None or raw == "":
+            continue
+        if f.type in ("int", int):
+            try:
+                kw[f.name] = int(raw)
+            except ValueError:
+                raise error(f"{name}={raw!r} is not an integer") from None
+        elif f.type in ("Path", Path):
+            kw[f.name] = Path(raw).expanduser().resolve()
+        else:
+            kw[f.name] = raw
+    return cls(**kw)
 
 
 _INT_RANGES = (("serve_port", 1, 65535), ("num_threads", 1, 1024))
@@ -24,7 +56,9 @@ _INT_RANGES = (("serve_port", 1, 65535), ("num_threads", 1, 1024))
 
 @dataclass(frozen=True)
 class Settings:
-    home: Path = field(default_factory=_default_home)
+    """Where the pipeline keeps its state, which registry and landing zone it uses, how it serves."""
+
+    home: Path = field(default_factory=default_home)
     # landing zone root: a local folder or an fsspec URL (abfs://container/prefix, az://...)
     landing: str = ""
     registry_uri: str = ""           # MLflow tracking/registry URI; default sqlite under home
@@ -38,23 +72,8 @@ class Settings:
     num_threads: int = 2
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
-        env = dict(os.environ if env is None else env)
-        kw: dict[str, object] = {}
-        for f in fields(cls):
-            raw = env.get(f"CTR_{f.name.upper()}")
-            if raw is None or raw == "":
-                continue
-            if f.name == "home":
-                kw[f.name] = Path(raw).expanduser().resolve()
-            elif f.type in ("int", int):
-                try:
-                    kw[f.name] = int(raw)
-                except ValueError:
-                    raise ValueError(f"CTR_{f.name.upper()}={raw!r} is not an integer") from None
-            else:
-                kw[f.name] = raw
-        s = cls(**kw)  # type: ignore[arg-type]
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        s = parse_env(cls, env)
         for name, lo, hi in _INT_RANGES:
             v = getattr(s, name)
             if not lo <= v <= hi:
@@ -79,6 +98,10 @@ class Settings:
         return self.home / "runs"
 
     @property
+    def staging_dir(self) -> Path:
+        return self.home / "staging"
+
+    @property
     def images_dir(self) -> Path:
         return self.home / "images"
 
@@ -89,3 +112,73 @@ class Settings:
     @property
     def serve_url(self) -> str:
         return f"http://{self.serve_host}:{self.serve_port}"
+
+
+@dataclass(frozen=True)
+class DeploySettings:
+    """Which image builder and rollout target a run uses, and the Azure names they need (names, never secrets).
+
+    `image_builder` / `deploy_target` are the DAG run's params; the rest are `CTR_<FIELD>`, overridden
+    in Airflow by Variables `ctr_<field>`.
+    """
+
+    image_builder: str = "local"            # local | acr
+    deploy_target: str = "local"            # local | aks
+    azure_conn_id: str = "azure_default"    # Airflow Azure connection (service principal or managed identity)
+    azure_subscription_id: str = ""         # when the connection has no extra subscriptionId
+    acr_registry: str = ""
+    acr_resource_group: str = ""
+    aks_namespace: str = "ctr"
+    aks_url: str = ""                       # how verify reaches the service (default: in-cluster DNS)
+    kube_conn_id: str = ""                  # a cncf-kubernetes connection (wins over aks_cluster)
+    aks_cluster: str = ""
+    aks_resource_group: str = ""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> DeploySettings:
+        return parse_env(cls, env)
+
+
+class DatabricksConfigError(ValueError):
+    """A Databricks setting is missing or inconsistent; the message names the setting and the fix."""
+
+
+@dataclass(frozen=True)
+class DatabricksSettings:
+    """`CTR_DATABRICKS_*` environment (in Airflow, Variables `ctr_databricks_*` on top)."""
+
+    conn_id: str = "databricks_default"
+    workspace_dir: str = "/Workspace/Shared/ctr"       # where the job file and wheel are imported
+    landing: str = ""                                   # abfss:// landing zone as the cluster sees it
+    output: str = ""                                    # abfss:// prefix for run outputs
+    spark_version: str = "15.4.x-scala2.12"             # LTS, Spark 3.5 (or 17.3.x-scala2.13: Spark 4.0)
+    node_type_id: str = "Standard_D8ds_v5"
+    num_workers: int = 4
+    executor_cores: int = 8                             # cores of node_type_id (numThreads = this - 1)
+    policy_id: str = ""
+    engine: str = "synapseml"
+    timeout_seconds: int = 4 * 3600
+    polling_seconds: int = 30
+    deferrable: str = "auto"                            # auto | true | false
+    storage_account: str = ""                           # for the OAuth (managed identity) Spark conf
+    spark_conf: str = ""                                # extra "k=v;k=v" cluster Spark conf
+    single_user: str = ""                               # data_security_mode SINGLE_USER owner (UC)
+    wheel: str = ""                                     # a built ctr wheel to ship; default: built from source_dir
+    source_dir: str = ""                                # project root holding pyproject.toml and plugins/ctr
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> DatabricksSettings:
+        return parse_env(cls, env, prefix="CTR_DATABRICKS_", error=DatabricksConfigError)
+
+
+@dataclass(frozen=True)
+class DagSettings:
+    """What the DAG file reads at parse time (`CTR_IO_RETRIES`: 0 for drills and tests)."""
+
+    io_retries: int = 3
+    databricks_polling_seconds: int = 30
+
+
+def dag_settings(env: Mapping[str, str] | None = None) -> DagSettings:
+    """The DAG file's parse-time settings from the environment (the one parser; no Airflow calls at parse time)."""
+    return parse_env(DagSettings, env)

@@ -48,7 +48,7 @@ class AirflowInstall:
         return json.loads((self.ctr_home / "runs" / "ctr_retrain" / day / "metrics.json").read_text())
 
     def stop_service(self) -> None:
-        from ctr.rollout.local import LocalRollout
+        from ctr.deployment.rollout.local import LocalRollout
 
         LocalRollout(self.ctr_home / "serving", "127.0.0.1", self.serve_port).stop()
 

@@ -219,7 +219,7 @@ class LiveAirflow:
                     pass
                 p.wait(timeout=10)
         self.procs.clear()
-        from ctr.rollout.local import LocalRollout
+        from ctr.deployment.rollout.local import LocalRollout
 
         LocalRollout(self.ctr_home / "serving", "127.0.0.1", self.serve_port).stop()
 

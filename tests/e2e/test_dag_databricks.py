@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 from ctr.data.generate import GeneratorConfig, generate
-from ctr.databricks import idempotency_token
+from ctr.training.databricks import idempotency_token
 
 from tests.e2e.airflow_env import BIN
 from tests.integration.fake_databricks import FakeDatabricks
@@ -63,7 +63,8 @@ def test_compute_databricks_full_run(airflow_install, tmp_path_factory):
         states = inst.airflow("tasks", "states-for-dag-run", "ctr_retrain", run_id, "-o", "json").stdout
         by_task = {t["task_id"]: t["state"] for t in json.loads(_last_json(states))}
         assert by_task["train"] == "skipped"
-        for t in ("ship_to_databricks", "databricks_request", "train_databricks", "fetch_databricks_bundle", "trained",
+        for t in ("databricks.choose_compute", "databricks.ship_to_databricks", "databricks.databricks_request",
+                  "databricks.train_databricks", "databricks.fetch_databricks_bundle", "trained",
                   "evaluate", "register", "build_image", "rollout", "verify", "promote"):
             assert by_task[t] == "success", (t, by_task)
         assert f"/run/{run.run_id}" in log  # the provider logs the run page link

@@ -8,10 +8,13 @@ import time
 
 import pytest
 from azure.core.credentials import AccessToken
-from ctr.acr import AcrBuilder, AcrBuildError, AcrTarget, context_tarball
-from ctr.image import build_context
+from ctr.deployment.acr import AcrBuilder, AcrBuildError, AcrTarget, context_tarball
+from ctr.deployment.image import build_context
+from ctr.model.bundle import write_manifest
 
 from tests.integration.fake_arm_acr import FakeAcr
+
+pytestmark = pytest.mark.integration
 
 
 class StaticCredential:
@@ -31,6 +34,8 @@ def image_ctx(tmp_path_factory: pytest.TempPathFactory):
     bundle = tmp_path_factory.mktemp("bundle")
     (bundle / "model.txt").write_text("tree\nversion=v4\n")
     (bundle / "features.json").write_text("{}\n")
+    (bundle / "metadata.json").write_text("{}\n")
+    write_manifest(bundle)  # build_context takes only manifest-checked bundles
     return build_context(bundle, "7", "ctr-lightgbm", tmp_path_factory.mktemp("images"))
 
 

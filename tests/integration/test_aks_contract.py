@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 from azure.core.credentials import AccessToken
-from ctr.rollout.aks import AksConfig, AksRollout, api_client_from_kubeconfig, kubeconfig_from_aks
-from ctr.rollout.base import RolloutError
+from ctr.deployment.rollout.aks import AksConfig, AksRollout, api_client_from_kubeconfig, kubeconfig_from_aks
+from ctr.deployment.rollout.base import Release, RolloutError
 from kubernetes import client
 
 from tests.integration.fake_kube_api import TOKEN, FakeKube
 
+pytestmark = pytest.mark.integration
+
 V1 = "ctrprod.azurecr.io/ctr-scorer:1-aaaaaaaaaaaa"
 V2 = "ctrprod.azurecr.io/ctr-scorer:2-bbbbbbbbbbbb"
 BAD = "ctrprod.azurecr.io/ctr-scorer:3-cccccccccccc"
+BUNDLE = Path("/unused/bundle")  # AKS pulls the image; the bundle path only matters to verify
 
 
 def _api(fake: FakeKube, token: str = TOKEN) -> client.ApiClient:
@@ -29,12 +33,12 @@ def _rollout(fake: FakeKube, timeout: float = 20.0, **cfg: object) -> AksRollout
 
 
 def test_rolling_update_waits_for_generation_and_replicas(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level("INFO", logger="ctr.rollout.aks")
+    caplog.set_level("INFO", logger="ctr.deployment.rollout.aks")
     with FakeKube() as fake:
         r = _rollout(fake)
-        first = r.deploy(V1, "1")
+        first = r.deploy(Release("1", BUNDLE, V1))
         assert first.previous_ref is None and fake.image_of("ctr", "ctr-scorer") == V1
-        second = r.deploy(V2, "2")
+        second = r.deploy(Release("2", BUNDLE, V2))
         assert (second.version, second.previous_version, second.previous_ref) == ("2", "1", V1)
         assert second.url == "http://ctr-scorer.ctr.svc.cluster.local"
         assert fake.image_of("ctr", "ctr-scorer") == V2
@@ -50,25 +54,25 @@ def test_rolling_update_waits_for_generation_and_replicas(caplog: pytest.LogCapt
         assert "observedGeneration 1/2" in caplog.text and "updated 2/2, available 2/2, total 2" in caplog.text
         # same image again: nothing applied
         n = len([1 for m, *_ in fake.requests if m == "PATCH"])
-        assert r.deploy(V2, "2").changed is False
+        assert r.deploy(Release("2", BUNDLE, V2)).changed is False
         assert len([1 for m, *_ in fake.requests if m == "PATCH"]) == n
 
 
 def test_replica_count_left_to_the_hpa_after_creation() -> None:
     with FakeKube() as fake:
         r = _rollout(fake)
-        r.deploy(V1, "1")
+        r.deploy(Release("1", BUNDLE, V1))
         fake.objects[("Deployment", "ctr", "ctr-scorer")]["spec"]["replicas"] = 4  # the HPA scaled out
-        r.deploy(V2, "2")
+        r.deploy(Release("2", BUNDLE, V2))
         assert fake.objects[("Deployment", "ctr", "ctr-scorer")]["spec"]["replicas"] == 4
 
 
 def test_crash_looping_new_replicaset_is_rolled_back() -> None:
     with FakeKube(crashing={BAD}) as fake:
         r = _rollout(fake)
-        r.deploy(V1, "1")
+        r.deploy(Release("1", BUNDLE, V1))
         with pytest.raises(RolloutError) as e:
-            r.deploy(BAD, "3")
+            r.deploy(Release("3", BUNDLE, BAD))
         assert "CrashLoopBackOff" in str(e.value) and f"rolled back to {V1}" in str(e.value)
         assert fake.image_of("ctr", "ctr-scorer") == V1
         assert r.current()["version"] == "1"
@@ -78,21 +82,21 @@ def test_crash_looping_new_replicaset_is_rolled_back() -> None:
 def test_progress_deadline_is_a_failure() -> None:
     with FakeKube(crashing={BAD}, deadline_reads=2) as fake:
         r = _rollout(fake)
-        r.deploy(V1, "1")
+        r.deploy(Release("1", BUNDLE, V1))
         r._crashing_pod = lambda image: None  # type: ignore[method-assign]  # only the Deployment condition speaks
         with pytest.raises(RolloutError, match="exceeded its progress deadline.*rolled back"):
-            r.deploy(BAD, "3")
+            r.deploy(Release("3", BUNDLE, BAD))
         assert fake.image_of("ctr", "ctr-scorer") == V1
 
 
 def test_rollout_that_never_becomes_ready_times_out_and_rolls_back() -> None:
     with FakeKube(stuck={BAD}) as fake:
         r = _rollout(fake, timeout=0.5)
-        r.deploy(V1, "1")
+        r.deploy(Release("1", BUNDLE, V1))
         r.timeout = 0.5
         t0 = time.monotonic()
         with pytest.raises(RolloutError, match="not rolled out within 0s"):
-            r.deploy(BAD, "3")
+            r.deploy(Release("3", BUNDLE, BAD))
         assert time.monotonic() - t0 < 15
         assert fake.image_of("ctr", "ctr-scorer") == V1
 
@@ -100,9 +104,9 @@ def test_rollout_that_never_becomes_ready_times_out_and_rolls_back() -> None:
 def test_verify_failure_rollback_restores_previous_image() -> None:
     with FakeKube() as fake:
         r = _rollout(fake)
-        r.deploy(V1, "1")
-        res = r.deploy(V2, "2")
-        back = r.rollback(res.previous_ref, res.previous_version)
+        r.deploy(Release("1", BUNDLE, V1))
+        res = r.deploy(Release("2", BUNDLE, V2))
+        back = r.rollback(Release("2", BUNDLE, V2), res)
         assert back is not None and back.version == "1"
         assert fake.image_of("ctr", "ctr-scorer") == V1 and r.current()["version"] == "1"
 
@@ -110,7 +114,7 @@ def test_verify_failure_rollback_restores_previous_image() -> None:
 def test_missing_token_secret_is_named_and_nothing_applied() -> None:
     with FakeKube(secrets={}) as fake:
         with pytest.raises(RolloutError, match="secret ctr/ctr-scorer-token is missing.*kubectl -n ctr create secret"):
-            _rollout(fake).deploy(V1, "1")
+            _rollout(fake).deploy(Release("1", BUNDLE, V1))
         assert not [m for m, *_ in fake.requests if m == "PATCH"]
 
 
@@ -120,7 +124,7 @@ def test_wrong_token_is_refused() -> None:
     with FakeKube() as fake:
         r = AksRollout(_api(fake, token="wrong"), AksConfig())
         with pytest.raises((ApiException, RolloutError), match="401|Unauthorized"):
-            r.deploy(V1, "1")
+            r.deploy(Release("1", BUNDLE, V1))
 
 
 class AadCredential:
@@ -135,6 +139,6 @@ def test_credentials_fetched_from_aks_drive_the_rollout() -> None:
         kc = kubeconfig_from_aks(AadCredential(), "sub-1", "rg-ctr", "aks-ctr", arm_endpoint=fake.url)
         assert kc["users"][0]["user"] == {"token": TOKEN}  # kubelogin exec replaced by an AAD token
         r = AksRollout(api_client_from_kubeconfig(kc), AksConfig(replicas=2), timeout=20, poll_interval=0.01)
-        assert r.deploy(V1, "1").version == "1"
+        assert r.deploy(Release("1", BUNDLE, V1)).version == "1"
         assert ("POST", "/subscriptions/sub-1/resourceGroups/rg-ctr/providers/Microsoft.ContainerService/managedClusters/"
                 "aks-ctr/listClusterUserCredential", "") in [(m, p, "") for m, p, _ in fake.requests]

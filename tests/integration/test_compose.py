@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 from compose_spec import PyCompose, PyOptions
-from ctr import notify
+from ctr.airflow import notify
 
 from tests.conftest import REPO
 

@@ -66,24 +66,24 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shipped(server):
-    from ctr.airflow_databricks import CtrDatabricksHook
-    from ctr.databricks import JOB_FILE, artifact_paths, build_wheel, source_digest
+    from ctr.airflow.databricks import CtrDatabricksHook
+    from ctr.training.databricks import JOB_SCRIPT, artifact_digest, artifact_paths, build_wheel
 
     hook = CtrDatabricksHook(CONN_ID)
     wheel = build_wheel(server.root / "build")
-    paths = artifact_paths("/Workspace/Shared/ctr", wheel.name, source_digest())
+    paths = artifact_paths("/Workspace/Shared/ctr", wheel.name, artifact_digest(wheel))
     assert not hook.workspace_exists(paths["wheel"])
     hook.workspace_mkdirs(paths["dir"])
-    hook.workspace_import(paths["python_file"], JOB_FILE.read_bytes())
+    hook.workspace_import(paths["python_file"], JOB_SCRIPT)
     hook.workspace_import(paths["wheel"], wheel.read_bytes())
     assert hook.workspace_exists(paths["wheel"]) and hook.workspace_exists(paths["python_file"])
     with zipfile.ZipFile(server.local_path(paths["wheel"])) as z:
-        assert "ctr/spark_job.py" in z.namelist()
+        assert "ctr/training/spark_job.py" in z.namelist()
     return paths
 
 
 def _payload(shipped, landing: Path, out: Path, *, token: str, holdout: dt.date = DAY, engine: str = "lightgbm"):
-    from ctr.databricks import DatabricksSettings, TrainRequest, submit_payload
+    from ctr.training.databricks import DatabricksSettings, TrainRequest, submit_payload
 
     s = DatabricksSettings(landing=str(landing), engine=engine, num_workers=2)
     req = TrainRequest(start=(DAY - dt.timedelta(days=2)).isoformat(), end=(DAY - dt.timedelta(days=1)).isoformat(),
@@ -93,7 +93,7 @@ def _payload(shipped, landing: Path, out: Path, *, token: str, holdout: dt.date 
 
 
 def _operator(payload, task_id: str = "train_databricks"):
-    from ctr.airflow_databricks import CtrDatabricksSubmitRunOperator
+    from ctr.airflow.databricks import CtrDatabricksSubmitRunOperator
 
     return CtrDatabricksSubmitRunOperator(task_id=task_id, json=payload, databricks_conn_id=CONN_ID,
                                           polling_period_seconds=1, databricks_retry_delay=1, deferrable=False)
@@ -104,7 +104,7 @@ def _context(ti: _TI) -> dict:
 
 
 def test_payload_shape():
-    from ctr.databricks import DatabricksSettings, TrainRequest, idempotency_token, submit_payload
+    from ctr.training.databricks import DatabricksSettings, TrainRequest, idempotency_token, submit_payload
 
     long_run = "manual__2026-11-20T02:00:00.123456+00:00" * 3
     tok = idempotency_token("ctr_retrain", long_run, "train_databricks")
@@ -125,9 +125,9 @@ def test_payload_shape():
 
 
 def test_retry_attaches_to_the_same_run_and_the_run_succeeds(server, shipped, landing, tmp_path):
-    from ctr.airflow_databricks import CtrDatabricksHook
-    from ctr.bundle import Bundle
-    from ctr.databricks import idempotency_token
+    from ctr.airflow.databricks import CtrDatabricksHook
+    from ctr.model.bundle import Bundle
+    from ctr.training.databricks import idempotency_token
 
     token = idempotency_token("ctr_retrain", "manual__contract_ok", "train_databricks")
     payload = _payload(shipped, landing, tmp_path / "out", token=token)
@@ -150,7 +150,7 @@ def test_retry_attaches_to_the_same_run_and_the_run_succeeds(server, shipped, la
 
 def test_failing_job_surfaces_the_cluster_error(server, shipped, landing, tmp_path):
     from airflow.providers.common.compat.sdk import AirflowException
-    from ctr.databricks import idempotency_token
+    from ctr.training.databricks import idempotency_token
 
     # a training range that includes the holdout day: the job refuses it before touching data
     payload = _payload(shipped, landing, tmp_path / "out", holdout=DAY - dt.timedelta(days=1),
@@ -164,7 +164,7 @@ def test_failing_job_surfaces_the_cluster_error(server, shipped, landing, tmp_pa
 
 def test_killing_the_task_cancels_the_run(server, shipped, landing, tmp_path):
     from airflow.providers.common.compat.sdk import AirflowException
-    from ctr.databricks import idempotency_token
+    from ctr.training.databricks import idempotency_token
 
     payload = _payload(shipped, landing, tmp_path / "out", token=idempotency_token("ctr_retrain", "manual__kill", "t"))
     op = _operator(payload)
@@ -195,7 +195,7 @@ def test_killing_the_task_cancels_the_run(server, shipped, landing, tmp_path):
 def test_deferrable_trigger_reaches_the_terminal_state(server, shipped, landing, tmp_path):
     from airflow.providers.common.compat.sdk import AirflowException
     from airflow.providers.databricks.triggers.databricks import DatabricksExecutionTrigger
-    from ctr.databricks import idempotency_token
+    from ctr.training.databricks import idempotency_token
 
     payload = _payload(shipped, landing, tmp_path / "out", holdout=DAY - dt.timedelta(days=1),
                        token=idempotency_token("ctr_retrain", "manual__deferred", "train_databricks"))
@@ -219,8 +219,13 @@ def test_deferrable_trigger_reaches_the_terminal_state(server, shipped, landing,
 
 
 def test_settings_switches_and_join():
-    from ctr.airflow_databricks import join, resolve_deferrable
-    from ctr.databricks import DatabricksConfigError, DatabricksSettings, new_cluster, synapseml_coordinates
+    from ctr.airflow.databricks import join, resolve_deferrable
+    from ctr.training.databricks import (
+        DatabricksConfigError,
+        DatabricksSettings,
+        new_cluster,
+        synapseml_coordinates,
+    )
 
     assert resolve_deferrable("auto", True) is True and resolve_deferrable("auto", False) is False
     assert resolve_deferrable("false", True) is False and resolve_deferrable("TRUE", False) is True

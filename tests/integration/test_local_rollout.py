@@ -11,12 +11,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from ctr.bundle import write_manifest
-from ctr.image import build_context
-from ctr.rollout.base import RolloutError
-from ctr.rollout.local import LocalRollout
+from ctr.deployment.image import build_context
+from ctr.deployment.rollout.base import Release, RolloutError
+from ctr.deployment.rollout.local import LocalRollout
+from ctr.model.bundle import write_manifest
 
 from tests.conftest import free_port
+
+pytestmark = pytest.mark.integration
 
 ROW = {"I1": 3, "I2": 20, "C1": "05db9164", "C9": "a73ee510"}
 
@@ -73,14 +75,14 @@ class Load(threading.Thread):
 
 
 def test_hot_swap_under_load_then_refuse_corrupt_then_roll_back(local: LocalRollout, versions, tmp_path: Path) -> None:
-    first = local.deploy(versions["1"], "1")
+    first = local.deploy(Release("1", versions["1"]))
     assert first.previous_version is None and local.readyz()["model_version"] == "1"
     load = Load(local.url)
     load.start()
     try:
         while len(load.results) < 50 and load.is_alive():
             load.join(0.05)
-        second = local.deploy(versions["2"], "2")  # slow on a busy machine: the load keeps going meanwhile
+        second = local.deploy(Release("2", versions["2"]))  # slow on a busy machine: the load keeps going meanwhile
         n_at_swap = len(load.results)
         while len(load.results) < n_at_swap + 50 and load.is_alive():
             load.join(0.05)
@@ -101,22 +103,22 @@ def test_hot_swap_under_load_then_refuse_corrupt_then_roll_back(local: LocalRoll
     json_before = local.state_path.read_text()
     pid = json.loads(json_before)["pid"]
     with pytest.raises(RolloutError, match="pre-flight"):
-        local.deploy(truncated_copy(versions["2"], tmp_path / "truncated"), "3")
+        local.deploy(Release("3", truncated_copy(versions["2"], tmp_path / "truncated")))
     with pytest.raises(RolloutError, match="pre-flight"):
-        local.deploy(altered_leaves_copy(versions["2"], tmp_path / "altered"), "3")
+        local.deploy(Release("3", altered_leaves_copy(versions["2"], tmp_path / "altered")))
     # and the service itself refuses a bundle failing its probe (HTTP 409) should one reach it
     with pytest.raises(RolloutError, match="409"):
-        local._swap(tmp_path / "altered")
+        local.swap(tmp_path / "altered")
     assert local.readyz()["model_version"] == "2"
     assert local.state_path.read_text() == json_before
     assert json.loads(local.state_path.read_text())["pid"] == pid
 
     # same version again: nothing to do; rollback returns to version 1
-    assert local.deploy(versions["2"], "2").changed is False
+    assert local.deploy(Release("2", versions["2"])).changed is False
     # a rollback for a version that is no longer live leaves the live one alone
-    kept = local.rollback(failed_version="7")
+    kept = local.rollback(Release("7", versions["2"]))
     assert kept is not None and kept.changed is False and kept.version == "2" and local.readyz()["model_version"] == "2"
-    back = local.rollback(failed_version="2")
+    back = local.rollback(Release("2", versions["2"]))
     assert back is not None and back.version == "1" and local.readyz()["model_version"] == "1"
     assert json.loads(local.state_path.read_text())["version"] == "1"
     # nothing older than the first model: a further rollback stops the service

@@ -12,7 +12,7 @@ import logging
 from types import SimpleNamespace
 
 import pytest
-from ctr import notify
+from ctr.airflow import notify
 
 from tests.e2e.live_airflow import REPO, WebhookReceiver
 
@@ -64,7 +64,7 @@ def test_uri_connection_and_templated_message(receiver, monkeypatch):
 def test_no_connection_is_a_logged_noop(receiver, monkeypatch, caplog):
     monkeypatch.setenv("CTR_ALERTS_CONN_ID", "ctr_alerts_not_configured")
     monkeypatch.delenv("AIRFLOW_CONN_CTR_ALERTS_NOT_CONFIGURED", raising=False)
-    with caplog.at_level(logging.INFO, logger="ctr.notify"):
+    with caplog.at_level(logging.INFO, logger="ctr.airflow.notify"):
         notify.send(_context(), "gate_rejected", "rejected")
     assert receiver.received == []
     assert "no connection 'ctr_alerts_not_configured'" in caplog.text
@@ -73,7 +73,7 @@ def test_no_connection_is_a_logged_noop(receiver, monkeypatch, caplog):
 def test_receiver_error_is_logged_not_raised_and_url_stays_secret(monkeypatch, caplog):
     with WebhookReceiver(status=500) as bad:
         _use_conn(monkeypatch, "alerts_c", {"conn_type": "http", "host": f"http://127.0.0.1:{bad.port}/T0/B0/secretpath"})
-        with caplog.at_level(logging.INFO, logger="ctr.notify"):
+        with caplog.at_level(logging.INFO, logger="ctr.airflow.notify"):
             notify.send(_context(), "rollback", "rolled back")
         assert len(bad.received) == 1 and bad.received[0]["path"] == "/T0/B0/secretpath"
         assert "HTTP 500" in caplog.text and "alerts_c" in caplog.text and "secretpath" not in caplog.text
@@ -87,7 +87,7 @@ def test_unknown_event_is_refused():
 
 
 def test_gate_task_sends_rejection(receiver, monkeypatch):
-    from ctr import airflow_tasks
+    from ctr.airflow import tasks as airflow_tasks
 
     _use_conn(monkeypatch, "alerts_d", {"conn_type": "http", "host": "127.0.0.1", "port": receiver.port})
     pushed = {}

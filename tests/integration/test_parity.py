@@ -20,12 +20,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from ctr.bundle import Bundle
 from ctr.data.reader import read_table
-from ctr.features import FeatureTransform
+from ctr.features.transform import FeatureTransform
+from ctr.model.bundle import Bundle
 from ctr.schema import CAT_COLUMNS, FEATURE_COLUMNS, INT_COLUMNS, LABEL
 
 from tests.conftest import CSV_SAMPLE, RAW_SAMPLE
+
+pytestmark = pytest.mark.integration
 
 TOL = 1e-12
 

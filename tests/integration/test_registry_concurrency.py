@@ -69,7 +69,7 @@ def check_consistent(uri: str, results: list[dict], days: list[str]) -> None:
     from ctr.registry import CHAMPION_ALIAS, CHAMPION_TAG, Registry
 
     reg = Registry(uri, "ctr-race")
-    versions = reg._paged("name = 'ctr-race'")
+    versions = reg.search_versions("name = 'ctr-race'")
     assert sorted(v.logical_date for v in versions) == sorted(set(days))  # one version per run key
     by_day = {v.logical_date: v.version for v in versions}
     for r in results:  # every process got the surviving version and run of its key

@@ -26,7 +26,7 @@ import pytest
 from ctr.data.generate import GeneratorConfig, generate
 from ctr.data.landing import READ_BATCH_ROWS, read_staged
 from ctr.data.reader import DEFAULT_CHUNK_BYTES, PARSE_WORKERS
-from ctr.vocab_spill import DEFAULT_BUFFER_ENTRIES
+from ctr.features.vocab_spill import DEFAULT_BUFFER_ENTRIES
 
 pytestmark = pytest.mark.integration
 
@@ -44,8 +44,8 @@ def hwm():
             return int(line.split()[1]) / 1024
 stage, land, work, days = sys.argv[1], sys.argv[2], Path(sys.argv[3]), [dt.date.fromisoformat(d) for d in sys.argv[4:]]
 from ctr.data.landing import read_staged, stage_day
-from ctr.features import VocabCounter
-from ctr.vocab_spill import SpillingVocabCounter
+from ctr.features.transform import VocabCounter
+from ctr.features.vocab_spill import SpillingVocabCounter
 import pyarrow, numpy
 base = hwm()
 out = {}

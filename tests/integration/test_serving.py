@@ -15,12 +15,14 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from ctr.bundle import Bundle
 from ctr.data.reader import read_text
+from ctr.model.bundle import Bundle
 from ctr.schema import FEATURE_COLUMNS
 from ctr.serving.process import ServiceProcess
 
 from tests.conftest import END_DAY
+
+pytestmark = pytest.mark.integration
 
 TOKEN = "t0ken-for-tests"
 ADMIN = "adm1n-for-tests"

@@ -18,6 +18,8 @@ from ctr.serving.process import ServiceProcess
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+pytestmark = pytest.mark.integration
+
 MAX_ROWS = 50
 MAX_BODY = 64 * 1024
 FUZZ_CASES = 1200

@@ -15,9 +15,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from ctr.bundle import MANIFEST, Bundle, write_manifest
-from ctr.rollout.base import RolloutError
-from ctr.rollout.local import LocalRollout
+from ctr.deployment.rollout.base import RolloutError
+from ctr.deployment.rollout.local import LocalRollout
+from ctr.model.bundle import MANIFEST, Bundle, write_manifest
 from ctr.serving.process import ServiceProcess
 
 from tests.conftest import RAW_SAMPLE
@@ -264,7 +264,7 @@ def test_rollback_pre_checks_the_previous_bundle(trained_bundle: Path, tmp_path:
     data = (prev / "model.txt").read_bytes()
     (prev / "model.txt").write_bytes(data[: len(data) // 2])
     roll = LocalRollout(tmp_path / "serving", port=1)  # nothing listens: a swap would fail differently
-    roll._save({"bundle": str(trained_bundle), "version": "2", "previous_bundle": str(prev), "previous_version": "1"})
+    roll.save_state({"bundle": str(trained_bundle), "version": "2", "previous_bundle": str(prev), "previous_version": "1"})
     before = roll.state_path.read_text()
     with pytest.raises(RolloutError, match="pre-flight.*truncated"):
         roll.rollback()

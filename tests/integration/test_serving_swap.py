@@ -18,17 +18,19 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from ctr.bundle import Bundle, write_manifest
 from ctr.data.reader import read_text
+from ctr.model.bundle import Bundle, write_manifest
 from ctr.schema import FEATURE_COLUMNS
 from ctr.serving.process import ServiceProcess
 
 from tests.conftest import END_DAY
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def second_bundle(staged: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from ctr.train import TrainConfig, train
+    from ctr.training.trainer import TrainConfig, train
 
     out = tmp_path_factory.mktemp("bundle_b") / "model"
     train(staged, out, TrainConfig(start=END_DAY - dt.timedelta(days=7), end=END_DAY - dt.timedelta(days=1), rounds=12))

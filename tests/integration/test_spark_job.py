@@ -1,7 +1,8 @@
 """The Spark training job on pyspark's bundled local Spark, against the local (non-Spark) path.
 
 * `ctr train --engine spark` and `ctr train --engine lightgbm` on the same days: byte-identical
-  features.json, holdout AUCs within 0.002, and the job's metrics.json in the gate's format;
+  features.json, holdout AUCs within 0.002, the job's metrics.json in the gate's format, and the
+  same metadata.json keys (one builder) apart from the Spark job's own lineage;
 * validation on Spark partitions gives check_data's counts and reasons, line by line;
 * the SynapseML parameter mapping uses LightGBMClassifier's real parameter names.
 """
@@ -29,7 +30,7 @@ START, END = END_DAY - dt.timedelta(days=7), END_DAY - dt.timedelta(days=1)
 
 @pytest.fixture(scope="session")
 def spark():
-    from ctr.spark_job import spark_session
+    from ctr.training.spark_job import spark_session
 
     s = spark_session("ctr-tests", master="local[2]")
     yield s
@@ -53,9 +54,9 @@ def small_landing(tmp_path_factory) -> Path:
 
 
 def test_cli_spark_and_lightgbm_engines_agree(small_landing: Path, tmp_path: Path):
-    from ctr.bundle import Bundle
     from ctr.data.landing import stage_day
-    from ctr.evaluation_run import evaluate_day
+    from ctr.model.bundle import Bundle
+    from ctr.validation.holdout import evaluate_day
 
     start = HOLDOUT - dt.timedelta(days=3)
     env = {**os.environ, "CTR_HOME": str(tmp_path / "home"), "CTR_NUM_THREADS": "2", "CTR_SPARK_MASTER": "local[2]"}
@@ -89,6 +90,17 @@ def test_cli_spark_and_lightgbm_engines_agree(small_landing: Path, tmp_path: Pat
     assert meta["holdout_fingerprint"] == {HOLDOUT.isoformat(): staged[HOLDOUT.isoformat()]}
     Bundle.load(tmp_path / "spark")  # probe.json and MLmodel written by finalize_bundle
 
+    # one metadata builder: both bundles carry the same keys; only the Spark job's own lineage is extra
+    from ctr.model.bundle import METADATA_KEYS
+
+    assert set(METADATA_KEYS) <= set(local_meta) and set(METADATA_KEYS) <= set(meta)
+    assert set(meta) - set(local_meta) == {"ctr_location", "spark_master", "data_report", "holdout_fingerprint"}
+    assert set(local_meta) <= set(meta)
+    for key in ("validation", "min_count", "max_vocab", "missing", "rounds", "seed", "sample_fraction",
+                "lightgbm_version", "vocab_sizes"):
+        assert meta[key] == local_meta[key], key
+    assert 0 < meta["best_iteration"] <= meta["trees_built"] <= meta["rounds"]
+
 
 BAD_LINES = [
     "1\tabc" + "\t" * 38,                              # I1 not an integer
@@ -105,7 +117,7 @@ BAD_LINES = [
 def test_validation_matches_check_data(spark, small_landing: Path, tmp_path: Path):
     from ctr.data.landing import stage_day
     from ctr.data.reader import read_table
-    from ctr.spark_job import day_reports, list_day_files, read_days
+    from ctr.training.spark_job import day_reports, list_day_files, read_days
 
     day = END_DAY - dt.timedelta(days=3)
     land = tmp_path / "landing"
@@ -120,7 +132,7 @@ def test_validation_matches_check_data(spark, small_landing: Path, tmp_path: Pat
     (rep,) = day_reports(parsed, [day], {day.isoformat(): list_day_files(spark, str(land), day)})
     for k in ("rows_in", "rows_ok", "rows_quarantined", "clicks", "reasons"):
         assert getattr(rep, k) == getattr(local, k), k
-    from ctr.spark_job import day_fingerprint_digest
+    from ctr.training.spark_job import day_fingerprint_digest
 
     assert day_fingerprint_digest(spark, str(land), day) == local.digest  # Hadoop's listing, stage_day's digest
     assert local.rows_quarantined == 6
@@ -131,9 +143,9 @@ def test_validation_matches_check_data(spark, small_landing: Path, tmp_path: Pat
 
 
 def test_synapseml_parameter_mapping():
-    from ctr.features import CAT_INDEX
-    from ctr.spark_synapseml import synapseml_params
-    from ctr.train import TrainConfig
+    from ctr.features.transform import CAT_INDEX
+    from ctr.training.synapseml import synapseml_params
+    from ctr.training.trainer import TrainConfig
     from synapse.ml.lightgbm import LightGBMClassifier
 
     cfg = TrainConfig(start=START, end=END, seed=123, params={"num_leaves": 31, "min_data_in_bin": 7})
@@ -143,7 +155,7 @@ def test_synapseml_parameter_mapping():
     assert kw["numThreads"] == 7 and kw["useBarrierExecutionMode"] is True and kw["seed"] == 123
     assert kw["categoricalSlotIndexes"] == CAT_INDEX and kw["numLeaves"] == 31
     assert kw["numIterations"] == cfg.rounds and kw["earlyStoppingRound"] == cfg.early_stopping
-    # every LightGBM parameter of ctr.train reaches the cluster: mapped, or passed through verbatim
+    # every LightGBM parameter of ctr.training.trainer reaches the cluster: mapped, or passed through verbatim
     passthrough = dict(x.split("=", 1) for x in kw.get("passThroughArgs", "").split())
     assert passthrough["min_data_in_bin"] == "7" and passthrough["force_row_wise"] == "true"
     assert synapseml_params(cfg, executor_cores=1)["numThreads"] == 1

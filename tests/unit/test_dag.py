@@ -20,8 +20,33 @@ def dag():
     return bag.dags["ctr_retrain"]
 
 
+DATABRICKS = ["databricks.choose_compute", "databricks.ship_to_databricks", "databricks.databricks_request",
+              "databricks.train_databricks", "databricks.fetch_databricks_bundle"]
+
+
 def test_tasks_present(dag):
-    assert set(TASKS) <= set(dag.task_ids)
+    assert set(dag.task_ids) == set(TASKS) | set(DATABRICKS) | {"trained"}
+
+
+def test_the_compute_choice_and_databricks_tasks_are_one_group_between_check_data_and_trained(dag):
+    group = dag.task_group.children["databricks"]
+    assert sorted(group.children) == sorted(DATABRICKS)
+    top = sorted(dag.task_group.children)  # what the grid shows at the top level
+    assert top == sorted([*TASKS, "trained", "databricks"])
+    choose = dag.get_task("databricks.choose_compute")
+    assert choose.upstream_task_ids == {"check_data"}
+    assert choose.downstream_task_ids == {"train", "databricks.ship_to_databricks"}
+    assert dag.get_task("trained").upstream_task_ids == {"train", "databricks.fetch_databricks_bundle"}
+    assert dag.get_task("databricks.fetch_databricks_bundle").upstream_task_ids == {
+        "databricks.databricks_request", "databricks.train_databricks"}
+
+
+def test_choose_compute_names_tasks_that_exist(dag, monkeypatch):
+    from ctr.airflow.databricks import choose_compute
+
+    monkeypatch.delenv("AIRFLOW_VAR_CTR_COMPUTE", raising=False)
+    for compute in ("local", "databricks"):
+        assert choose_compute({"params": {"compute": compute}}) in dag.get_task("databricks.choose_compute").downstream_task_ids
 
 
 def test_order(dag):
@@ -67,7 +92,7 @@ def test_parse_time_imports_stay_light():
 
     code = (
         "import sys, runpy; runpy.run_path(sys.argv[1]);"
-        "heavy = [m for m in ('lightgbm', 'mlflow', 'pyspark', 'pandas', 'ctr.train') if m in sys.modules];"
+        "heavy = [m for m in ('lightgbm', 'mlflow', 'pyspark', 'pandas', 'ctr.training.trainer') if m in sys.modules];"
         "print(','.join(heavy))"
     )
     out = subprocess.run([sys.executable, "-c", code, str(REPO / "dags" / "ctr_retrain.py")],
@@ -76,7 +101,7 @@ def test_parse_time_imports_stay_light():
 
 
 def test_holdout_day_is_logical_date():
-    from ctr.airflow_tasks import holdout_day, train_range
+    from ctr.airflow.tasks import holdout_day, train_range
 
     class _Dag:
         dag_id = "ctr_retrain"

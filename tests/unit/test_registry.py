@@ -161,8 +161,8 @@ def test_dag_tasks_carry_the_mlflow_extra_links() -> None:
     import pendulum
     from airflow.sdk import DAG
     from airflow.serialization.serialized_objects import DagSerialization
-    from ctr import airflow_links
-    from ctr.airflow_links import MlflowModelVersionLink, MlflowRunLink, mlflow_model_task, mlflow_run_task
+    from ctr.airflow import links as airflow_links
+    from ctr.airflow.links import MlflowModelVersionLink, MlflowRunLink, mlflow_model_task, mlflow_run_task
 
     with DAG("links_probe", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC")) as dag:
         @mlflow_run_task
@@ -220,4 +220,4 @@ def test_corrected_data_gets_a_new_version_that_supersedes_the_old(reg: Registry
     assert (reg.download(v2.version) / "model.txt").read_text() == "tree for b\n"
     again = reg.register(tmp_path / "b", key, {}, {}, data_digest="sha256:bbb")  # a third run, unchanged data
     assert again.version == v2.version
-    assert len(reg._search(RUN_KEY_TAG, key)) == 2
+    assert len(reg.versions_tagged(RUN_KEY_TAG, key)) == 2

@@ -7,7 +7,7 @@ Resolution order (first match wins), all from the environment so nothing secret 
   4. CTR_AZURE_ACCOUNT_NAME + a service principal: CTR_AZURE_TENANT_ID / CTR_AZURE_CLIENT_ID /
      CTR_AZURE_CLIENT_SECRET (or the standard AZURE_TENANT_ID / AZURE_CLIENT_ID / AZURE_CLIENT_SECRET)
   5. CTR_AZURE_ACCOUNT_NAME alone: DefaultAzureCredential (managed identity, workload identity, az login)
-In the DAG, `ctr.airflow_tasks` fills these from the Airflow WASB/Azure connection first
+In the DAG, `ctr.airflow.tasks` fills these from the Airflow WASB/Azure connection first
 (`env_from_connection`, which follows the WasbHook's reading of a connection).
 """
 

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
+from ctr.data.tsv import to_tsv_bytes
 from ctr.schema import CAT_COLUMNS, INT_COLUMNS, REAL_CARDINALITY
 
 log = logging.getLogger(__name__)
@@ -196,15 +196,6 @@ def _features(cfg: GeneratorConfig, day: dt.date, rng: np.random.Generator, n: i
     logit += 0.3 * np.where(ranks["C17"] % np.uint64(3) == 0, 1.0, -1.0) * np.tanh(np.log1p(np.maximum(ints["I7"], 0)) - 1.0)
     logit += rng.normal(0.0, 0.35, n)  # unobserved noise: the oracle is not perfect
     return cols, logit
-
-
-def to_tsv_bytes(table: pa.Table) -> bytes:
-    """Raw Criteo TSV lines for a table of label/I/C columns (missing = empty field), Arrow-native."""
-    if table.num_rows == 0:
-        return b""
-    sink = pa.BufferOutputStream()
-    pcsv.write_csv(table, sink, pcsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none"))
-    return sink.getvalue().to_pybytes()
 
 
 def iter_day(cfg: GeneratorConfig, day: dt.date, rows: int) -> Iterator[tuple[pa.Table, np.ndarray]]:

@@ -120,7 +120,7 @@ def _worker_init(nice: int) -> None:
 
 
 def _install(key: str, path: str, files: dict[str, bytes]) -> Any:
-    from ctr.bundle import Bundle
+    from ctr.model.bundle import Bundle
     from ctr.serving.model import ServedModel
 
     model = ServedModel.build(Bundle.from_files(Path(path), files, check_probe=True))

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from ctr.bundle import Bundle, BundleError
-from ctr.serving.batch_encode import JsonRowsEncoder, NumpyTsvEncoder
-from ctr.serving.fast import BatchPredictor, SingleRowPredictor, TsvEncoder, probe_tsv
+from ctr.model.bundle import Bundle, BundleError
+from ctr.serving.encoders import JsonRowsEncoder, NumpyTsvEncoder, TsvEncoder, probe_tsv
+from ctr.serving.predictors import BatchPredictor, SingleRowPredictor
 from ctr.serving.validation import check_rows
 
 log = logging.getLogger("ctr.serving")
@@ -69,7 +69,7 @@ class ServedModel:
         return cls(bundle=bundle, loaded_at=time.time(), single=single, tsv=tsv, tsv_numpy=tsv_numpy, batch=batch,
                    rows=json_rows)
 
-    # ---- scoring (the numbers are the Bundle's; see fast.py) ------------------------------
+    # ---- scoring (the numbers are the Bundle's; see predictors.py and encoders.py) ------------------------------
     def predict_rows(self, rows: list[dict[str, Any]]) -> np.ndarray:
         if len(rows) == 1 and self.single is not None:
             return np.array([self.single.predict(self.bundle.transform.row(rows[0]))])

@@ -1,0 +1,1 @@
+"""Rollouts of the scoring service behind one interface (`base.Rollout`): local (default) and AKS."""

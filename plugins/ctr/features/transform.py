@@ -1,0 +1,244 @@
+"""Vocabularies and the row -> feature-vector transform, shared by training and serving.
+
+Feature vector (float64, 39 wide, in FEATURE_COLUMNS order):
+  * I1..I13: the integer as a float, NaN when missing. No log transform: trees are invariant
+    to monotone transforms, and the raw value keeps serving trivially exact.
+  * C1..C26: an integer code. Values seen at least `min_count` times in the training range
+    get codes 0..V-1 (most frequent first, ties by value, so the order is deterministic);
+    rare and unseen values share the reserved code V; missing is NaN (LightGBM's native
+    missing handling for categorical features) by default, or its own code V+1 with
+    `missing="code"` (recorded in features.json; docs/training.md has the measurement).
+
+`transform_table` (vectorised, Arrow) and `FeatureTransform.row` (one dict, pure Python)
+produce bit-identical vectors; tests prove it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ctr.schema import CAT_COLUMNS, FEATURE_COLUMNS, INT_COLUMNS
+
+SCHEMA_VERSION = 1
+N_FEATURES = len(FEATURE_COLUMNS)
+CAT_INDEX = [FEATURE_COLUMNS.index(c) for c in CAT_COLUMNS]  # positions of categorical features
+
+
+class VocabCounter:
+    """Exact per-column value counts, merged chunk by chunk in Arrow (no per-value Python work).
+
+    Partial counts are compacted every `compact_every` chunks, so memory stays bounded by the
+    number of distinct values, not the number of rows. The attributes `rows`, `missing` and
+    `counts` (per column a mapping value -> count whose len() is the number of distinct values)
+    are the interface the Spark job fills in from its own aggregation.
+    """
+
+    def __init__(self, compact_every: int = 8) -> None:
+        self.rows = 0
+        self.missing: dict[str, int] = dict.fromkeys(CAT_COLUMNS, 0)
+        self._compact_every = compact_every
+        self._parts: dict[str, list[pa.Table]] = {c: [] for c in CAT_COLUMNS}
+        self._explicit: dict[str, Mapping[str, int]] | None = None
+
+    def update(self, table: pa.Table) -> None:
+        self.rows += table.num_rows
+        for c in CAT_COLUMNS:
+            col = table.column(c)
+            self.missing[c] += col.null_count
+            vc = pc.value_counts(col)
+            part = pa.Table.from_arrays([vc.field("values"), vc.field("counts")], names=["v", "n"])
+            self._parts[c].append(part.filter(pc.is_valid(part.column("v"))))
+            if len(self._parts[c]) >= self._compact_every:
+                self._parts[c] = [self._merged(c)]
+
+    def _merged(self, c: str) -> pa.Table:
+        parts = self._parts[c]
+        if not parts:
+            return pa.table({"v": pa.array([], pa.string()), "n": pa.array([], pa.int64())})
+        if len(parts) == 1:
+            return parts[0]
+        t = pa.concat_tables(parts).group_by("v").aggregate([("n", "sum")])
+        return t.select(["v", "n_sum"]).rename_columns(["v", "n"])
+
+    def distinct(self, c: str) -> int:
+        if self._explicit is not None:
+            return len(self._explicit[c])
+        self._parts[c] = [self._merged(c)]
+        return self._parts[c][0].num_rows
+
+    def counts_at_least(self, c: str, min_count: int) -> dict[str, int]:
+        """value -> count for the values seen at least `min_count` times (the only candidates)."""
+        if self._explicit is not None:
+            return {v: n for v, n in self._explicit[c].items() if n >= min_count}
+        t = self._merged(c)
+        self._parts[c] = [t]
+        t = t.filter(pc.greater_equal(t.column("n"), min_count))
+        return dict(zip(t.column("v").to_pylist(), t.column("n").to_pylist(), strict=True))
+
+    @property
+    def counts(self) -> Mapping[str, Mapping[str, int]]:
+        if self._explicit is not None:
+            return self._explicit
+        return {c: self.counts_at_least(c, 1) for c in CAT_COLUMNS}
+
+    @counts.setter
+    def counts(self, value: Mapping[str, Mapping[str, int]]) -> None:
+        self._explicit = dict(value)
+
+    def vocabulary(self, min_count: int, max_vocab: int) -> dict[str, list[str]]:
+        return select_vocabulary({c: self.counts_at_least(c, min_count) for c in CAT_COLUMNS}, min_count, max_vocab)
+
+    def notes(self, vocab: Mapping[str, list[str]]) -> list[str]:
+        """Plain-language warnings about degenerate columns (all missing, all unique)."""
+        notes = []
+        for c in CAT_COLUMNS:
+            distinct = self.distinct(c)
+            if self.rows and self.missing[c] == self.rows:
+                notes.append(f"{c}: entirely missing in the training range; it carries no signal")
+            elif distinct and distinct == self.rows - self.missing[c] and not vocab[c]:
+                notes.append(f"{c}: every value is unique ({distinct}); all map to the rare code")
+        return notes
+
+
+def select_vocabulary(counts: Mapping[str, Mapping[str, int]], min_count: int, max_vocab: int) -> dict[str, list[str]]:
+    """The vocabulary rule, shared by the local path and the Spark job: per column, values seen at
+    least `min_count` times, most frequent first, ties broken by value, at most `max_vocab`."""
+    out = {}
+    for c in CAT_COLUMNS:
+        kept = [(n, v) for v, n in counts.get(c, {}).items() if n >= min_count]
+        kept.sort(key=lambda t: (-t[0], t[1]))
+        out[c] = [v for _, v in kept[:max_vocab]]
+    return out
+
+
+MISSING_MODES = ("nan", "code")
+
+
+@dataclass
+class FeatureTransform:
+    """Vocabularies plus the settings of the transform; saved as features.json.
+
+    `missing="nan"`: a missing categorical is NaN (LightGBM sends it with the non-listed
+    categories). `missing="code"`: it gets its own code V+1, so a split can group it with
+    either side. Rare/unseen values always get code V.
+    """
+
+    vocab: dict[str, list[str]]
+    min_count: int = 10
+    max_vocab: int = 10_000
+    notes: list[str] = field(default_factory=list)
+    missing: str = "nan"
+    _index: dict[str, dict[str, int]] = field(init=False, repr=False)
+    _arrays: dict[str, pa.Array] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.missing not in MISSING_MODES:
+            raise ValueError(f"missing={self.missing!r} is not one of {', '.join(MISSING_MODES)}")
+        self._index = {c: {v: i for i, v in enumerate(self.vocab[c])} for c in CAT_COLUMNS}
+        self._arrays = {c: pa.array(self.vocab[c], type=pa.string()) for c in CAT_COLUMNS}
+        # per categorical column: (index, rare code, missing code) for the single-row path
+        self._cat_plan = [(self._index[c], float(len(self.vocab[c])), self.missing_code(c)) for c in CAT_COLUMNS]
+
+    def missing_code(self, c: str) -> float:
+        """The code of a missing value in categorical column `c`: NaN, or V+1 in "code" mode."""
+        return math.nan if self.missing == "nan" else float(len(self.vocab[c]) + 1)
+
+    @property
+    def vocab_sizes(self) -> dict[str, int]:
+        return {c: len(self.vocab[c]) for c in CAT_COLUMNS}
+
+    # ---- persistence -------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "int_columns": INT_COLUMNS,
+            "cat_columns": CAT_COLUMNS,
+            "missing": self.missing,
+            "rare_code": "vocabulary size of the column",
+            "min_count": self.min_count,
+            "max_vocab": self.max_vocab,
+            "vocab_sizes": self.vocab_sizes,
+            "notes": self.notes,
+            "vocab": self.vocab,
+        }
+
+    def save(self, path: Path) -> None:
+        """Deterministic bytes: sorted keys, no whitespace, vocabularies in their rule's order."""
+        path.write_text(json.dumps(self.to_json(), sort_keys=True, separators=(",", ":")) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> FeatureTransform:
+        return cls.from_json(json.loads(Path(path).read_text()), str(path))
+
+    @classmethod
+    def from_json(cls, d: Any, source: str = "features.json") -> FeatureTransform:
+        """The transform from its parsed JSON document (ValueError naming `source` if unusable)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: not a JSON object")
+        if d.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(f"{source}: features schema_version {d.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+        missing = [c for c in CAT_COLUMNS if c not in d.get("vocab", {})]
+        if missing:
+            raise ValueError(f"{source}: vocabulary lacks columns {missing}")
+        return cls(vocab=d["vocab"], min_count=d["min_count"], max_vocab=d["max_vocab"], notes=d.get("notes", []),
+                   missing=d.get("missing", "nan"))
+
+    @classmethod
+    def fit(cls, tables: Iterable[pa.Table], min_count: int = 10, max_vocab: int = 10_000,
+            missing: str = "nan") -> FeatureTransform:
+        counter = VocabCounter()
+        for t in tables:
+            counter.update(t)
+        return cls.from_counter(counter, min_count, max_vocab, missing)
+
+    @classmethod
+    def from_counter(cls, counter: VocabCounter, min_count: int = 10, max_vocab: int = 10_000,
+                     missing: str = "nan") -> FeatureTransform:
+        vocab = counter.vocabulary(min_count, max_vocab)
+        return cls(vocab=vocab, min_count=min_count, max_vocab=max_vocab, notes=counter.notes(vocab), missing=missing)
+
+    # ---- transforms --------------------------------------------------------------------
+    def transform_table(self, table: pa.Table, out: np.ndarray | None = None) -> np.ndarray:
+        """Arrow table with I/C columns -> float64 matrix (n, 39); fills `out` when given."""
+        n = table.num_rows
+        if out is None:
+            out = np.empty((n, N_FEATURES), dtype=np.float64)
+        elif out.shape != (n, N_FEATURES):
+            raise ValueError(f"output matrix has shape {out.shape}, expected {(n, N_FEATURES)}")
+        for j, c in enumerate(INT_COLUMNS):
+            col = table.column(c)
+            out[:, j] = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
+        for j, c in zip(CAT_INDEX, CAT_COLUMNS, strict=True):
+            col = table.column(c)
+            idx = pc.index_in(col, value_set=self._arrays[c])
+            rare = float(len(self.vocab[c]))
+            codes = pc.fill_null(pc.cast(idx, pa.float64()), rare).to_numpy(zero_copy_only=False)
+            if col.null_count:
+                codes = np.where(pc.is_null(col).to_numpy(zero_copy_only=False), self.missing_code(c), codes)
+            out[:, j] = codes
+        return out
+
+    def row(self, row: Mapping[str, Any]) -> list[float]:
+        """One already-validated row (absent key or None = missing) -> feature vector.
+
+        The single-row fast path (no Arrow, no numpy); bit-identical to `transform_table`."""
+        get = row.get
+        vec = [math.nan if (v := get(c)) is None else float(v) for c in INT_COLUMNS]
+        for c, (idx, rare, miss) in zip(CAT_COLUMNS, self._cat_plan, strict=True):
+            v = get(c)
+            vec.append(miss if v is None else float(idx.get(v.lower(), rare)))
+        return vec
+
+    def rows_matrix(self, rows: Iterable[Mapping[str, Any]]) -> np.ndarray:
+        """Several validated rows -> float64 matrix (n, 39) through the single-row path."""
+        x = np.array([self.row(r) for r in rows], dtype=np.float64)
+        return x.reshape(-1, N_FEATURES)

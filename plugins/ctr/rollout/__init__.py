@@ -1,1 +1,0 @@
-"""Rollouts of the scoring service behind one small interface: local (default) and AKS."""
