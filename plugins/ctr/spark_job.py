@@ -260,9 +260,19 @@ def split_train_valid(good, days: list[dt.date], cfg: TrainConfig):
     return ranked.where(F.col("_rn") <= cut).drop("_rn"), ranked.where(F.col("_rn") > cut).drop("_rn")
 
 
+def collect_arrow(df) -> pa.Table:
+    """A DataFrame collected to the driver as an Arrow table (Spark 3.5 has no public `toArrow`)."""
+    if hasattr(df, "toArrow"):  # Spark >= 4.0
+        return df.toArrow()
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    schema = to_arrow_schema(df.schema)
+    return pa.Table.from_batches(df._collect_as_arrow(), schema=schema)
+
+
 def to_arrow(df) -> pa.Table:
     """Rows in landing-zone order (day, file, line) as an Arrow table with ARROW_SCHEMA."""
-    t = df.orderBy("day", "file", "pos").select(*ALL_COLUMNS).toArrow()
+    t = collect_arrow(df.orderBy("day", "file", "pos").select(*ALL_COLUMNS))
     return t.cast(ARROW_SCHEMA)
 
 
@@ -314,7 +324,7 @@ def score_holdout(holdout_df, bundle_dirs: list[Path]) -> tuple[np.ndarray, list
         model_str = (d / "model.txt").read_text()
         features = json.loads((d / "features.json").read_text())
         schema = _spark_schema(pa.schema([("pos", pa.int64()), ("y", pa.float64()), ("p", pa.float64())]))
-        t = holdout_df.mapInArrow(_scorer(model_str, features), schema).orderBy("pos").toArrow()
+        t = collect_arrow(holdout_df.mapInArrow(_scorer(model_str, features), schema).orderBy("pos"))
         if ys is None:
             ys = t.column("y").to_numpy()
         ps.append(t.column("p").to_numpy())
@@ -424,7 +434,7 @@ def run_job(spark, a: JobArgs) -> dict[str, Any]:
             best, valid_auc, params = res["best_iteration"], None, res["params"]
             n_train, n_valid = train_df.count(), valid_df.count()
             click_rate = float(train_good.agg(F.avg(LABEL)).collect()[0][0])
-            sample = valid_df.limit(16).select(*ALL_COLUMNS).toArrow().cast(ARROW_SCHEMA)
+            sample = collect_arrow(valid_df.limit(16).select(*ALL_COLUMNS)).cast(ARROW_SCHEMA)
         log.info("trees best_iteration=%s valid_auc=%s train_secs=%.1f", best, valid_auc, time.monotonic() - t2)
         transform.save(bundle / "features.json")
         metadata = {
