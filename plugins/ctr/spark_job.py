@@ -85,23 +85,35 @@ class JobArgs:
 
 
 # ---- Spark session -------------------------------------------------------------------------
-def spark_session(app: str = "ctr-train", master: str | None = None):
-    """The active session (Databricks) or a small local one (local[2], no UI, few shuffle partitions)."""
+def spark_session(app: str = "ctr-train", master: str | None = None, conf: dict[str, str] | None = None):
+    """The active session (Databricks) or a new one: local[2] by default (no UI, few shuffle
+    partitions), or the `CTR_SPARK_MASTER` / `master` given (e.g. a standalone cluster's spark://).
+
+    A new session gets the jars of `make jars` (SynapseML's LightGBM, hadoop-azure) as `spark.jars`,
+    then `CTR_SPARK_CONF` ("k=v;k=v", e.g. a standalone cluster's executor sizing), then `conf`."""
     from pyspark.sql import SparkSession
+
+    from ctr.spark_synapseml import spark_jars
 
     active = SparkSession.getActiveSession()
     if active is not None:
         return active
     master = master or os.environ.get("CTR_SPARK_MASTER", "local[2]")
-    b = SparkSession.builder.appName(app)
+    b = SparkSession.builder.appName(app).master(master)
+    # Python workers run this interpreter (the one with ctr installed), not whatever python3 is on PATH
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     if master.startswith("local"):
-        # Python workers run this interpreter (the one with ctr installed), not whatever python3 is on PATH
-        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-        os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-        b = (b.master(master).config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", "2")
+        b = (b.config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", "2")
              .config("spark.ui.showConsoleProgress", "false")
              .config("spark.driver.memory", os.environ.get("CTR_SPARK_DRIVER_MEMORY", "2g"))
              .config("spark.sql.session.timeZone", "UTC"))
+    jars = spark_jars()
+    if jars:
+        b = b.config("spark.jars", ",".join(jars))
+    extra = dict(kv.strip().split("=", 1) for kv in os.environ.get("CTR_SPARK_CONF", "").split(";") if "=" in kv)
+    for k, v in {**extra, **(conf or {})}.items():
+        b = b.config(k.strip(), v.strip())
     return b.getOrCreate()
 
 
@@ -492,14 +504,19 @@ def executor_cores(spark) -> int:
 
 def run_local_spark_job(*, data: str, start: dt.date, end: dt.date, out: Path, seed: int = 42,
                         params: dict[str, Any] | None = None, holdout: dt.date | None = None,
-                        sample_fraction: float = 1.0) -> dict[str, Any]:
-    """`ctr train --engine spark`: the job on pyspark's bundled local Spark, LightGBM engine.
+                        sample_fraction: float = 1.0, engine: str = "lightgbm") -> dict[str, Any]:
+    """`ctr train --engine spark|synapseml`: the job on pyspark's bundled local Spark (or
+    CTR_SPARK_MASTER), with driver-side LightGBM (`spark`) or SynapseML's LightGBM (`synapseml`).
 
     The bundle goes to `out`; metrics.json (holdout = the day after `end`, when the landing zone
     has it), data_report.json and quarantine/ go to `<out>.spark/`.
     """
     out = Path(out).resolve()
     reports = out.with_name(out.name + ".spark")
+    if engine == "synapseml":
+        from ctr.spark_synapseml import require_jars
+
+        require_jars()  # before Spark starts: one line naming the missing Maven coordinates
     spark = spark_session()
     if holdout is None:
         try:
@@ -508,7 +525,7 @@ def run_local_spark_job(*, data: str, start: dt.date, end: dt.date, out: Path, s
         except LandingZoneError:
             log.info("no day %s in %s: skipping the holdout evaluation", end + dt.timedelta(days=1), data)
     args = JobArgs(data=str(Path(data).resolve()) if not _is_remote(data) else data, start=start, end=end,
-                   out=str(reports), holdout=holdout, engine="lightgbm", seed=seed, params=params or {},
+                   out=str(reports), holdout=holdout, engine=engine, seed=seed, params=params or {},
                    sample_fraction=sample_fraction, bundle_dir=str(out),
                    num_threads=int(os.environ.get("CTR_NUM_THREADS", "2")))
     summary = run_job(spark, args)
