@@ -108,6 +108,7 @@ class LocalCluster:
         return {"spark.executor.cores": str(self.cores), "spark.cores.max": str(self.cores * self.workers),
                 "spark.executor.memory": "768m" if self.memory == "1g" else self.memory,
                 "spark.dynamicAllocation.enabled": "false", "spark.pyspark.python": sys.executable,
+                "spark.sql.shuffle.partitions": str(2 * self.cores * self.workers), "spark.ui.enabled": "false",
                 "spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1"}
 
     def executor_logs(self) -> str:

@@ -192,6 +192,26 @@ def task_slots(spark, wait: float = 60.0) -> tuple[int, int]:
     return slots, executors
 
 
+def executor_ids(spark) -> set[str]:
+    """Ids of the executors registered now (empty on local Spark, where the driver runs the tasks)."""
+    sc = spark.sparkContext
+    if sc.master.startswith("local"):
+        return set()
+    ids = sc._jsc.sc().getExecutorIds()
+    return set(str(ids.mkString("\n")).split("\n")) - {""}
+
+
+def _lost_executors(spark, before: set[str], settle: float = 3.0) -> set[str]:
+    """Executors of `before` gone now. A killed executor's peer returns its booster at once, often
+    before the driver has noticed the loss, so watch for `settle` seconds (clusters only)."""
+    deadline = time.monotonic() + (settle if before else 0.0)
+    while True:
+        lost = before - executor_ids(spark)
+        if lost or time.monotonic() >= deadline:
+            return lost
+        time.sleep(0.25)
+
+
 def free_port_base(count: int, start: int = 20000, stop: int = 60000) -> int:
     """A base port with `count` consecutive ports free on 127.0.0.1 now (per job, so two jobs on one
     machine start their LightGBM rings apart; SynapseML also steps past a port found busy)."""
@@ -284,11 +304,18 @@ def train_synapseml(spark, train_df, valid_df, transform: FeatureTransform, cfg:
         if len(labels) < 2:
             raise TrainingError(f"training rows of {cfg.start}..{cfg.end} hold a single class; cannot train a click model")
         t0 = time.monotonic()
+        before = executor_ids(spark)
         try:
             model = LightGBMClassifier(**kw).fit(data)
         except Exception as e:  # py4j's Py4JJavaError: say what the JVM said, not "error calling o724.fit"
             raise TrainingError(f"SynapseML LightGBM training on {spark.sparkContext.master} failed: "
                                 f"{_java_reason(e)}") from e
+        lost = _lost_executors(spark, before)
+        if lost:
+            # SynapseML keeps the booster of a worker whose peer vanished ("early termination"): refuse it
+            raise TrainingError(f"executor(s) {', '.join(sorted(lost))} lost during SynapseML LightGBM training on "
+                                f"{spark.sparkContext.master} (killed or out of memory?); the LightGBM ring broke, "
+                                "so the model would be truncated: not writing it")
         log.info("synapseml: fit %d rows in %.1fs", n, time.monotonic() - t0)
     finally:
         data.unpersist()
@@ -300,6 +327,13 @@ def train_synapseml(spark, train_df, valid_df, transform: FeatureTransform, cfg:
     # getBoosterBestIteration is 0-based (-1: no early stop); the saved text already ends at the best tree
     raw_best = int(model.getBoosterBestIteration())
     trees = booster.current_iteration()
+    total = int(model.getBoosterNumTotalIterations())
+    log.info("synapseml: booster trees=%d best_iteration(0-based)=%d total_iterations=%d", trees, raw_best, total)
+    if trees < cfg.rounds and (raw_best < 0 or cfg.early_stopping == 0):
+        # SynapseML keeps the booster of a worker whose peer vanished ("early termination"): refuse it
+        raise TrainingError(f"SynapseML LightGBM stopped after {trees} of {cfg.rounds} iterations without early "
+                            f"stopping on {spark.sparkContext.master}: a LightGBM worker was lost mid-training "
+                            "(executor killed or out of memory?); not writing a truncated model")
     best = min(trees, raw_best + 1) if raw_best >= 0 else trees
     return {"model_str": booster.model_to_string(num_iteration=best), "best_iteration": best, "params": kw,
             "total_iterations": int(model.getBoosterNumTotalIterations())}
