@@ -119,14 +119,19 @@ class LocalCluster:
         return "\n".join(out)
 
     def executor_pids(self) -> list[int]:
-        """Pids of the executor JVMs this cluster's workers started (their child processes)."""
-        workers = {str(p.pid) for n, p, _ in self.procs if n.startswith("worker-")}
+        """Pids of the executor JVMs running in this cluster's work dirs (their cwd is worker-N/app-*/id)."""
         pids = []
-        for line in subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout.splitlines():
-            pid, ppid, args = line.split(None, 2)
-            if ppid in workers and "CoarseGrainedExecutorBackend" in args:
-                pids.append(int(pid))
-        return pids
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                cwd = (proc / "cwd").resolve()
+                args = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if cwd.is_relative_to(self.dir.resolve()) and b"CoarseGrainedExecutorBackend" in args:
+                pids.append(int(proc.name))
+        return sorted(pids)
 
     def kill_executor(self) -> int:
         """SIGKILL one running executor JVM of this cluster, for failure drills; returns its pid."""
