@@ -7,7 +7,8 @@
 * the same job on a standalone master + two workers from pyspark's own distribution (one core
   each): two LightGBM workers join one ring (both executors' logs say so), same AUC tolerance;
 * an executor killed mid-training fails the job within seconds, naming the lost executor;
-* missing jars: one error line naming the Maven coordinates, before Spark starts.
+* missing jars: one error line naming the Maven coordinates, before Spark starts; an empty day
+  fails before SynapseML starts its network.
 
 The jars come from `make jars` (jobs/synapseml/pom.xml); the tests fail, not skip, without them.
 """
@@ -146,6 +147,22 @@ def test_missing_jars_fail_in_one_line_naming_the_coordinates(landing: Path, tmp
         assert coords in last
     assert "make jars" in last and "apt-get install maven" in last
     assert "SparkSession" not in r.stderr and time.monotonic() - t0 < 60  # failed before starting Spark
+
+
+def test_empty_day_fails_before_the_lightgbm_network_starts(landing: Path, tmp_path: Path):
+    import shutil
+
+    land = tmp_path / "landing"
+    shutil.copytree(landing, land)
+    day = land / f"day={END}"
+    for f in day.iterdir():
+        f.unlink()
+    (day / "part-00000.tsv.gz").write_bytes(b"")  # the export created the file, then wrote nothing
+    r = _train("synapseml", land, tmp_path / "x", _env(tmp_path), timeout=180)
+    assert r.returncode != 0
+    (error,) = [ln for ln in r.stderr.splitlines() if ln.startswith("ctr train: error:")]
+    assert f"day={END} has 0 non-empty files" in error, r.stderr[-2000:]
+    assert "LightGBMClassifier(" not in r.stderr and "LightGBM tasks" not in r.stderr
 
 
 # ---- the two-worker standalone cluster ------------------------------------------------------------
