@@ -9,6 +9,11 @@
 2. Batch: 1,000 held-out raw Criteo lines per request (TSV body) to `ctr serve`, against in-process
    `Booster.predict` on the same rows pre-encoded as numpy. Goal: rows/s >= 0.7x the faster of
    `Booster.predict(X)` (LightGBM's default threads) and `Booster.predict(X, num_threads=1)`.
+3. Mixed (issue 21): two clients (wrk -c2) streaming 10,000-row batches (JSON rows, then raw TSV)
+   while a single-row client (a separate process, one keep-alive connection, open loop at
+   --probe-rate requests/s; latency counted from each request's scheduled time, so queueing
+   behind a stall counts) posts one row to /v1/score; the same batch load alone first.
+   Goal: single-row p99 <= 20 ms while batch rows/s stay >= 0.6x the batch load alone.
 Every number a server returns is checked against the offline prediction first.
 Without --model, a bundle is trained here the way `make demo` does (8 days x 50,000 generated rows).
 Needs wrk (`apt-get install wrk`). Load goes only to loopback, bounded by --duration.
@@ -103,8 +108,8 @@ def post(url: str, body: bytes, ctype: str) -> dict[str, Any]:
         return json.loads(r.read())
 
 
-def wrk(url: str, body: bytes, ctype: str, connections: int, duration: int, work: Path) -> dict[str, Any]:
-    script, body_path = work / "post.lua", work / "body.bin"
+def wrk(url: str, body: bytes, ctype: str, connections: int, duration: int, work: Path, tag: str = "") -> dict[str, Any]:
+    script, body_path = work / f"post{tag}.lua", work / f"body{tag}.bin"
     script.write_text(WRK_SCRIPT)
     body_path.write_bytes(body)
     env = {**os.environ, "WRK_BODY": str(body_path), "WRK_CTYPE": ctype}
@@ -152,6 +157,83 @@ def in_process_rows_per_s(booster: Any, x: np.ndarray, seconds: float, **kw: Any
             "ms_per_call": round(secs / n * 1e3, 3)}
 
 
+PROBE = r"""
+import http.client, json, sys, time
+host, port, path, rate, seconds, body = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4]), \
+    float(sys.argv[5]), open(sys.argv[6], "rb").read()
+c = http.client.HTTPConnection(host, port, timeout=30)
+lat, errors, t0 = [], 0, time.perf_counter()
+k = 0
+while True:
+    due = t0 + k / rate
+    if due - t0 >= seconds:
+        break
+    now = time.perf_counter()
+    if due > now:
+        time.sleep(due - now)
+    c.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+    r = c.getresponse()
+    r.read()
+    errors += r.status != 200
+    lat.append(time.perf_counter() - due)
+    k += 1
+lat.sort()
+pct = lambda q: lat[min(len(lat) - 1, int(q / 100 * len(lat)))] * 1e3
+print(json.dumps({"requests": len(lat), "errors": errors, "rate_per_s": rate, "p50_ms": round(pct(50), 3),
+                  "p90_ms": round(pct(90), 3), "p99_ms": round(pct(99), 3), "max_ms": round(lat[-1] * 1e3, 3)}))
+"""
+
+
+def probe(url: str, body: bytes, rate: float, seconds: float, work: Path) -> dict[str, Any]:
+    """Single-row requests at a fixed rate from a separate process; latency from the scheduled send time."""
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    (work / "probe.bin").write_bytes(body)
+    cmd = [sys.executable, "-c", PROBE, u.hostname, str(u.port), u.path, str(rate), str(seconds), str(work / "probe.bin")]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=seconds + 120).stdout
+    doc = json.loads(out.strip().splitlines()[-1])
+    doc["command"] = f"python -c PROBE (benchmarks/serve.py) {u.hostname} {u.port} {u.path} {rate} {seconds}"
+    doc["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    return doc
+
+
+def mixed_scenario(url: str, table: Any, lines: list[str], single_body: bytes, a: argparse.Namespace,
+                   work: Path) -> dict[str, Any]:
+    """Two clients streaming `a.mixed_rows`-row batches, alone and then beside a single-row client."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ctr.schema import FEATURE_COLUMNS
+
+    n = a.mixed_rows
+    bodies = {
+        "json": (json.dumps({"rows": [{k: v for k, v in r.items() if v is not None}
+                                      for r in table.select(FEATURE_COLUMNS).slice(0, n).to_pylist()]}).encode(),
+                 "application/json"),
+        "tsv": (("\n".join(lines[:n]) + "\n").encode(), "text/tab-separated-values"),
+    }
+    out: dict[str, Any] = {"rows_per_batch": n, "batch_clients": 2, "single_row_clients": 1,
+                           "single_row_request": f"POST /v1/score JSON, 1 row, {a.probe_rate:g}/s open loop",
+                           "bodies": {}}
+    for kind, (body, ctype) in bodies.items():
+        assert len(post(url + "/v1/score", body, ctype)["probabilities"]) == n
+        log(f"mixed ({kind}): {n}-row batches alone ...")
+        alone = wrk(url + "/v1/score", body, ctype, 2, a.duration, work, tag="-batch")
+        log(f"mixed ({kind}): {n}-row batches beside single rows ...")
+        with ThreadPoolExecutor(2) as ex:
+            fb = ex.submit(wrk, url + "/v1/score", body, ctype, 2, a.duration, work, "-batch")
+            time.sleep(0.5)  # the batch clients are streaming before the single-row client starts
+            fs = ex.submit(probe, url + "/v1/score", single_body, a.probe_rate, a.duration - 1, work)
+            together, single = fb.result(), fs.result()
+        for r in (alone, together):
+            r["rows_per_s"] = round(r["requests_per_s"] * n, 1)
+        out["bodies"][kind] = {"batch_alone": alone, "batch_with_single": together, "single_row": single,
+                               "batch_ratio_vs_alone": round(together["rows_per_s"] / alone["rows_per_s"], 3)}
+        log(f"mixed ({kind}): single-row p99 {single['p99_ms']:.1f} ms; batch {together['rows_per_s']:.0f} rows/s "
+            f"vs {alone['rows_per_s']:.0f} alone")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, help="bundle directory (default: train one like make demo)")
@@ -159,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=int, default=15, help="seconds per wrk run (default 15)")
     ap.add_argument("--connections", type=int, default=8)
     ap.add_argument("--batch-rows", type=int, default=1000)
+    ap.add_argument("--mixed-rows", type=int, default=10_000, help="rows per batch in the mixed scenario")
+    ap.add_argument("--probe-rate", type=float, default=200.0,
+                    help="single-row requests/s beside the batches in the mixed scenario")
     ap.add_argument("--out", type=Path, default=RESULTS)
     a = ap.parse_args(argv)
     if shutil.which("wrk") is None:
@@ -176,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     if bundle_dir is None:
         bundle_dir, holdout = build_bundle(work)
     bundle = Bundle.load(bundle_dir)
-    lines = holdout_lines(holdout, max(a.batch_rows, 1))
+    lines = holdout_lines(holdout, max(a.batch_rows, a.mixed_rows, 1))
     table, bad = read_text("\n".join(lines) + "\n", require_label=False)
     if bad:
         raise SystemExit(f"held-out rows have bad lines, e.g. {bad[0]}")
@@ -220,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         ctr_batch = wrk(ctr.url + "/v1/score", batch_tsv, "text/tab-separated-values", a.connections, a.duration, work)
         ctr_batch_json = wrk(ctr.url + "/v1/score", batch_json.encode(), "application/json", a.connections,
                              a.duration, work)
+        mixed = mixed_scenario(ctr.url, table, lines, body_v1, a, work)
     finally:
         ctr.stop()
 
@@ -257,7 +343,10 @@ def main(argv: list[str] | None = None) -> int:
                   "ratio_vs_best_booster_predict": round(batch_ratio, 3),
                   "ratio_vs_default_booster_predict": round(ctr_batch["rows_per_s"] / base_default["rows_per_s"], 3),
                   "ratio_json_vs_best_booster_predict": round(ctr_batch_json["rows_per_s"] / best_base, 3)},
+        "mixed": mixed,
         "goals": {
+            "mixed_single_row_p99_le_20ms": all(m["single_row"]["p99_ms"] <= 20.0 for m in mixed["bodies"].values()),
+            "mixed_batch_ge_0.6x_alone": all(m["batch_ratio_vs_alone"] >= 0.6 for m in mixed["bodies"].values()),
             "single_row_speedup_ge_50x": speedup >= 50,
             "single_row_p99_le_5ms": ctr_single["p99_ms"] <= 5.0,
             "batch_rows_per_s_ge_0.7x_booster_predict": batch_ratio >= 0.7,

@@ -118,7 +118,8 @@ def check_data(context: dict[str, Any]) -> dict[str, Any]:
         failures += problems(rep, history, cfg)
         log.info("day=%s rows=%d ok=%d bad=%d quarantined=%s", d, rep.rows_in, rep.rows_ok, rep.rows_quarantined, rep.quarantine)
     summary = {k: {"rows_in": r.rows_in, "rows_ok": r.rows_ok, "rows_quarantined": r.rows_quarantined,
-                   "click_rate": round(r.click_rate, 6), "quarantine": r.quarantine} for k, r in reports.items()}
+                   "click_rate": round(r.click_rate, 6), "quarantine": r.quarantine, "fingerprint": r.digest}
+               for k, r in reports.items()}
     if failures:  # bad data does not get better by retrying
         from airflow.sdk.exceptions import AirflowFailException
 
@@ -127,11 +128,15 @@ def check_data(context: dict[str, Any]) -> dict[str, Any]:
 
 
 def _train_spec(context: dict[str, Any], s: Settings) -> dict[str, Any]:
+    from ctr.data.landing import daterange, staged_fingerprints
+
     p = context["params"]
     start, end = train_range(context)
     return {"from": start.isoformat(), "to": end.isoformat(), "seed": int(p.get("seed", s.seed)),
             "sample_fraction": float(p.get("sample_fraction", 1.0)), "params": p.get("lgb_params") or {},
-            "num_threads": s.num_threads}
+            "num_threads": s.num_threads,
+            # the staged copies (training days + holdout) this bundle is for: corrected data retrains
+            "data_fingerprints": staged_fingerprints(_staging(s), daterange(start, holdout_day(context)))}
 
 
 def train_local(context: dict[str, Any]) -> dict[str, Any]:
@@ -143,7 +148,9 @@ def train_local(context: dict[str, Any]) -> dict[str, Any]:
     if (out / "probe.json").exists() and spec_path.exists() and json.loads(spec_path.read_text()) == spec:
         log.info("train: bundle for this run and spec already at %s; reusing it", out)
         return {"bundle": str(out), "reused": True}
-    lineage = {"dag_id": context["dag"].dag_id, "run_id": context["run_id"], "holdout_day": holdout_day(context).isoformat()}
+    day = holdout_day(context).isoformat()
+    lineage = {"dag_id": context["dag"].dag_id, "run_id": context["run_id"], "holdout_day": day,
+               "holdout_fingerprint": {day: spec["data_fingerprints"].get(day)}}
     cmd = [sys.executable, str(REPO_ROOT / "jobs" / "train.py"), "--staging", str(_staging(s)),
            "--from", spec["from"], "--to", spec["to"], "--out", str(out), "--seed", str(spec["seed"]),
            "--num-threads", str(spec["num_threads"]), "--sample-fraction", str(spec["sample_fraction"]),
@@ -167,14 +174,29 @@ def _registry(s: Settings):
     return Registry.from_settings(s)
 
 
+def run_fingerprints(context: dict[str, Any], s: Settings, bundle: Path) -> dict[str, str]:
+    """{day: fingerprint digest} of every day the candidate was trained on (as its metadata.json records
+    them; the staged copies when it records none) and of the holdout day as staged now."""
+    from ctr.data.landing import daterange, staged_fingerprints
+
+    start, end = train_range(context)
+    day = holdout_day(context)
+    staged = staged_fingerprints(_staging(s), daterange(start, day))
+    meta = json.loads((bundle / "metadata.json").read_text())
+    trained = meta.get("data_fingerprints") or {k: v for k, v in staged.items() if k != day.isoformat()}
+    return {**trained, **({day.isoformat(): staged[day.isoformat()]} if day.isoformat() in staged else {})}
+
+
 def evaluate(context: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]:
     """Score candidate and champion freshly on the same holdout rows; write metrics.json and the report
     next to the bundle, log both to the DAG run's MLflow run, push the "MLflow run" link."""
     from ctr.airflow_links import push_links
+    from ctr.data.landing import data_digest
     from ctr.evaluation_run import evaluate_day
     from ctr.registry import ui_links
 
     s = settings()
+    fingerprints = run_fingerprints(context, s, Path(trained["bundle"]))
     reg = _registry(s)
     out = run_dir(context, s)
     day = holdout_day(context)
@@ -186,11 +208,15 @@ def evaluate(context: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]
                        f"{'v' + champ.version if champ else '(none)'} on {day.isoformat()}")
     doc["baseline_version"] = champ.version if champ else None
     doc["baseline_reason"] = why
+    if run_fingerprints(context, s, Path(trained["bundle"])) != fingerprints:
+        raise RuntimeError(f"holdout day={day} was re-staged while evaluate read it; re-run evaluate")
+    doc["data_fingerprints"] = fingerprints
+    doc["data_digest"] = data_digest(fingerprints)
     path = out / "metrics.json"
     path.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
     report = Path(doc["report"])
     rid = reg.ensure_run(run_key(context), {"dag_id": context["dag"].dag_id, "run_id": context["run_id"],
-                                            "ctr.logical_date": day.isoformat()})
+                                            "ctr.logical_date": day.isoformat()}, data_digest=doc["data_digest"])
     reg.log_evaluation(rid, doc, [path, report, *sorted(report.parent.glob("*.png"))])
     links = ui_links(s.tracking_uri, s.mlflow_ui_url, reg.experiment_id(), rid)
     push_links(context["ti"], links)
@@ -243,17 +269,22 @@ def register(context: dict[str, Any], evaluated: dict[str, Any]) -> dict[str, An
         "gate_decision": verdict(doc["gate"]), "gate_passed": doc["gate"]["passed"], "gate_forced": doc["gate"]["forced"],
         "gate_reasons": doc["gate"]["reasons"], "gate_config": doc["gate"].get("config"),
         "code_version": code_version(), "bundle_digest": bundle_digest(bundle),
+        "data_fingerprints": doc.get("data_fingerprints") or {}, "landing_root": s.landing_root,
     }
     metrics = {f"candidate_{k}": doc["candidate"][k] for k in ("auc", "logloss", "ece", "mean_pred")}
     reg = _registry(s)
-    v = reg.register(bundle, run_key(context), tags, metrics, run_id=evaluated.get("mlflow_run_id"))
+    v = reg.register(bundle, run_key(context), tags, metrics, run_id=evaluated.get("mlflow_run_id"),
+                     data_digest=doc.get("data_digest"))
     links = ui_links(s.tracking_uri, s.mlflow_ui_url, reg.experiment_id(), v.run_id, s.model_name, v.version)
     push_links(context["ti"], links)
     if doc["gate"]["forced"]:
         log.warning("register: version %s registered under force_deploy despite: %s", v.version, doc["gate"]["reasons"])
     log.info("register: %s version %s for %s%s", s.model_name, v.version, run_key(context),
              f" {links['model_version']}" if links["model_version"] else "")
-    return {"version": v.version, "bundle": str(bundle), "model_name": s.model_name,
+    if v.tags.get("ctr.supersedes"):
+        log.warning("register: version %s supersedes version %s of %s: the data changed since (digest %s)", v.version,
+                    v.tags["ctr.supersedes"], run_key(context), str(doc.get("data_digest"))[:19])
+    return {"version": v.version, "bundle": str(bundle), "model_name": s.model_name, "supersedes": v.tags.get("ctr.supersedes"),
             "mlflow_model_version_url": links["model_version"] or None}
 
 

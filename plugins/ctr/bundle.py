@@ -1,7 +1,17 @@
-"""The model bundle: a directory with model.txt, features.json, metadata.json, probe.json, MLmodel.
+"""The model bundle: a directory with model.txt, features.json, metadata.json, probe.json, MLmodel, manifest.json.
 
 No pickles: the booster is LightGBM's text format, the transform is JSON, and MLflow loads the
 bundle through `ctr.pyfunc` (a loader module), so the same directory is an MLflow model.
+
+A bundle is an artefact whose integrity is checked before anything parses it: `write_manifest`
+(called by `ctr.train.finalize_bundle`, the one way bundles are finished) records the size and
+SHA-256 of every file in `manifest.json`. `Bundle.load`, the one loader (`ctr score`, `ctr evaluate`,
+`ctr serve`, `/admin/load`, the rollout), reads each listed file once into memory, refusing anything
+that is not a regular file (a named pipe can never block it), checks size and hash, and only then
+parses the booster from those bytes and derives the version and digest from the same bytes. A
+truncated or half-copied file is a BundleError before LightGBM sees a byte (LightGBM aborts the
+whole process on some damaged model files). Bundles without a manifest are refused;
+`ctr bundle finalize DIR` re-finalises one after checking it in a throwaway child process.
 """
 
 from __future__ import annotations
@@ -9,8 +19,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,20 +38,152 @@ from ctr.features import FeatureTransform
 from ctr.schema import CAT_COLUMNS, INT_COLUMNS
 
 REQUIRED_FILES = ("model.txt", "features.json", "metadata.json")
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+MAX_MANIFEST_BYTES = 1 << 20
 PROBE_TOLERANCE = 1e-12
+# A version names the model in headers, metrics labels and logs: short, printable, no separators.
+VERSION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+REFINALIZE_HINT = "re-finalise it with `ctr bundle finalize {path}` (checks it in a child process first) or retrain"
 
 
 class BundleError(ValueError):
     """The bundle cannot be used; the message names the file and the problem."""
 
 
+def _digest_of(model_txt: bytes, features_json: bytes) -> str:
+    h = hashlib.sha256()
+    for name, data in (("model.txt", model_txt), ("features.json", features_json)):
+        h.update(name.encode())
+        h.update(hashlib.sha256(data).digest())
+    return h.hexdigest()
+
+
 def bundle_digest(path: Path) -> str:
     """sha256 over the files that define predictions (model, features)."""
-    h = hashlib.sha256()
-    for name in ("model.txt", "features.json"):
-        h.update(name.encode())
-        h.update(hashlib.sha256((Path(path) / name).read_bytes()).digest())
-    return h.hexdigest()
+    p = Path(path)
+    return _digest_of((p / "model.txt").read_bytes(), (p / "features.json").read_bytes())
+
+
+def check_version(version: str, source: str) -> str:
+    """`version` if it matches VERSION_PATTERN, else BundleError naming `source`."""
+    if not VERSION_PATTERN.fullmatch(version):
+        shown = repr(version[:40]) + ("..." if len(version) > 40 else "")
+        raise BundleError(f"{source}: model version {shown} ({len(version)} chars) is not 1-64 characters of "
+                          "letters, digits and . _ + - (starting with a letter or digit); refused")
+    return version
+
+
+# ---- the manifest -----------------------------------------------------------------------------
+def write_manifest(bundle_dir: Path) -> dict[str, Any]:
+    """Record size and SHA-256 of every regular file in `bundle_dir` (but the manifest) in manifest.json."""
+    d = Path(bundle_dir)
+    files: dict[str, dict[str, Any]] = {}
+    for p in sorted(d.iterdir()):
+        if p.name == MANIFEST or p.name.startswith("."):
+            continue
+        st = p.lstat()
+        if not stat.S_ISREG(st.st_mode):
+            raise BundleError(f"{p} is not a regular file; a bundle holds only regular files")
+        data = p.read_bytes()
+        files[p.name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    missing = [n for n in REQUIRED_FILES if n not in files]
+    if missing:
+        raise BundleError(f"model bundle {d} lacks {', '.join(missing)}; cannot finalise it")
+    doc = {"format": MANIFEST_FORMAT, "files": files}
+    tmp = d / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    tmp.replace(d / MANIFEST)
+    return doc
+
+
+def _read_regular(path: Path, limit: int) -> bytes:
+    """The bytes of regular file `path` (at most `limit`), never blocking on a pipe or device."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise BundleError(f"{path} is missing") from None
+    except OSError as e:
+        raise BundleError(f"{path} cannot be read: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise BundleError(f"{path} is not a regular file (a named pipe, device, socket or directory); refused")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise BundleError(f"{path} cannot be opened: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)  # what we opened, not what the name pointed at a moment ago
+        if not stat.S_ISREG(st.st_mode):
+            raise BundleError(f"{path} is not a regular file (a named pipe, device, socket or directory); refused")
+        if st.st_size > limit:
+            raise BundleError(f"{path} is {st.st_size} bytes, more than the {limit} expected")
+        chunks, size = [], 0
+        while size <= limit:
+            part = os.read(fd, min(1 << 24, limit + 1 - size))
+            if not part:
+                break
+            chunks.append(part)
+            size += len(part)
+        return b"".join(chunks)
+    except OSError as e:
+        raise BundleError(f"{path} cannot be read: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def _manifest(p: Path) -> dict[str, dict[str, Any]]:
+    if not (p / MANIFEST).exists() and not (p / MANIFEST).is_symlink():
+        raise BundleError(f"model bundle {p} has no {MANIFEST} (sizes and SHA-256 of its files, written when a "
+                          f"bundle is finalised); it was written before manifests existed or copied without it: "
+                          + REFINALIZE_HINT.format(path=p))
+    raw = _read_regular(p / MANIFEST, MAX_MANIFEST_BYTES)
+    try:
+        doc = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{p / MANIFEST} is not JSON ({e}); " + REFINALIZE_HINT.format(path=p)) from None
+    files = doc.get("files") if isinstance(doc, dict) else None
+    if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT or not isinstance(files, dict):
+        raise BundleError(f"{p / MANIFEST} is not a format-{MANIFEST_FORMAT} manifest; " + REFINALIZE_HINT.format(path=p))
+    for name, entry in files.items():
+        if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", "..") or "\0" in name:
+            raise BundleError(f"{p / MANIFEST} lists {str(name)[:60]!r}, not a file name in the bundle")
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and _HEX64.fullmatch(entry["sha256"])
+                and isinstance(entry.get("size"), int) and not isinstance(entry["size"], bool) and entry["size"] >= 0):
+            raise BundleError(f"{p / MANIFEST}: entry for {name} needs a sha256 (64 hex) and a size (bytes)")
+    missing = [n for n in REQUIRED_FILES if n not in files]
+    if missing:
+        raise BundleError(f"model bundle {p} lacks {', '.join(missing)} (not in {MANIFEST})")
+    return files
+
+
+def read_bundle_files(path: str | Path) -> dict[str, bytes]:
+    """Every file the manifest lists, read once into memory and checked against its size and SHA-256."""
+    p = Path(path)
+    if not p.is_dir():
+        raise BundleError(f"model bundle {p} is not a directory")
+    files = _manifest(p)
+    if "registry.json" not in files and (p / "registry.json").exists():
+        raise BundleError(f"{p / 'registry.json'} is not in {MANIFEST} (it would rename the model unchecked); "
+                          + REFINALIZE_HINT.format(path=p))
+    out: dict[str, bytes] = {}
+    for name, entry in sorted(files.items()):
+        want = entry["size"]
+        data = _read_regular(p / name, want)
+        if len(data) != want:
+            raise BundleError(f"{p / name} is {'more than ' if len(data) > want else ''}{len(data)} bytes, its manifest "
+                              f"says {want}: truncated, half-copied or replaced; refused")
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise BundleError(f"{p / name} does not match its SHA-256 in {MANIFEST}: damaged or replaced; refused")
+        out[name] = data
+    return out
+
+
+def _json_file(p: Path, files: Mapping[str, bytes], name: str) -> Any:
+    try:
+        return json.loads(files[name])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{p / name} is not JSON: {e}") from None
 
 
 @dataclass
@@ -45,40 +193,56 @@ class Bundle:
     transform: FeatureTransform
     metadata: dict[str, Any]
     digest: str
-
-    @property
-    def version(self) -> str:
-        """The registry version when registered, else the content digest's first 12 hex digits."""
-        return str(self.metadata.get("model_version") or self.digest[:12])
+    probe: dict[str, Any] | None = None
+    version: str = ""
+    files: Mapping[str, bytes] = field(default_factory=dict, repr=False)  # the checked bytes it was parsed from
 
     @classmethod
     def load(cls, path: str | Path, *, check_probe: bool = True) -> Bundle:
+        """The one loader: manifest-checked bytes -> booster, transform, version (BundleError if refused)."""
+        p = Path(path)
+        return cls.from_files(p, read_bundle_files(p), check_probe=check_probe)
+
+    @classmethod
+    def from_files(cls, p: Path, files: Mapping[str, bytes], *, check_probe: bool = True) -> Bundle:
+        """Parse a bundle from its files' bytes (already checked against the manifest, or just written)."""
         import lightgbm as lgb
 
-        p = Path(path)
-        if not p.is_dir():
-            raise BundleError(f"model bundle {p} is not a directory")
-        for name in REQUIRED_FILES:
-            if not (p / name).is_file():
-                raise BundleError(f"model bundle {p} lacks {name}")
         try:
-            booster = lgb.Booster(model_file=str(p / "model.txt"))
+            model_str = files["model.txt"].decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BundleError(f"{p / 'model.txt'} is not UTF-8 text: {e}") from None
+        try:
+            booster = lgb.Booster(model_str=model_str)
         except Exception as e:  # LightGBM raises LightGBMError with a C++ message
-            raise BundleError(f"{p / 'model.txt'} is not a LightGBM model: {e}") from None
+            raise BundleError(f"{p / 'model.txt'} is not a LightGBM model: {str(e)[:300]}") from None
         try:
-            transform = FeatureTransform.load(p / "features.json")
-        except (ValueError, KeyError, json.JSONDecodeError) as e:
+            transform = FeatureTransform.from_json(_json_file(p, files, "features.json"), str(p / "features.json"))
+        except (ValueError, KeyError, TypeError) as e:
+            if isinstance(e, BundleError):
+                raise
             raise BundleError(f"{p / 'features.json'} is unusable: {e}") from None
-        try:
-            metadata = json.loads((p / "metadata.json").read_text())
-        except json.JSONDecodeError as e:
-            raise BundleError(f"{p / 'metadata.json'} is not JSON: {e}") from None
-        if (p / "registry.json").is_file():  # written by build_image: the registry version it serves as
-            reg = json.loads((p / "registry.json").read_text())
+        metadata = _json_file(p, files, "metadata.json")
+        if not isinstance(metadata, dict):
+            raise BundleError(f"{p / 'metadata.json'} is not a JSON object")
+        if "registry.json" in files:  # written by build_image: the registry version it serves as
+            reg = _json_file(p, files, "registry.json")
+            if not isinstance(reg, dict) or "version" not in reg:
+                raise BundleError(f"{p / 'registry.json'} needs a version")
             metadata = {**metadata, "model_version": str(reg["version"]), "model_name": reg.get("name")}
         if booster.num_feature() != len(INT_COLUMNS) + len(CAT_COLUMNS):
             raise BundleError(f"{p / 'model.txt'} expects {booster.num_feature()} features, not 39")
-        b = cls(path=p, booster=booster, transform=transform, metadata=metadata, digest=bundle_digest(p))
+        digest = _digest_of(files["model.txt"], files["features.json"])
+        raw_version = metadata.get("model_version")
+        version = check_version(str(raw_version), str(p / "metadata.json")) if raw_version else digest[:12]
+        probe = None
+        if "probe.json" in files:
+            probe = _json_file(p, files, "probe.json")
+            if not (isinstance(probe, dict) and isinstance(probe.get("rows"), list)
+                    and isinstance(probe.get("probabilities"), list)):
+                raise BundleError(f"{p / 'probe.json'} needs rows and probabilities")
+        b = cls(path=p, booster=booster, transform=transform, metadata=metadata, digest=digest, probe=probe,
+                version=version, files=dict(files))
         if check_probe:
             b.check_probe()
         return b
@@ -99,12 +263,13 @@ class Bundle:
     # ---- self-check ------------------------------------------------------------------
     def check_probe(self) -> None:
         """Known inputs must give their recorded outputs (refuses a corrupt or mismatched bundle)."""
-        probe_path = self.path / "probe.json"
-        if not probe_path.exists():
+        if self.probe is None:
             raise BundleError(f"model bundle {self.path} lacks probe.json (known inputs and outputs)")
-        probe = json.loads(probe_path.read_text())
-        got = self.predict_rows(probe["rows"])
-        want = np.asarray(probe["probabilities"], dtype=np.float64)
+        try:
+            got = self.predict_rows(self.probe["rows"])
+            want = np.asarray(self.probe["probabilities"], dtype=np.float64)
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            raise BundleError(f"{self.path / 'probe.json'} is unusable: {e}") from None
         if got.shape != want.shape or not np.all(np.abs(got - want) <= PROBE_TOLERANCE):
             raise BundleError(
                 f"model bundle {self.path} fails its probe: predictions differ from probe.json "
@@ -144,3 +309,75 @@ def table_from_frame(df: Any) -> pa.Table:
         else:
             cols[c] = pa.nulls(n, pa.string())
     return pa.table(cols)
+
+
+# ---- finishing a bundle -------------------------------------------------------------------------
+def clean_metadata(bundle_dir: Path) -> list[str]:
+    """Rewrite metadata.json as strict JSON: a NaN/Inf number becomes null; returns the keys changed."""
+    import logging
+
+    path = Path(bundle_dir) / "metadata.json"
+    doc = json.loads(path.read_text())  # Python's reader accepts the NaN that json.dumps wrote
+    changed: list[str] = []
+
+    def fix(v: Any, key: str) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            changed.append(key)
+            return None
+        if isinstance(v, dict):
+            return {k: fix(x, f"{key}.{k}" if key else str(k)) for k, x in v.items()}
+        if isinstance(v, list):
+            return [fix(x, f"{key}[{i}]") for i, x in enumerate(v)]
+        return v
+
+    doc = fix(doc, "")
+    if changed:
+        logging.getLogger(__name__).warning(
+            "metadata.json: %s not a finite number (e.g. valid_auc is NaN when the validation days hold only one "
+            "label); written as null", ", ".join(changed))
+    path.write_text(json.dumps(doc, indent=1, sort_keys=True, allow_nan=False) + "\n")
+    return changed
+
+
+_CHECK_UNMANIFESTED = """
+import hashlib, json, sys
+from pathlib import Path
+from ctr.bundle import MANIFEST, Bundle
+p = Path(sys.argv[1])
+files = {q.name: q.read_bytes() for q in sorted(p.iterdir()) if q.is_file() and q.name != MANIFEST
+         and not q.name.startswith(".")}
+v = Bundle.from_files(p, files, check_probe=True).version
+print(json.dumps({"version": v, "files": {n: {"sha256": hashlib.sha256(b).hexdigest(), "size": len(b)}
+                                         for n, b in files.items()}}))
+"""
+
+
+def refinalize(bundle_dir: Path, timeout: float = 300.0) -> str:
+    """Give a bundle written before manifests a manifest, after it loads and passes its probe in a child process.
+
+    The child parses the unchecked files (LightGBM may abort a process on a damaged model.txt, so
+    never this one); only if it reports a version is the manifest written. Returns the version."""
+    p = Path(bundle_dir)
+    if not p.is_dir():
+        raise BundleError(f"model bundle {p} is not a directory")
+    for name in (*REQUIRED_FILES, "probe.json"):
+        if not (p / name).is_file() or not stat.S_ISREG((p / name).lstat().st_mode):
+            raise BundleError(f"model bundle {p} lacks {name} as a regular file; retrain it")
+    try:
+        r = subprocess.run([sys.executable, "-c", _CHECK_UNMANIFESTED, str(p)], capture_output=True, text=True,
+                           errors="replace", timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise BundleError(f"checking {p} took over {timeout:.0f}s; not finalised") from None
+    if r.returncode != 0:
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        why = f"the check crashed with {signal.Signals(-r.returncode).name}" if r.returncode < 0 else \
+            (lines[-1] if lines else f"exit {r.returncode}")
+        raise BundleError(f"model bundle {p} failed its load/probe check ({why[:300]}); not finalised: retrain it")
+    try:  # the manifest of exactly the bytes the child checked: a file changed since fails the load below
+        checked = json.loads(r.stdout.strip().splitlines()[-1])["files"]
+    except (IndexError, KeyError, json.JSONDecodeError):
+        raise BundleError(f"checking {p} printed no result; not finalised") from None
+    tmp = p / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps({"format": MANIFEST_FORMAT, "files": checked}, indent=1, sort_keys=True) + "\n")
+    tmp.replace(p / MANIFEST)
+    return Bundle.load(p).version

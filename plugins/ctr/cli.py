@@ -22,6 +22,16 @@ def _date(s: str) -> dt.date:
         raise argparse.ArgumentTypeError(f"{s!r} is not a date YYYY-MM-DD") from None
 
 
+def _port(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a port number") from None
+    if not 1 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"port {v} is out of range; it must be between 1 and 65535")
+    return v
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ctr", description="Criteo CTR pipeline: data, training, evaluation, scoring")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -67,7 +77,13 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("serve", help="run the scoring service")
     v.add_argument("--model", required=True, type=Path)
     v.add_argument("--host", default=None)
-    v.add_argument("--port", type=int, default=None)
+    v.add_argument("--port", type=_port, default=None)
+
+    b = sub.add_parser("bundle", help="bundle maintenance")
+    bsub = b.add_subparsers(dest="bundle_cmd", required=True)
+    f = bsub.add_parser("finalize", help="write manifest.json for a bundle made before manifests existed "
+                                        "(after it loads and passes its probe in a child process)")
+    f.add_argument("dir", type=Path)
     return p
 
 
@@ -140,7 +156,16 @@ def cmd_serve(a: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "train": cmd_train, "evaluate": cmd_evaluate, "score": cmd_score, "serve": cmd_serve}
+def cmd_bundle(a: argparse.Namespace, settings: Settings) -> int:
+    from ctr.bundle import refinalize
+
+    version = refinalize(a.dir)
+    print(f"bundle {a.dir} finalised (manifest.json written); version {version}", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "train": cmd_train, "evaluate": cmd_evaluate, "score": cmd_score, "serve": cmd_serve,
+            "bundle": cmd_bundle}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -176,12 +176,18 @@ class FeatureTransform:
 
     @classmethod
     def load(cls, path: Path) -> FeatureTransform:
-        d = json.loads(Path(path).read_text())
+        return cls.from_json(json.loads(Path(path).read_text()), str(path))
+
+    @classmethod
+    def from_json(cls, d: Any, source: str = "features.json") -> FeatureTransform:
+        """The transform from its parsed JSON document (ValueError naming `source` if unusable)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: not a JSON object")
         if d.get("schema_version") != SCHEMA_VERSION:
-            raise ValueError(f"{path}: features schema_version {d.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+            raise ValueError(f"{source}: features schema_version {d.get('schema_version')!r}, expected {SCHEMA_VERSION}")
         missing = [c for c in CAT_COLUMNS if c not in d.get("vocab", {})]
         if missing:
-            raise ValueError(f"{path}: vocabulary lacks columns {missing}")
+            raise ValueError(f"{source}: vocabulary lacks columns {missing}")
         return cls(vocab=d["vocab"], min_count=d["min_count"], max_vocab=d["max_vocab"], notes=d.get("notes", []),
                    missing=d.get("missing", "nan"))
 

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 from importlib.metadata import version as pkg_version
 from pathlib import Path
 
+from ctr.bundle import MANIFEST, check_version, read_bundle_files, write_manifest
+
 log = logging.getLogger(__name__)
 
 IMAGE_NAME = "ctr-scorer"
@@ -86,8 +88,15 @@ def build_context(bundle_dir: Path, version: str, model_name: str, out_root: Pat
         (tmp / ".dockerignore").write_text("**/__pycache__\n")
         _copy_package(tmp / "ctr")
         model = tmp / "model"
-        shutil.copytree(bundle_dir, model, ignore=shutil.ignore_patterns("registry.json"))
+        model.mkdir()
+        # the bundle's manifest-checked bytes (a damaged bundle is refused here, not laundered into an
+        # image with a fresh manifest); the registry stamp joins the manifest
+        check_version(str(version), "registry version")
+        for name, data in read_bundle_files(bundle_dir).items():
+            if name not in ("registry.json", MANIFEST):
+                (model / name).write_bytes(data)
         (model / "registry.json").write_text(json.dumps({"name": model_name, "version": str(version)}, sort_keys=True) + "\n")
+        write_manifest(model)
         digest = tree_digest(tmp)
         final = out_root / digest[:12]
         if final.exists():

@@ -5,8 +5,10 @@ workspace (azureml-mlflow's `azureml://` URI) or Databricks. Rules:
   * a DAG run is identified by its run key tag (`ctr.run_key` = "<dag_id>/<logical date>"): the
     evaluation creates (or finds) one MLflow run with that tag, the metrics, metrics.json and the
     report; register adds the bundle to the same run and creates the version with the same tag;
-  * a re-run finds its existing run and version by that tag; nothing ever looks up "the latest
-    version";
+  * a re-run finds its existing run and version by that tag and the data digest
+    (`ctr.data_digest`: the fingerprints of every day trained and evaluated on); nothing ever looks
+    up "the latest version". A re-run after the data was corrected (another digest) gets a new run
+    and a new version tagged `ctr.supersedes=<old>`, and the old version `ctr.superseded_by=<new>`;
   * creation is create-then-reconcile: if two processes raced on the same key, the lowest version
     (earliest run) wins and the others are deleted; on sqlite a file lock serialises writers;
   * the champion is the alias `champion` where the registry has aliases, and the registered
@@ -34,6 +36,9 @@ from urllib.parse import quote
 log = logging.getLogger(__name__)
 
 RUN_KEY_TAG = "ctr.run_key"
+DATA_DIGEST_TAG = "ctr.data_digest"
+SUPERSEDES_TAG = "ctr.supersedes"
+SUPERSEDED_BY_TAG = "ctr.superseded_by"
 LOGICAL_DATE_TAG = "ctr.logical_date"
 PROMOTED_TAG = "ctr.verified"
 CHAMPION_ALIAS = "champion"
@@ -146,31 +151,37 @@ class Registry:
                 self.client.create_registered_model(self.model_name, description="Criteo CTR LightGBM (ctr_retrain DAG)")
 
     # ---- runs --------------------------------------------------------------------------
-    def find_run(self, run_key: str) -> str | None:
-        """The MLflow run id of a DAG run's evaluation/registration (the earliest if a race left several)."""
-        runs = self._runs(run_key)
+    def find_run(self, run_key: str, data_digest: str | None = None) -> str | None:
+        """The MLflow run id of a DAG run's evaluation/registration (the earliest if a race left several);
+        with `data_digest`, only a run on that data counts."""
+        runs = self._runs(run_key, data_digest)
         return runs[0].info.run_id if runs else None
 
-    def _runs(self, run_key: str) -> list[Any]:
+    def _runs(self, run_key: str, data_digest: str | None = None) -> list[Any]:
         runs = list(self.client.search_runs([self.experiment_id()], f"tags.`{RUN_KEY_TAG}` = {_quoted(run_key)}"))
+        if data_digest is not None:
+            runs = [r for r in runs if r.data.tags.get(DATA_DIGEST_TAG) == data_digest]
         return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
 
-    def ensure_run(self, run_key: str, tags: dict[str, Any] | None = None) -> str:
-        """Find or create the one MLflow run of `run_key`; returns its run id."""
+    def ensure_run(self, run_key: str, tags: dict[str, Any] | None = None, data_digest: str | None = None) -> str:
+        """Find or create the one MLflow run of `run_key` (on `data_digest`, when given); returns its run id.
+
+        A run on other data is never reused: its artifacts are an earlier version's source."""
         from mlflow.exceptions import MlflowException
 
-        found = self.find_run(run_key)
+        found = self.find_run(run_key, data_digest)
         if found:
             return found
         exp = self.experiment_id()
+        keys = {RUN_KEY_TAG: run_key, **({DATA_DIGEST_TAG: data_digest} if data_digest else {})}
         with self._lock():
-            found = self.find_run(run_key)
+            found = self.find_run(run_key, data_digest)
             if found:
                 return found
-            run = self.client.create_run(exp, tags={**{k: _tag(v) for k, v in (tags or {}).items()}, RUN_KEY_TAG: run_key},
+            run = self.client.create_run(exp, tags={**{k: _tag(v) for k, v in (tags or {}).items()}, **keys},
                                          run_name=run_key.replace("/", "_"))
             self.client.set_terminated(run.info.run_id)
-        runs = self._runs(run_key)
+        runs = self._runs(run_key, data_digest)
         for dup in runs[1:]:  # lost a race on the same key (remote registries): keep the earliest
             log.warning("registry: duplicate run %s for %s; keeping %s", dup.info.run_id, run_key, runs[0].info.run_id)
             with contextlib.suppress(MlflowException):  # the other racer may have deleted it already
@@ -208,9 +219,12 @@ class Registry:
                 self.client.log_artifact(run_id, str(f), artifact_path=EVALUATION_ARTIFACT_PATH)
 
     # ---- versions ----------------------------------------------------------------------
-    def find(self, run_key: str) -> VersionInfo | None:
-        """The version registered for a run key, if any (the lowest when a race left several)."""
+    def find(self, run_key: str, data_digest: str | None = None) -> VersionInfo | None:
+        """The version registered for a run key (on `data_digest`, when given), if any (the lowest when
+        a race left several)."""
         found = self._search(RUN_KEY_TAG, run_key)
+        if data_digest is not None:
+            found = [v for v in found if v.tags.get(DATA_DIGEST_TAG) == data_digest]
         return found[0] if found else None
 
     def _search(self, tag: str, value: str) -> list[VersionInfo]:
@@ -238,19 +252,29 @@ class Registry:
         return _info(self.client.get_model_version(self.model_name, str(version)))
 
     def register(self, bundle_dir: Path, run_key: str, tags: dict[str, Any], metrics: dict[str, float],
-                 run_id: str | None = None) -> VersionInfo:
-        """Register `bundle_dir` for `run_key` in the DAG run's MLflow run, or return the version already there."""
-        existing = self.find(run_key)
+                 run_id: str | None = None, data_digest: str | None = None) -> VersionInfo:
+        """Register `bundle_dir` for `run_key` in the DAG run's MLflow run, or return the version already there.
+
+        With `data_digest` the key is (run key, data digest): the same logical date on other data (a
+        corrected re-delivery) gets a new version tagged `ctr.supersedes` = the run key's newest version,
+        which is tagged `ctr.superseded_by` = the new one."""
+        existing = self.find(run_key, data_digest)
         if existing:
-            log.info("registry: %s already has version %s for %s; reusing it", self.model_name, existing.version, run_key)
+            log.info("registry: %s already has version %s for %s on data %s; reusing it", self.model_name,
+                     existing.version, run_key, (data_digest or "(any)")[:19])
             return existing
         self._ensure_model()
-        rid = run_id or self.ensure_run(run_key, tags)
-        all_tags = {k: _tag(v) for k, v in {**tags, RUN_KEY_TAG: run_key}.items()}
+        rid = run_id or self.ensure_run(run_key, tags, data_digest)
+        keys = {RUN_KEY_TAG: run_key, **({DATA_DIGEST_TAG: data_digest} if data_digest else {})}
         with self._lock():
-            existing = self.find(run_key)
+            existing = self.find(run_key, data_digest)
             if existing:
                 return existing
+            earlier = self._search(RUN_KEY_TAG, run_key)  # on other data: the newest is superseded
+            previous = earlier[-1] if earlier else None
+            all_tags = {k: _tag(v) for k, v in {**tags, **keys}.items()}
+            if previous is not None:
+                all_tags[SUPERSEDES_TAG] = previous.version
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)
@@ -259,7 +283,7 @@ class Registry:
             source = f"{self.client.get_run(rid).info.artifact_uri}/{MODEL_ARTIFACT_PATH}"
             mv = self.client.create_model_version(self.model_name, source=source, run_id=rid, tags=all_tags,
                                                   description=f"trained by {run_key}")
-        winner = self.find(run_key)
+        winner = self.find(run_key, data_digest)
         if winner is None:
             raise RuntimeError(f"registry {self.tracking_uri}: version {mv.version} of {self.model_name} was created "
                                f"but is not found by tag {RUN_KEY_TAG}={run_key}; does the registry store version tags?")
@@ -269,6 +293,11 @@ class Registry:
 
             with contextlib.suppress(MlflowException):
                 self.client.delete_model_version(self.model_name, str(mv.version))
+        elif previous is not None:
+            with self._lock():
+                self.set_tags(previous.version, {SUPERSEDED_BY_TAG: winner.version})
+            log.warning("registry: version %s for %s supersedes version %s (data %s -> %s)", winner.version, run_key,
+                        previous.version, (previous.tags.get(DATA_DIGEST_TAG) or "unrecorded")[:19], (data_digest or "")[:19])
         log.info("registry: %s version %s registered for %s (run %s)", self.model_name, winner.version, run_key, rid)
         return winner
 

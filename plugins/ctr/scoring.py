@@ -26,6 +26,11 @@ class ScoringInputError(ValueError):
 
 def score_files(model_dir: Path, inputs: list[str], output: Path) -> tuple[int, int]:
     """Score every row of `inputs` into `output`; returns (rows scored, rows rejected)."""
+    out_real = Path(output).resolve()
+    for path in inputs:
+        if "://" not in path and Path(path).resolve() == out_real:
+            raise ScoringInputError(f"--output {output} is also an input ({path}); writing it would destroy the "
+                                    "input: choose another output file")
     bundle = Bundle.load(model_dir)
     n_ok = n_bad = 0
     row = 0

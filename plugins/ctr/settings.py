@@ -19,6 +19,9 @@ def _default_home() -> Path:
     return Path.home() / ".ctr"
 
 
+_INT_RANGES = (("serve_port", 1, 65535), ("num_threads", 1, 1024))
+
+
 @dataclass(frozen=True)
 class Settings:
     home: Path = field(default_factory=_default_home)
@@ -52,6 +55,10 @@ class Settings:
             else:
                 kw[f.name] = raw
         s = cls(**kw)  # type: ignore[arg-type]
+        for name, lo, hi in _INT_RANGES:
+            v = getattr(s, name)
+            if not lo <= v <= hi:
+                raise ValueError(f"CTR_{name.upper()}={v} is out of range; it must be between {lo} and {hi}")
         return s
 
     # Derived locations, all under `home` unless configured otherwise.

@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 
 import ctr
-from ctr.data.landing import DATA_SUFFIXES, DayReport, LandingZoneError, daterange
+from ctr.data.landing import DATA_SUFFIXES, DayReport, FileStamp, LandingZoneError, daterange, files_digest
 from ctr.data.reader import Layout, parse_lines
 from ctr.features import CAT_INDEX, FeatureTransform, VocabCounter
 from ctr.schema import ALL_COLUMNS, ARROW_SCHEMA, CAT_COLUMNS, FEATURE_COLUMNS, LABEL
@@ -129,17 +129,29 @@ def _hadoop_fs(spark, uri: str):
 
 def list_day_files(spark, root: str, day: dt.date) -> list[str]:
     """Data files of one landing-zone day via Hadoop's FileSystem (local, abfss, dbfs alike)."""
+    return _list_day(spark, root, day)[0]
+
+
+def day_fingerprint_digest(spark, root: str, day: dt.date) -> str:
+    """The day's fingerprint digest from Hadoop's listing: the same as `stage_day` records for the same
+    files (name, length, modification time in ms; empty files included, as there)."""
+    return files_digest(_list_day(spark, root, day)[1])
+
+
+def _list_day(spark, root: str, day: dt.date) -> tuple[list[str], list[FileStamp]]:
     where = f"{root.rstrip('/')}/day={day.isoformat()}"
     fs, path = _hadoop_fs(spark, where)
-    files = []
+    files, stamps = [], []
     if fs.exists(path):
         for st in fs.listStatus(path):
             name = st.getPath().getName()
-            if st.isFile() and name.endswith(DATA_SUFFIXES) and not name.startswith((".", "_")) and st.getLen() > 0:
-                files.append(st.getPath().toString())
+            if st.isFile() and name.endswith(DATA_SUFFIXES) and not name.startswith((".", "_")):
+                stamps.append(FileStamp(name, int(st.getLen()), int(st.getModificationTime())))
+                if st.getLen() > 0:
+                    files.append(st.getPath().toString())
     if not files:
         raise LandingZoneError(f"landing zone day={day.isoformat()} has 0 non-empty files under {where}; is the export late?")
-    return sorted(files)
+    return sorted(files), stamps
 
 
 # ---- read + validate -----------------------------------------------------------------------
@@ -366,9 +378,19 @@ def _fetch_baseline(spark, uri: str, into: Path) -> Path:
     fs, path = _hadoop_fs(spark, uri)
     jvm = spark.sparkContext._jvm
     into.mkdir(parents=True, exist_ok=True)
-    for name in ("model.txt", "features.json", "metadata.json", "probe.json"):
+
+    def get(name: str) -> None:
         fs.copyToLocalFile(False, jvm.org.apache.hadoop.fs.Path(f"{uri.rstrip('/')}/{name}"),
                            jvm.org.apache.hadoop.fs.Path((into / name).resolve().as_uri()), True)
+
+    from ctr.bundle import MANIFEST
+
+    get(MANIFEST)  # then every file it lists; Bundle.load checks them against it
+    listed = json.loads((into / MANIFEST).read_text()).get("files", {})
+    for name in sorted(listed):
+        if "/" in name or name in (".", ".."):
+            raise ValueError(f"baseline {uri}: {MANIFEST} lists {name[:60]!r}, not a file name")
+        get(name)
     return into
 
 
@@ -384,7 +406,9 @@ def run_job(spark, a: JobArgs) -> dict[str, Any]:
     cfg = a.train_config()
     train_days = daterange(a.start, a.end)
     all_days = train_days + ([a.holdout] if a.holdout else [])
-    files = {d.isoformat(): list_day_files(spark, a.data, d) for d in all_days}
+    listed = {d.isoformat(): _list_day(spark, a.data, d) for d in all_days}
+    files = {k: v[0] for k, v in listed.items()}
+    fingerprints = {k: files_digest(v[1]) for k, v in listed.items()}  # lineage, as stage_day records it
     log.info("spark_job: days=%s..%s holdout=%s files=%d engine=%s master=%s", a.start, a.end, a.holdout,
              sum(len(v) for v in files.values()), a.engine, spark.sparkContext.master)
     parsed = read_days(spark, a.data, all_days).cache()
@@ -458,6 +482,8 @@ def run_job(spark, a: JobArgs) -> dict[str, Any]:
             "code_version": code_version(), "engine": f"spark-{a.engine}",
             "ctr_location": str(Path(ctr.__file__).parent), "spark_master": spark.sparkContext.master,
             "data_report": {r.day: {"rows_in": r.rows_in, "rows_ok": r.rows_ok} for r in reports},
+            "data_fingerprints": {d.isoformat(): fingerprints[d.isoformat()] for d in train_days},
+            **({"holdout_fingerprint": {a.holdout.isoformat(): fingerprints[a.holdout.isoformat()]}} if a.holdout else {}),
             **a.metadata,
         }
         (bundle / "metadata.json").write_text(json.dumps(metadata, indent=1, sort_keys=True) + "\n")

@@ -29,8 +29,8 @@ import numpy as np
 import pyarrow as pa
 
 import ctr
-from ctr.bundle import Bundle, bundle_digest, write_probe
-from ctr.data.landing import daterange, read_staged
+from ctr.bundle import Bundle, bundle_digest, clean_metadata, write_manifest, write_probe
+from ctr.data.landing import daterange, read_staged, staged_fingerprints
 from ctr.features import CAT_INDEX, FeatureTransform
 from ctr.schema import FEATURE_COLUMNS, INT_COLUMNS, LABEL
 from ctr.vocab_spill import SpillingVocabCounter
@@ -280,6 +280,7 @@ def _train(staging: Path, out_dir: Path, cfg: TrainConfig, spill: Path, extra_me
     t0 = time.monotonic()
     split = plan_split(staging, cfg)
     days = split.days
+    fingerprints = staged_fingerprints(staging, days)  # lineage: the landing files each day was staged from
     counter, rows, empty_ints = count_vocabulary(split, spill)
     if rows["train"] == 0 or rows["valid"] == 0:
         empty = _row_count_problems(split)
@@ -343,6 +344,11 @@ def _train(staging: Path, out_dir: Path, cfg: TrainConfig, spill: Path, extra_me
     if best == cfg.rounds:
         log.warning("best_iteration=%d equals rounds: the model may be undertrained; raise rounds", best)
 
+    now = staged_fingerprints(staging, days)
+    if now != fingerprints:  # the passes above read the days more than once: all must have read one copy
+        changed = sorted(d for d in now.keys() | fingerprints.keys() if now.get(d) != fingerprints.get(d))
+        raise TrainingError(f"day(s) {', '.join(changed)} were re-staged under {staging} while this training read "
+                            "them; re-run the training")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     booster.save_model(str(out_dir / "model.txt"), num_iteration=best)
@@ -370,6 +376,7 @@ def _train(staging: Path, out_dir: Path, cfg: TrainConfig, spill: Path, extra_me
         "code_version": code_version(),
         "lightgbm_version": lgb.__version__,
         "engine": "lightgbm",
+        "data_fingerprints": fingerprints,
         **(extra_metadata or {}),
     }
     (out_dir / "metadata.json").write_text(json.dumps(metadata, indent=1, sort_keys=True) + "\n")
@@ -380,10 +387,18 @@ def _train(staging: Path, out_dir: Path, cfg: TrainConfig, spill: Path, extra_me
 
 
 def finalize_bundle(out_dir: Path, sample: pa.Table) -> None:
-    """Write probe.json (known inputs/outputs) and MLmodel once model/features/metadata exist."""
+    """Finish a bundle once model/features/metadata exist: strict-JSON metadata, probe.json, MLmodel, manifest.
+
+    Every bundle writer (this module, the Spark job) ends here; the manifest (sizes and SHA-256 of
+    every file, `ctr.bundle.write_manifest`) is written last, and the bundle is then loaded back
+    through the one loader so a bundle that leaves here is one the service accepts.
+    """
     from ctr.pyfunc import write_mlmodel
 
-    b = Bundle.load(out_dir, check_probe=False)
+    out_dir = Path(out_dir)
+    clean_metadata(out_dir)
+    files = {n: (out_dir / n).read_bytes() for n in ("model.txt", "features.json", "metadata.json")}
+    b = Bundle.from_files(out_dir, files, check_probe=False)
     rows = [
         {k: v for k, v in r.items() if k != LABEL and v is not None}
         for r in sample.slice(0, 16).to_pylist()
@@ -392,3 +407,5 @@ def finalize_bundle(out_dir: Path, sample: pa.Table) -> None:
     rows.append({"C1": "ffffffff", "I1": 3})  # an unseen categorical value
     write_probe(out_dir, rows, b)
     write_mlmodel(out_dir, model_uuid=bundle_digest(out_dir)[:32])
+    write_manifest(out_dir)
+    Bundle.load(out_dir)

@@ -182,3 +182,29 @@ def test_wasb_connection_shapes_map_to_adlfs_options(host, login, password, extr
     if env == {"CTR_AZURE_ACCOUNT_NAME": "acct"}:
         assert opts == {"account_name": "acct", "anon": False}  # DefaultAzureCredential
     assert storage_options("file", env) == {}
+
+
+def test_blob_fingerprint_has_etag_and_a_rewritten_blob_is_restaged(azure_env: str, azurite: str, tmp_path: Path,
+                                                                   caplog) -> None:
+    """adlfs lists size, last_modified and ETag per blob: a re-upload of a day's blob re-stages it."""
+    import logging
+
+    from azure.storage.blob import BlobServiceClient
+    from ctr.data.landing import fingerprint_day
+
+    container = BlobServiceClient.from_connection_string(azurite).get_container_client("landing")
+    day, name = dt.date(2026, 11, 22), "criteo-restage/day=2026-11-22/part-00000.tsv"
+    lines = RAW_SAMPLE.read_bytes().splitlines(keepends=True)
+    container.upload_blob(name, b"".join(lines[:40]))
+    root = "abfs://landing/criteo-restage"
+    first = stage_day(root, tmp_path / "s", tmp_path / "q", day)
+    (f,) = first.fingerprint["files"]
+    assert first.fingerprint["root"] == root and f["name"] == "part-00000.tsv" and f["size"] == len(b"".join(lines[:40]))
+    assert f["etag"].startswith('"') and f["mtime_ms"] > 1_700_000_000_000
+    assert stage_day(root, tmp_path / "s", tmp_path / "q", day).to_json() == first.to_json()
+    container.upload_blob(name, b"".join(lines[:40]).replace(b"\t", b"\t", 1), overwrite=True)  # same bytes, new ETag
+    with caplog.at_level(logging.INFO, logger="ctr.data.landing"):
+        again = stage_day(root, tmp_path / "s", tmp_path / "q", day)
+    assert "day=2026-11-22 re-staged: part-00000.tsv changed (" in caplog.text and "ETag" in caplog.text
+    assert again.fingerprint["files"][0]["etag"] != f["etag"] and again.rows_ok == 40
+    assert fingerprint_day(root, day).digest == again.digest

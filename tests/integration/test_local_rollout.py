@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from ctr.bundle import write_manifest
 from ctr.image import build_context
 from ctr.rollout.base import RolloutError
 from ctr.rollout.local import LocalRollout
@@ -21,7 +22,7 @@ ROW = {"I1": 3, "I2": 20, "C1": "05db9164", "C9": "a73ee510"}
 
 
 def truncated_copy(src: Path, dst: Path) -> Path:
-    """A half-copied model.txt: LightGBM segfaults/aborts the process that parses it."""
+    """A half-copied model.txt (LightGBM aborts a process that parses it): the manifest refuses it first."""
     shutil.copytree(src, dst)
     data = (dst / "model.txt").read_bytes()
     (dst / "model.txt").write_bytes(data[: len(data) // 2])
@@ -29,11 +30,12 @@ def truncated_copy(src: Path, dst: Path) -> Path:
 
 
 def altered_leaves_copy(src: Path, dst: Path) -> Path:
-    """Same byte length, different leaf values (every digit shifted): it parses; only the probe can tell."""
+    """Same byte length, different leaf values (every digit shifted), re-manifested: only the probe can tell."""
     shutil.copytree(src, dst)
     shift = str.maketrans("0123456789", "5678901234")
     text = re.sub(r"^leaf_value=.*$", lambda m: m[0].translate(shift), (dst / "model.txt").read_text(), flags=re.M)
     (dst / "model.txt").write_text(text)
+    write_manifest(dst)  # a consistent manifest: only the probe can tell
     return dst
 
 

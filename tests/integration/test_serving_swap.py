@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from ctr.bundle import Bundle
+from ctr.bundle import Bundle, write_manifest
 from ctr.data.reader import read_text
 from ctr.schema import FEATURE_COLUMNS
 from ctr.serving.process import ServiceProcess
@@ -40,6 +40,7 @@ def _corrupt(src: Path, dst: Path) -> Path:
     probe = json.loads((dst / "probe.json").read_text())
     probe["probabilities"][0] += 1e-6  # the model no longer gives its recorded output
     (dst / "probe.json").write_text(json.dumps(probe))
+    write_manifest(dst)  # consistent manifest, so the probe check is what refuses it
     return dst
 
 

@@ -79,6 +79,14 @@ def test_cli_spark_and_lightgbm_engines_agree(small_landing: Path, tmp_path: Pat
     assert m["candidate"]["auc"] == pytest.approx(aucs["spark"], abs=1e-9)
     meta = json.loads((tmp_path / "spark" / "metadata.json").read_text())
     assert meta["engine"] == "spark-lightgbm" and meta["data_interval"] == {"start": start.isoformat(), "end": END.isoformat()}
+    # lineage: the Spark job lists the landing zone through Hadoop, yet records the digests stage_day recorded
+    from ctr.data.landing import daterange, staged_fingerprints
+
+    local_meta = json.loads((tmp_path / "local" / "metadata.json").read_text())
+    staged = staged_fingerprints(staging, daterange(start, HOLDOUT))
+    assert len(staged) == 4 and all(v.startswith("sha256:") for v in staged.values())
+    assert meta["data_fingerprints"] == local_meta["data_fingerprints"] == {k: staged[k] for k in sorted(staged)[:-1]}
+    assert meta["holdout_fingerprint"] == {HOLDOUT.isoformat(): staged[HOLDOUT.isoformat()]}
     Bundle.load(tmp_path / "spark")  # probe.json and MLmodel written by finalize_bundle
 
 
@@ -112,6 +120,9 @@ def test_validation_matches_check_data(spark, small_landing: Path, tmp_path: Pat
     (rep,) = day_reports(parsed, [day], {day.isoformat(): list_day_files(spark, str(land), day)})
     for k in ("rows_in", "rows_ok", "rows_quarantined", "clicks", "reasons"):
         assert getattr(rep, k) == getattr(local, k), k
+    from ctr.spark_job import day_fingerprint_digest
+
+    assert day_fingerprint_digest(spark, str(land), day) == local.digest  # Hadoop's listing, stage_day's digest
     assert local.rows_quarantined == 6
 
     want = collections.Counter((b.reason, b.text) for b in read_table(str(extra))[1])

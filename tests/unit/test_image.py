@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import pytest
+from ctr.bundle import write_manifest
 from ctr.image import IMAGE_NAME, build_context, local_build, tree_digest
 
 
@@ -17,6 +18,7 @@ def bundle(tmp_path: Path) -> Path:
     (b / "model.txt").write_text("tree\nversion=v4\n")
     (b / "features.json").write_text('{"schema": 1}\n')
     (b / "metadata.json").write_text("{}\n")
+    write_manifest(b)  # what finalize_bundle ends with
     return b
 
 
@@ -35,6 +37,7 @@ def test_version_or_content_change_changes_the_digest(bundle: Path, tmp_path: Pa
     a = build_context(bundle, "3", "ctr-lightgbm", tmp_path / "images")
     assert build_context(bundle, "4", "ctr-lightgbm", tmp_path / "images").digest != a.digest
     (bundle / "model.txt").write_text("tree\nversion=v4\nchanged\n")
+    write_manifest(bundle)
     assert build_context(bundle, "3", "ctr-lightgbm", tmp_path / "images").digest != a.digest
 
 

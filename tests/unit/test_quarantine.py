@@ -116,11 +116,15 @@ def test_short_lines_are_padded_not_quarantined(tmp_path: Path) -> None:
     assert [(b.line, b.reason) for b in bad] == [(1, "expected 40 fields, found 1")]
 
 
-def test_staging_is_reused_by_reruns(tmp_path: Path) -> None:
+def test_staging_is_reused_by_reruns(tmp_path: Path, monkeypatch) -> None:
     day = dt.date(2026, 11, 4)
     root = _day(tmp_path, GOOD[:10] + ["bad"], day, gz=False)
     first = stage_day(str(root), tmp_path / "st", tmp_path / "q", day)
-    (root / f"day={day.isoformat()}" / "part-00000.tsv").write_text("")  # a re-run must not re-read
+
+    def no_reading(path, *a, **k):
+        raise AssertionError(f"a re-run on unchanged files must not re-read {path}")
+
+    monkeypatch.setattr("ctr.data.landing.iter_chunks", no_reading)
     again = stage_day(str(root), tmp_path / "st", tmp_path / "q", day)
     assert again.to_json() == first.to_json()
     assert (first.rows_in, first.rows_ok, first.rows_quarantined) == (11, 10, 1)

@@ -199,3 +199,25 @@ def test_dag_tasks_carry_the_mlflow_extra_links() -> None:
         assert MlflowRunLink().get_link(None, ti_key=object()) == "http://m/#/experiments/1/runs/r"
         assert MlflowModelVersionLink().get_link(None, ti_key=object()) == ""
     assert looked_up == [airflow_links.RUN_URL_KEY, airflow_links.MODEL_VERSION_URL_KEY]
+
+
+def test_corrected_data_gets_a_new_version_that_supersedes_the_old(reg: Registry, tmp_path: Path) -> None:
+    from ctr.registry import DATA_DIGEST_TAG, SUPERSEDED_BY_TAG, SUPERSEDES_TAG
+
+    day, key = "2026-11-20", "ctr_retrain/2026-11-20"
+    rid_a = reg.ensure_run(key, data_digest="sha256:aaa")
+    v1 = reg.register(_bundle(tmp_path, "a"), key, {LOGICAL_DATE_TAG: day}, {}, run_id=rid_a, data_digest="sha256:aaa")
+    assert reg.ensure_run(key, data_digest="sha256:aaa") == rid_a  # same data: same run, same version
+    assert reg.register(tmp_path / "a", key, {}, {}, data_digest="sha256:aaa").version == v1.version
+    rid_b = reg.ensure_run(key, data_digest="sha256:bbb")
+    assert rid_b != rid_a, "a run on other data is never reused: its model/ artifacts are v1's source"
+    v2 = reg.register(_bundle(tmp_path, "b"), key, {LOGICAL_DATE_TAG: day}, {}, run_id=rid_b, data_digest="sha256:bbb")
+    assert v2.version != v1.version
+    assert v2.tags[SUPERSEDES_TAG] == v1.version and v2.tags[DATA_DIGEST_TAG] == "sha256:bbb"
+    old = reg.get(v1.version)
+    assert old.tags[SUPERSEDED_BY_TAG] == v2.version and SUPERSEDES_TAG not in old.tags
+    assert (reg.download(v1.version) / "model.txt").read_text() == "tree for a\n"  # v1's bundle intact
+    assert (reg.download(v2.version) / "model.txt").read_text() == "tree for b\n"
+    again = reg.register(tmp_path / "b", key, {}, {}, data_digest="sha256:bbb")  # a third run, unchanged data
+    assert again.version == v2.version
+    assert len(reg._search(RUN_KEY_TAG, key)) == 2

@@ -14,14 +14,26 @@ In the DAG, `ctr.airflow_tasks` fills these from the Airflow WASB/Azure connecti
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 from urllib.parse import urlparse
+
+import httpx
 
 AZURE_PROTOCOLS = ("abfs", "abfss", "az", "adl")
 ENV_KEYS = (
     "CTR_AZURE_CONNECTION_STRING", "CTR_AZURE_ACCOUNT_NAME", "CTR_AZURE_ACCOUNT_KEY", "CTR_AZURE_SAS_TOKEN",
     "CTR_AZURE_TENANT_ID", "CTR_AZURE_CLIENT_ID", "CTR_AZURE_CLIENT_SECRET",
 )
+
+
+CONNECT_TIMEOUT_ENV = "CTR_AZURE_CONNECT_TIMEOUT_S"
+DEFAULT_CONNECT_TIMEOUT_S = 20.0
+_PROBE_ATTEMPTS = 3
+
+
+class StorageUnreachable(OSError):
+    """The storage account's endpoint did not answer within the configured time; the message says where."""
 
 
 def is_azure_url(path: str) -> bool:
@@ -92,3 +104,59 @@ def env_from_connection(
     elif extra.get("sas_token"):
         out["CTR_AZURE_SAS_TOKEN"] = str(extra["sas_token"])
     return out
+
+
+def blob_endpoint(options: dict[str, Any]) -> str:
+    """The Blob service URL that adlfs will talk to for these storage options."""
+    conn = options.get("connection_string")
+    if conn:
+        parts = dict(p.split("=", 1) for p in conn.split(";") if "=" in p)
+        if parts.get("BlobEndpoint"):
+            return parts["BlobEndpoint"].rstrip("/")
+        scheme = parts.get("DefaultEndpointsProtocol", "https")
+        return f"{scheme}://{parts.get('AccountName', '')}.blob.{parts.get('EndpointSuffix', 'core.windows.net')}"
+    return f"https://{options.get('account_name', '')}.blob.core.windows.net"
+
+
+def connect_timeout_s(env: dict[str, str] | None = None) -> float:
+    """CTR_AZURE_CONNECT_TIMEOUT_S: how long the landing zone's endpoint may take to answer at all."""
+    raw = (os.environ if env is None else env).get(CONNECT_TIMEOUT_ENV, "")
+    if raw == "":
+        return DEFAULT_CONNECT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{CONNECT_TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
+    if not 0 < value <= 600:
+        raise ValueError(f"{CONNECT_TIMEOUT_ENV}={raw!r} is out of range: between 0 (exclusive) and 600 seconds")
+    return value
+
+
+def check_reachable(options: dict[str, Any], timeout_s: float | None = None) -> None:
+    """Fail fast, within `timeout_s` in all, when the Blob endpoint does not answer.
+
+    adlfs builds its Azure client with the SDK's default retry policy and no way to pass another, so
+    an unreachable account (wrong host, firewall, private endpoint from outside its network) used to
+    surface only after ~170 s of retries. Any HTTP answer, even 400 or 403, means the endpoint is
+    reachable; only connection failures and time-outs count against it.
+    """
+    url = blob_endpoint(options)
+    budget = connect_timeout_s() if timeout_s is None else timeout_s
+    per_try = httpx.Timeout(budget / _PROBE_ATTEMPTS)
+    t0 = time.monotonic()
+    last: Exception | None = None
+    with httpx.Client(timeout=per_try, follow_redirects=False) as client:
+        for _ in range(_PROBE_ATTEMPTS):
+            try:
+                client.get(url, params={"comp": "properties", "restype": "service"})
+                return
+            except httpx.TransportError as e:
+                last = e
+            if time.monotonic() - t0 >= budget:
+                break
+            time.sleep(min(0.5, max(0.0, budget - (time.monotonic() - t0))))
+    raise StorageUnreachable(
+        f"storage endpoint {url} did not answer ({type(last).__name__}: {last}) in {_PROBE_ATTEMPTS} attempts "
+        f"over {time.monotonic() - t0:.1f} s (bound {budget:g} s, {CONNECT_TIMEOUT_ENV}); check the account name "
+        "or connection string, the network route and the account's firewall / private endpoint"
+    )

@@ -215,6 +215,14 @@ def _line_text(data: bytes, start: int, end: int) -> str:
     return data[start:end].decode("utf-8", errors="replace").rstrip("\r")
 
 
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def parse_block(data: bytes, layout: Layout, *, first_line_no: int = 1, require_label: bool = True) -> Chunk:
     """Parse a block of whole lines (bytes) into a Chunk; every line is accounted for."""
     starts, ends = _line_bounds(data)
@@ -223,6 +231,10 @@ def parse_block(data: bytes, layout: Layout, *, first_line_no: int = 1, require_
         return Chunk(ARROW_SCHEMA.empty_table(), np.empty(0, np.int64))
     n_cr = data.count(b"\r")
     if n_cr and n_cr != data.count(b"\r\n"):  # pyarrow would split lines at a lone '\r'
+        return _slow_block(data, starts, ends, layout, first_line_no, require_label)
+    if not data.isascii() and not _is_utf8(data):
+        # pyarrow decodes a wrong-width line as UTF-8 before calling on_invalid; invalid bytes there
+        # print an "Exception ignored ... UnicodeDecodeError" traceback: such blocks go slow at once
         return _slow_block(data, starts, ends, layout, first_line_no, require_label)
     odd: list[int] = []  # 1-based line numbers within the block with the wrong field count
 

@@ -1,8 +1,9 @@
 """Local rollout: one scoring service on 127.0.0.1, hot-swapped in place.
 
-Readiness first: the new bundle is loaded and probe-checked in a throwaway child process
-(LightGBM aborts or segfaults the whole process on some corrupt model files, e.g. a truncated
-model.txt, so the live service must never be the first to parse one). Then the switch: the
+Readiness first: the new bundle (and, on rollback, the previous one) is loaded and probe-checked
+in a throwaway child process through the same manifest-checking loader the service uses (a
+truncated or damaged file is refused before LightGBM parses it; the child is a second line of
+defence should some damage ever get past the manifest). Then the switch: the
 service loads and probe-checks it again and swaps its model reference; in-flight requests finish
 on the old reference (the drain), so no request fails and none is computed by a mix of versions.
 A refused bundle leaves the old one serving. State (pid, URL, current and previous bundle) lives
@@ -59,8 +60,8 @@ class LocalRollout:
             return None
 
     # ---- actions -----------------------------------------------------------------------
-    def preflight(self, bundle: Path, version: str, timeout: float = 120.0) -> None:
-        """Load + probe-check `bundle` in a child process; it must report `version`."""
+    def preflight(self, bundle: Path, version: str | None, timeout: float = 120.0) -> None:
+        """Load + probe-check `bundle` in a child process; it must report `version` (when known)."""
         code = "import sys; from ctr.bundle import Bundle; print(Bundle.load(sys.argv[1]).version)"
         try:
             r = subprocess.run([sys.executable, "-c", code, str(bundle)], capture_output=True, text=True, errors="replace",
@@ -74,7 +75,7 @@ class LocalRollout:
             raise RolloutError(f"bundle {bundle} failed its pre-flight load/probe check (exit {r.returncode}: {why[:300]}); "
                                f"the live service was not touched. Rebuild the bundle or re-run build_image.")
         got = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
-        if got != str(version):
+        if version is not None and got != str(version):
             raise RolloutError(f"bundle {bundle} reports version {got!r}, expected {version!r}; was it stamped by build_image?")
 
     def deploy(self, bundle: Path, version: str) -> RolloutResult:
@@ -121,6 +122,8 @@ class LocalRollout:
             log.warning("rollback: no previous model recorded; stopping the service at %s", self.url)
             self.stop()
             return None
+        # the same pre-flight as deploy: the previous bundle may have been damaged since it served
+        self.preflight(Path(prev), st.get("previous_version"))
         self._swap(Path(prev))
         st.update(bundle=prev, version=st.get("previous_version"), previous_bundle=None, previous_version=None)
         self._save(st)

@@ -21,24 +21,29 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import orjson
 
-from ctr.schema import ALL_COLUMNS
 from ctr.serving.auth import check_admin, check_token
+from ctr.serving.lane import BATCH_ROWS, TSV_TYPES, BatchLane, encode_body, response_body
 from ctr.serving.metrics import Metrics
-from ctr.serving.model import BATCH_THREADED_ROWS, ModelHolder, ServedModel
+from ctr.serving.model import ModelHolder, ServedModel
 from ctr.serving.openapi import OPENAPI
-from ctr.serving.validation import RequestError, check_rows, invocation_rows, parse_json, score_rows
+from ctr.serving.validation import RequestError, parse_json
 
 log = logging.getLogger("ctr.serving")
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_ROWS = 10_000
 DEFAULT_BODY_TIMEOUT_S = 30
+DEFAULT_LOAD_TIMEOUT_S = 60
+DEFAULT_LANE_BYTES = 64 * 1024     # JSON bodies this big are parsed, encoded and predicted on the batch lane
+DEFAULT_LANE_TSV_BYTES = 512 * 1024  # TSV bodies this big too (TSV encodes ~25x faster per byte than JSON)
+DEFAULT_BATCH_WORKERS = 2          # batch lane worker processes
+DEFAULT_BATCH_NICE = 10           # the lane workers' niceness: the serving process wins the CPU
+DEFAULT_LANE_QUEUE = 16            # batch requests waiting for the lane beyond this get a 503
+DEFAULT_MAX_HEADER_BYTES = 32 * 1024  # request line + headers, per request (431 beyond)
+DEFAULT_MAX_HEADERS = 100
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
-JSON_TYPES = frozenset({b"application/json"})
-TSV_TYPES = frozenset({b"text/tab-separated-values", b"text/plain"})
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -46,18 +51,31 @@ Handler = Callable[[dict[str, Any], dict[bytes, bytes], bytes, Send], Awaitable[
 
 
 class ScoringApp:
+    """The ASGI app. Small requests are answered on the event loop; a body of `lane_bytes` or more
+    is parsed, encoded, predicted and serialised on the batch lane (`batch_workers` niced worker
+    processes, lane.py), so big batches never hold the serving process's GIL or its event loop.
+    At most `lane_queue` batch requests wait for the lane; more get a 503 with Retry-After."""
+
     def __init__(self, model: ServedModel, token: str = "", admin_token: str = "",
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_rows: int = DEFAULT_MAX_ROWS,
-                 body_timeout: float = DEFAULT_BODY_TIMEOUT_S) -> None:
-        self.holder = ModelHolder(model)
+                 body_timeout: float = DEFAULT_BODY_TIMEOUT_S, load_timeout: float = DEFAULT_LOAD_TIMEOUT_S,
+                 lane_bytes: int = DEFAULT_LANE_BYTES, batch_workers: int = DEFAULT_BATCH_WORKERS,
+                 lane_queue: int = DEFAULT_LANE_QUEUE, batch_nice: int = DEFAULT_BATCH_NICE,
+                 lane_tsv_bytes: int = DEFAULT_LANE_TSV_BYTES) -> None:
+        self.holder = ModelHolder(model, load_timeout=load_timeout)
         self.token = token.encode()
         self.admin_token = admin_token.encode()
         self.max_body_bytes = max_body_bytes
         self.max_rows = max_rows
         self.body_timeout = body_timeout  # a client that stops sending mid-body gets a 408, not a hung slot
+        self.lane_bytes = lane_bytes
+        self.lane_queue = lane_queue
+        self.lane_waiting = 0
         self.metrics = Metrics()
         self.inflight = 0
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ctr-predict")
+        self.lane = BatchLane(batch_workers, nice=batch_nice)
+        self.lane_tsv_bytes = lane_tsv_bytes
+        self._threads = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ctr-predict")
         self._routes: dict[str, tuple[str, Handler]] = {
             "/v1/score": ("POST", self._score),
             "/invocations": ("POST", self._invocations),
@@ -96,7 +114,8 @@ class ScoringApp:
             if msg["type"] == "lifespan.startup":
                 await send({"type": "lifespan.startup.complete"})
             elif msg["type"] == "lifespan.shutdown":
-                self._pool.shutdown(wait=True)
+                self.lane.shutdown()
+                self._threads.shutdown(wait=True)
                 log.info("scoring service stopped model_version=%s", self.holder.current.version)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
@@ -110,6 +129,9 @@ class ScoringApp:
         if scope["method"] != want:
             raise RequestError(405, f"{path} takes {want}, not {scope['method'][:10]}")
         headers = dict(scope["headers"])
+        if b"upgrade" in headers:  # no WebSocket/h2c here: plain HTTP/1.1 (uvicorn runs with ws="none")
+            raise RequestError(400, f"Upgrade: {headers[b'upgrade'].decode(errors='replace')[:40]!r} is not "
+                                    "supported; this service speaks plain HTTP/1.1 (no WebSocket)")
         if path == "/admin/load":
             check_admin(scope, headers, self.admin_token)
         elif self.token and path not in OPEN_PATHS:
@@ -148,63 +170,38 @@ class ScoringApp:
             chunks.append(part)
         return b"".join(chunks)
 
-    def _check_count(self, n: int) -> None:
-        if n > self.max_rows:
-            raise RequestError(413, f"{n} rows exceed the per-request limit of {self.max_rows}; split the batch")
-
     # ---- scoring ---------------------------------------------------------------------
     async def _score(self, scope: dict[str, Any], headers: dict[bytes, bytes], body: bytes, send: Send) -> int:
-        ctype = _content_type(headers)
-        model = self.holder.current  # one reference per request: one version per response
-        if ctype in JSON_TYPES:
-            rows = score_rows(parse_json(body))
-            self._check_count(len(rows))
-            probs = await self._predict_rows(model, rows)
-        elif ctype in TSV_TYPES:
-            probs = await self._predict_tsv(model, body)
-        else:
-            raise RequestError(415, f"unsupported content type {ctype.decode(errors='replace')[:60]!r}; "
-                                    "use application/json or text/tab-separated-values")
-        return await _respond(send, model, b'{"model_version":', b',"probabilities":', probs)
+        return await self._scored(send, "/v1/score", body, _content_type(headers))
 
     async def _invocations(self, scope: dict[str, Any], headers: dict[bytes, bytes], body: bytes, send: Send) -> int:
-        ctype = _content_type(headers)
-        if ctype not in JSON_TYPES:
-            raise RequestError(415, f"/invocations takes application/json (dataframe_split or dataframe_records), "
-                                    f"not {ctype.decode(errors='replace')[:60]!r}")
-        model = self.holder.current
-        rows = invocation_rows(parse_json(body))
-        self._check_count(len(rows))
-        probs = await self._predict_rows(model, rows)
-        return await _respond(send, model, b'{"model_version":', b',"predictions":', probs)
+        return await self._scored(send, "/invocations", body, _content_type(headers))
 
-    async def _predict_rows(self, model: ServedModel, rows: list[Any]) -> np.ndarray:
-        """Unchecked JSON rows -> probabilities; a client mistake raises RequestError (row, field)."""
-        if len(rows) < BATCH_THREADED_ROWS:
-            checked = check_rows(rows)
-            if not checked:
-                return np.empty(0)
-            p = model.predict_rows(checked)
+    async def _scored(self, send: Send, route: str, body: bytes, ctype: bytes) -> int:
+        model = self.holder.current  # one reference per request: one version per response
+        if len(body) < (self.lane_tsv_bytes if ctype in TSV_TYPES else self.lane_bytes):
+            # on the event loop: parse + encode (cheap at this size); a matrix of >= BATCH_ROWS rows
+            # is predicted on a predict thread (LightGBM releases the GIL)
+            kind, arr, key = encode_body(model, route, ctype, body, self.max_rows)
+            if kind == "probs":
+                probs = arr
+            elif len(arr) < BATCH_ROWS:
+                probs = model.predict_matrix(arr)
+            else:
+                probs = await asyncio.get_running_loop().run_in_executor(self._threads, model.predict_matrix, arr)
+            out = response_body(model, key, probs)
         else:
-            x = model.encode_rows(rows)
-            p = await asyncio.get_running_loop().run_in_executor(self._pool, model.predict_matrix, x)
-        self.metrics.observe_predictions(p)
-        return p
-
-    async def _predict_tsv(self, model: ServedModel, body: bytes) -> np.ndarray:
-        n = body.count(b"\n") + (0 if body.endswith(b"\n") else 1)
-        if not body or body.isspace():
-            raise RequestError(400, "empty body; expected raw Criteo lines (label, I1..I13, C1..C26, tab-separated)")
-        self._check_count(n)
-        x = model.encode_tsv(body)
-        if x is None:
-            x = _tsv_reference(model, body)
-        if len(x) < BATCH_THREADED_ROWS:
-            p = model.predict_matrix(x)
-        else:
-            p = await asyncio.get_running_loop().run_in_executor(self._pool, model.predict_matrix, x)
-        self.metrics.observe_predictions(p)
-        return p
+            if self.lane_waiting >= self.lane_queue:
+                raise RequestError(503, f"{self.lane_waiting} large requests already wait for the batch lane; "
+                                        "retry shortly")
+            self.lane_waiting += 1
+            try:
+                probs, out = await self.lane.score(model, route, ctype, body, self.max_rows)
+            finally:
+                self.lane_waiting -= 1
+        self.metrics.observe_predictions(probs)
+        await _send(send, 200, out, b"application/json", [(b"x-model-version", model.header)])
+        return 200
 
     # ---- health, metrics, docs -------------------------------------------------------
     async def _healthz(self, scope: dict[str, Any], headers: dict[bytes, bytes], body: bytes, send: Send) -> int:
@@ -255,28 +252,6 @@ def _content_type(headers: dict[bytes, bytes]) -> bytes:
     return b"application/json" if raw is None else raw.split(b";", 1)[0].strip().lower()
 
 
-def _tsv_reference(model: ServedModel, body: bytes) -> np.ndarray:
-    """The general reader (pads short lines, reads headers) and Bundle transform; names bad lines."""
-    from ctr.data.reader import DataFormatError, read_text
-
-    try:
-        table, bad = read_text(body.decode("utf-8", errors="replace"), require_label=False)
-    except DataFormatError as e:
-        raise RequestError(422, f"TSV body: {e}") from None
-    if bad:
-        b = bad[0]
-        field = b.reason.split(":", 1)[0]
-        raise RequestError(422, f"line {b.line}: {b.reason}", row=b.line - 1,
-                           field=field if field in ALL_COLUMNS else None)
-    return model.bundle.transform.transform_table(table)
-
-
-async def _respond(send: Send, model: ServedModel, head: bytes, key: bytes, probs: np.ndarray) -> int:
-    body = b"".join((head, orjson.dumps(model.version), key, orjson.dumps(probs, option=orjson.OPT_SERIALIZE_NUMPY), b"}"))
-    await _send(send, 200, body, b"application/json", [(b"x-model-version", model.header)])
-    return 200
-
-
 async def _send(send: Send, status: int, body: bytes, ctype: bytes, extra: list[tuple[bytes, bytes]] | None = None) -> None:
     headers = [(b"content-type", ctype), (b"content-length", str(len(body)).encode())]
     if extra:
@@ -302,29 +277,64 @@ async def _error(send: Send, e: RequestError, route: tuple[str, Handler] | None)
         extra.append((b"www-authenticate", b'Bearer realm="ctr"'))
     elif e.status == 405 and route is not None:
         extra.append((b"allow", route[0].encode()))
+    elif e.status == 503:
+        extra.append((b"retry-after", b"1"))
+    elif e.status == 400 and str(e).startswith("Upgrade:"):
+        extra.append((b"connection", b"close"))  # the parser stopped at the upgrade: nothing more to read
     await _safe_send_json(send, e.status, e.to_json(), extra)
 
 
 def create_app(model_dir: str | Path, token: str | None = None, admin_token: str | None = None) -> ScoringApp:
-    """The app for a bundle directory; tokens default to CTR_SERVE_TOKEN / CTR_ADMIN_TOKEN."""
+    """The app for a bundle directory; tokens default to CTR_SERVE_TOKEN / CTR_ADMIN_TOKEN.
+
+    Every limit is read and checked before the model loads: a bad value is a ValueError naming
+    the variable (the service does not start), never a service that answers 413 to everything."""
+    limits = service_limits()
     return ScoringApp(
         ServedModel.load(model_dir),
         token=os.environ.get("CTR_SERVE_TOKEN", "") if token is None else token,
         admin_token=os.environ.get("CTR_ADMIN_TOKEN", "") if admin_token is None else admin_token,
-        max_body_bytes=_env_int("CTR_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES),
-        max_rows=_env_int("CTR_MAX_ROWS", DEFAULT_MAX_ROWS),
-        body_timeout=_env_int("CTR_BODY_TIMEOUT_S", DEFAULT_BODY_TIMEOUT_S),
+        max_body_bytes=limits["CTR_MAX_BODY_BYTES"], max_rows=limits["CTR_MAX_ROWS"],
+        body_timeout=limits["CTR_BODY_TIMEOUT_S"], load_timeout=limits["CTR_LOAD_TIMEOUT_S"],
+        lane_bytes=limits["CTR_BATCH_LANE_BYTES"], batch_workers=limits["CTR_BATCH_WORKERS"],
+        lane_queue=limits["CTR_BATCH_QUEUE"], batch_nice=limits["CTR_BATCH_NICE"],
+        lane_tsv_bytes=limits["CTR_BATCH_LANE_TSV_BYTES"],
     )
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "")
+# variable -> (default, smallest allowed, largest allowed)
+LIMITS: dict[str, tuple[int, int, int]] = {
+    "CTR_MAX_BODY_BYTES": (DEFAULT_MAX_BODY_BYTES, 1, 1 << 31),
+    "CTR_MAX_ROWS": (DEFAULT_MAX_ROWS, 1, 10_000_000),
+    "CTR_BODY_TIMEOUT_S": (DEFAULT_BODY_TIMEOUT_S, 1, 3600),
+    "CTR_LOAD_TIMEOUT_S": (DEFAULT_LOAD_TIMEOUT_S, 1, 3600),
+    "CTR_BATCH_LANE_BYTES": (DEFAULT_LANE_BYTES, 1, 1 << 31),
+    "CTR_BATCH_LANE_TSV_BYTES": (DEFAULT_LANE_TSV_BYTES, 1, 1 << 31),
+    "CTR_BATCH_WORKERS": (DEFAULT_BATCH_WORKERS, 1, 64),
+    "CTR_BATCH_QUEUE": (DEFAULT_LANE_QUEUE, 1, 10_000),
+    "CTR_BATCH_NICE": (DEFAULT_BATCH_NICE, 0, 19),
+    "CTR_MAX_HEADER_BYTES": (DEFAULT_MAX_HEADER_BYTES, 1024, 1 << 20),
+    "CTR_MAX_HEADERS": (DEFAULT_MAX_HEADERS, 8, 10_000),
+}
+
+
+def service_limits(env: dict[str, str] | None = None) -> dict[str, int]:
+    """Every CTR_* limit of the service, checked (ValueError naming the variable and its range)."""
+    env = dict(os.environ if env is None else env)
+    return {name: _env_int(env, name, *spec) for name, spec in LIMITS.items()}
+
+
+def _env_int(env: dict[str, str], name: str, default: int, lo: int, hi: int) -> int:
+    raw = env.get(name, "").strip()
     if not raw:
         return default
     try:
-        return int(raw)
+        v = int(raw)
     except ValueError:
-        raise ValueError(f"{name}={raw!r} is not an integer") from None
+        raise ValueError(f"{name}={raw[:40]!r} is not an integer") from None
+    if not lo <= v <= hi:
+        raise ValueError(f"{name}={v} is out of range; it must be between {lo} and {hi}")
+    return v
 
 
 def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8765) -> None:
@@ -333,10 +343,17 @@ def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8765) -> N
 
     import uvicorn
 
+    from ctr.serving.guard import guarded_protocol
+
+    if not 1 <= int(port) <= 65535:
+        raise ValueError(f"port {port} is out of range; it must be between 1 and 65535")
+    limits = service_limits()
     app = create_app(model_dir)
+    app.lane.start()
     gc.collect()
     gc.freeze()  # the loaded model is long-lived: keep it out of the collector's way (steadier p99)
     log.info("serving model_version=%s bundle=%s url=http://%s:%d auth=%s",
              app.holder.current.version, model_dir, host, port, "on" if app.token else "off")
-    uvicorn.run(app, host=host, port=port, http="httptools", loop="uvloop", lifespan="on", access_log=False,
+    protocol = guarded_protocol(limits["CTR_MAX_HEADER_BYTES"], limits["CTR_MAX_HEADERS"], app.metrics)
+    uvicorn.run(app, host=host, port=port, http=protocol, ws="none", loop="uvloop", lifespan="on", access_log=False,
                 server_header=False, log_level="warning", timeout_graceful_shutdown=30)

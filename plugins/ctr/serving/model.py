@@ -8,8 +8,8 @@ new bundle has been loaded, probe-checked and its fast paths verified.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,16 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from ctr.bundle import Bundle
+from ctr.bundle import Bundle, BundleError
 from ctr.serving.batch_encode import JsonRowsEncoder, NumpyTsvEncoder
 from ctr.serving.fast import BatchPredictor, SingleRowPredictor, TsvEncoder, probe_tsv
 from ctr.serving.validation import check_rows
 
 log = logging.getLogger("ctr.serving")
-
-# Batches at least this big are predicted on LightGBM's threads, off the event loop.
-BATCH_THREADED_ROWS = 256
-
 
 @dataclass(frozen=True)
 class ServedModel:
@@ -43,6 +39,11 @@ class ServedModel:
         return self.bundle.version
 
     @property
+    def key(self) -> str:
+        """This loaded model's identity (the batch lane's workers build and cache it under this key)."""
+        return f"{self.version}/{self.bundle.digest}/{self.loaded_at!r}/{id(self)}"
+
+    @property
     def header(self) -> bytes:
         return self.bundle.version.encode()
 
@@ -53,8 +54,9 @@ class ServedModel:
 
     @classmethod
     def build(cls, bundle: Bundle) -> ServedModel:
-        probe = json.loads((bundle.path / "probe.json").read_text())
-        rows: list[dict[str, Any]] = probe["rows"]
+        if bundle.probe is None:  # Bundle.load checked it; the same bytes, never the file again
+            raise BundleError(f"model bundle {bundle.path} lacks probe.json (known inputs and outputs)")
+        rows: list[dict[str, Any]] = bundle.probe["rows"]
         want = bundle.predict_rows(rows)
         single = _verified_single(bundle, rows, want)
         tsv = _verified_tsv(bundle, rows, want, TsvEncoder)
@@ -159,19 +161,61 @@ def _verified_tsv(bundle: Bundle, rows: list[dict[str, Any]], want: np.ndarray,
     return enc
 
 
-class ModelHolder:
-    """The current model; `load` swaps it atomically after the new one passed its checks."""
+class LoadTimeout(BundleError):
+    """A load took longer than its limit; the old model serves on."""
 
-    def __init__(self, model: ServedModel) -> None:
+
+class ModelHolder:
+    """The current model; `load` swaps it atomically after the new one passed its checks.
+
+    A load runs on a daemon thread with a time limit: past it the load fails (the old model
+    serves on, the next load may start) and the stray thread's result is discarded; it can never
+    hold up shutdown. At most `max_stray` such threads may be left before loads are refused.
+    """
+
+    def __init__(self, model: ServedModel, load_timeout: float = 60.0, max_stray: int = 2) -> None:
         self.current = model
         self.previous: ServedModel | None = None
+        self.load_timeout = load_timeout
+        self.max_stray = max_stray
+        self._stray: set[threading.Thread] = set()
         self._lock = asyncio.Lock()
 
     async def load(self, path: str) -> tuple[ServedModel, ServedModel]:
-        """Load `path` off the event loop; returns (new, previous). Raises if refused."""
+        """Load `path` off the event loop; returns (new, previous). Raises if refused or too slow."""
         async with self._lock:
+            self._stray = {t for t in self._stray if t.is_alive()}
+            if len(self._stray) >= self.max_stray:
+                raise LoadTimeout(f"{len(self._stray)} earlier loads are still running past their time limit; "
+                                  "restart the service to clear them")
             loop = asyncio.get_running_loop()
-            new = await loop.run_in_executor(None, ServedModel.load, path)
+            fut: asyncio.Future[ServedModel] = loop.create_future()
+
+            def done(result: ServedModel | None, error: BaseException | None) -> None:
+                if fut.done():
+                    return
+                if error is not None:
+                    fut.set_exception(error)
+                else:
+                    fut.set_result(result)  # type: ignore[arg-type]
+
+            def work() -> None:
+                try:
+                    result, error = ServedModel.load(path), None
+                except BaseException as e:  # handed to the awaiting request, which answers 409
+                    result, error = None, e
+                try:
+                    loop.call_soon_threadsafe(done, result, error)
+                except RuntimeError:  # the loop has closed (shutdown): nobody is waiting
+                    pass
+
+            t = threading.Thread(target=work, name="ctr-load", daemon=True)
+            t.start()
+            try:
+                new = await asyncio.wait_for(asyncio.shield(fut), self.load_timeout)
+            except TimeoutError:
+                self._stray.add(t)
+                raise LoadTimeout(f"loading took over {self.load_timeout:g} s (CTR_LOAD_TIMEOUT_S); abandoned") from None
             old, self.current, self.previous = self.current, new, self.current
             log.info("model swapped from=%s to=%s bundle=%s", old.version, new.version, path)
             return new, old
