@@ -20,9 +20,9 @@ ROWS ?= 50000
 # The holdout day of the demo run; defaults to the last generated day.
 DATE ?=
 
-.PHONY: venv demo test airflow stop bench lint clean node-deps system-deps
+.PHONY: venv demo test airflow stop bench lint clean node-deps system-deps jars
 
-venv: $(BIN)/.installed
+venv: $(BIN)/.installed jars
 
 $(BIN)/.installed: requirements.txt pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,6 +30,20 @@ $(BIN)/.installed: requirements.txt pyproject.toml
 	$(BIN)/pip install -q -r requirements.txt
 	$(BIN)/pip install -q --no-deps -e .
 	$(BIN)/pip check
+	@touch $@
+
+# SynapseML's LightGBM + hadoop-azure jars for the Spark job (jobs/synapseml/pom.xml), from Maven Central
+# into the venv, where ctr finds them ($(JARS)); every checksum verified (-C). Offline (-o) once fetched
+# into ~/.m2; skipped while the stamp is newer than the pom.
+JARS := $(VENV)/share/ctr/jars
+MVN_FLAGS := -B -q -C -f jobs/synapseml/pom.xml dependency:copy-dependencies -DoutputDirectory=$(abspath $(JARS))
+jars: $(JARS)/.installed
+$(JARS)/.installed: jobs/synapseml/pom.xml | $(BIN)/.installed
+	@command -v mvn >/dev/null 2>&1 || { echo "make jars: mvn not found; install Maven (Debian: apt-get install maven; needs a JDK 17, e.g. apt-get install openjdk-17-jdk-headless)" >&2; exit 1; }
+	@rm -rf $(JARS) && mkdir -p $(JARS)
+	@mvn -o $(MVN_FLAGS) >/dev/null 2>&1 || mvn $(MVN_FLAGS)
+	@ls $(JARS)/*.jar | sed 's|.*/||' > $(JARS)/jars.txt
+	@echo "jars: $$(wc -l < $(JARS)/jars.txt) jars, $$(du -sh $(JARS) | cut -f1) in $(JARS)"
 	@touch $@
 
 demo: venv

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["data", "train", "quality", "serve", "rollout"]
+ORDER = ["data", "train", "quality", "serve", "rollout", "synapseml"]
 
 
 def main(argv: list[str]) -> int:

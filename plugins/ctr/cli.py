@@ -54,7 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--from", dest="start", type=_date, required=True)
     t.add_argument("--to", dest="end", type=_date, required=True)
     t.add_argument("--out", required=True, type=Path)
-    t.add_argument("--engine", choices=["lightgbm", "spark"], default="lightgbm")
+    t.add_argument("--engine", choices=["lightgbm", "spark", "synapseml"], default="lightgbm",
+                   help="lightgbm: local; spark: the Spark job, driver-side LightGBM; synapseml: the Spark job, "
+                        "SynapseML's distributed LightGBM (jars from `make jars`)")
     t.add_argument("--seed", type=int, default=42)
     t.add_argument("--staging", type=Path, default=None, help="Parquet staging folder (default: CTR_HOME/staging)")
     t.add_argument("--sample-fraction", type=float, default=1.0)
@@ -113,10 +115,11 @@ def cmd_train(a: argparse.Namespace, settings: Settings) -> int:
     if a.end < a.start:
         raise ValueError(f"--to {a.end} is before --from {a.start}")
     params = json.loads(a.params)
-    if a.engine == "spark":
+    if a.engine in ("spark", "synapseml"):
         from ctr.training.spark_job import run_local_spark_job
 
-        run_local_spark_job(data=a.data, start=a.start, end=a.end, out=a.out, seed=a.seed, params=params)
+        run_local_spark_job(data=a.data, start=a.start, end=a.end, out=a.out, seed=a.seed, params=params,
+                            engine="lightgbm" if a.engine == "spark" else "synapseml")
         return 0
     from ctr.training.trainer import TrainConfig, train
 

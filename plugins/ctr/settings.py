@@ -151,7 +151,7 @@ class DatabricksSettings:
     workspace_dir: str = "/Workspace/Shared/ctr"       # where the job file and wheel are imported
     landing: str = ""                                   # abfss:// landing zone as the cluster sees it
     output: str = ""                                    # abfss:// prefix for run outputs
-    spark_version: str = "15.4.x-scala2.12"             # LTS, Spark 3.5 (or 17.3.x-scala2.13: Spark 4.0)
+    spark_version: str = "16.4.x-scala2.12"             # LTS, Spark 3.5.2 / Scala 2.12: SynapseML 1.1.3's line
     node_type_id: str = "Standard_D8ds_v5"
     num_workers: int = 4
     executor_cores: int = 8                             # cores of node_type_id (numThreads = this - 1)

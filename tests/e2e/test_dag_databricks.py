@@ -1,8 +1,9 @@
 """ctr_retrain with compute=databricks, pointed at the local Jobs API server: a full `airflow dags test` run.
 
 ship_to_databricks imports the wheel and job file through the Workspace API, train_databricks is the
-provider's DatabricksSubmitRunOperator (the server runs the job on local pyspark), the bundle is fetched,
-and everything after `train` runs as in the local path, through promote.
+provider's DatabricksSubmitRunOperator (the server runs the job on local pyspark with the synapseml engine
+and the task's Maven libraries, as the real cluster would), the bundle is fetched, and everything after
+`train` runs as in the local path, through promote.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def test_compute_databricks_full_run(airflow_install, tmp_path_factory):
                "AIRFLOW_CONN_DATABRICKS_DEFAULT": json.dumps({"conn_type": "databricks", "host": "127.0.0.1", "port": api.port,
                                                               "schema": "http", "password": api.token}),
                "CTR_DATABRICKS_LANDING": str(landing), "CTR_DATABRICKS_OUTPUT": str(out),
-               "CTR_DATABRICKS_ENGINE": "lightgbm", "CTR_DATABRICKS_POLLING_SECONDS": "1",
+               "CTR_DATABRICKS_ENGINE": "synapseml", "CTR_DATABRICKS_EXECUTOR_CORES": "2",
+               "CTR_DATABRICKS_POLLING_SECONDS": "1",
                "CTR_DATABRICKS_DEFERRABLE": "false"}
         conf = {"compute": "databricks", "train_days": 2, "min_auc": 0.5}
         r = subprocess.run([str(BIN / "airflow"), "dags", "test", "ctr_retrain", D.isoformat(), "--conf", json.dumps(conf)],
@@ -49,12 +51,14 @@ def test_compute_databricks_full_run(airflow_install, tmp_path_factory):
         params = run.request["spark_python_task"]["parameters"]
         assert params[params.index("--holdout") + 1] == D.isoformat()
         assert ("POST", "/api/2.0/workspace/import") in api.requests
+        assert any(lib.get("maven", {}).get("coordinates", "").startswith("com.microsoft.azure:synapseml-lightgbm_2.12:")
+                   for lib in run.request["libraries"])
 
         run_dir = inst.ctr_home / "runs" / "ctr_retrain" / D.isoformat()
         m = json.loads((run_dir / "metrics.json").read_text())
         assert m["gate"]["passed"], m["gate"]
         meta = json.loads((run_dir / "candidate" / "metadata.json").read_text())
-        assert meta["engine"] == "spark-lightgbm" and meta["holdout_day"] == D.isoformat()
+        assert meta["engine"] == "spark-synapseml" and meta["holdout_day"] == D.isoformat()
         cluster = json.loads((run_dir / "databricks" / "metrics.json").read_text())
         assert cluster["candidate"]["auc"] == pytest.approx(m["candidate"]["auc"], abs=1e-9)
 

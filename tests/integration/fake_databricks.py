@@ -8,9 +8,12 @@ Endpoints (JSON in, JSON out, `Authorization: Bearer <token>` required):
   POST /api/2.{1,2}/jobs/runs/cancel      {run_id} -> {}
   POST /api/2.0/workspace/mkdirs | import, GET /api/2.0/workspace/get-status
 Life cycle: PENDING -> RUNNING -> TERMINATED (SUCCESS | FAILED | CANCELED); INTERNAL_ERROR when the
-"cluster" cannot start the task (python_file or a library missing). A submitted spark_python_task
+"cluster" cannot start the task (python_file or a library missing, a Maven library it cannot
+resolve, a runtime whose Spark line is not the local pyspark's). A submitted spark_python_task
 really runs: `python <python_file> <parameters>` with local pyspark, the shipped wheel first on
-PYTHONPATH (so the job imports ctr from the wheel it was given), in its own process group.
+PYTHONPATH (so the job imports ctr from the wheel it was given), in its own process group. Maven
+libraries resolve against the jars `make jars` fetched from Maven Central (the "cluster's" Maven
+cache): the run's Spark gets them only when the request names them, as a real cluster would.
 Errors follow the API: {"error_code": "...", "message": "..."} with 400/401/404.
 """
 
@@ -140,8 +143,12 @@ class FakeDatabricks:
                 if not zipfile.is_zipfile(w):
                     self._finish(run, "INTERNAL_ERROR", None, f"Library installation failed: {w.name} is not a wheel")
                     return
+            problem, jars_dir = self._cluster_libraries(run.request)
+            if problem:
+                self._finish(run, "INTERNAL_ERROR", None, problem)
+                return
             env = {**os.environ, **self.env, "PYTHONPATH": os.pathsep.join(str(w) for w in wheels),
-                   "PYTHONUNBUFFERED": "1"}
+                   "PYTHONUNBUFFERED": "1", "CTR_SPARK_JARS_DIR": str(jars_dir)}
             log_path = self.logs_dir / f"run-{run.run_id}.log"
             log = open(log_path, "wb")  # noqa: SIM115
             run.proc = subprocess.Popen([sys.executable, str(py), *task.get("parameters", [])], stdout=log,
@@ -161,6 +168,30 @@ class FakeDatabricks:
                 run.error = lines[-1] if lines else f"exit code {code}"
                 run.error_trace = "\n".join(lines[-40:])
                 self._finish(run, "TERMINATED", "FAILED", "Workload failed, see run output for details")
+
+    def _cluster_libraries(self, body: dict[str, Any]) -> tuple[str | None, Path]:
+        """(problem, jars folder for the run's Spark): the runtime must run the local pyspark's Spark line,
+        and every Maven library must resolve from the local Maven cache (.venv/share/ctr/jars)."""
+        import pyspark
+        from ctr.training.synapseml import jars_dir
+
+        runtime = (body.get("new_cluster") or {}).get("spark_version", "")
+        spark = RUNTIME_SPARK.get(runtime.split(".x-")[0])
+        if spark and spark[:3] != pyspark.__version__[:3]:
+            return (f"Cluster could not start: runtime {runtime} runs Spark {spark}; this workspace's Spark is "
+                    f"pyspark {pyspark.__version__}"), Path()
+        coords = [lib["maven"] for lib in body.get("libraries", []) if "maven" in lib]
+        if not coords:
+            empty = self.root / "no-maven-libraries"
+            empty.mkdir(exist_ok=True)
+            return None, empty
+        cache = jars_dir(self.env)
+        for m in coords:
+            group, artifact, version = (m.get("coordinates", "") + "::").split(":")[:3]
+            if m.get("repo") or not (cache / f"{artifact}-{version}.jar").is_file():
+                return (f"Library installation failed for library due to user error for maven {m.get('coordinates')!r}: "
+                        f"not resolvable from Maven Central (checked {cache})"), Path()
+        return None, cache
 
     def _finish(self, run: Run, life: str, result: str | None, message: str) -> None:
         run.life_cycle_state, run.result_state, run.state_message = life, result, message
@@ -249,6 +280,10 @@ class FakeDatabricks:
         if not p.exists():
             return 404, _err("RESOURCE_DOES_NOT_EXIST", f"Path ({path}) doesn't exist.")
         return 200, {"path": path, "object_type": "DIRECTORY" if p.is_dir() else "FILE", "object_id": p.stat().st_ino}
+
+
+# Databricks runtime -> Apache Spark version (release notes)
+RUNTIME_SPARK = {"15.4": "3.5.0", "16.4": "3.5.2", "17.3": "4.0.0"}
 
 
 def _err(code: str, message: str) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import REPO
 from tests.integration.fake_databricks import FakeDatabricks
 
 pytestmark = pytest.mark.integration
@@ -104,7 +105,13 @@ def _context(ti: _TI) -> dict:
 
 
 def test_payload_shape():
-    from ctr.training.databricks import DatabricksSettings, TrainRequest, idempotency_token, submit_payload
+    from ctr.training.databricks import (
+        DatabricksConfigError,
+        DatabricksSettings,
+        TrainRequest,
+        idempotency_token,
+        submit_payload,
+    )
 
     long_run = "manual__2026-11-20T02:00:00.123456+00:00" * 3
     tok = idempotency_token("ctr_retrain", long_run, "train_databricks")
@@ -115,13 +122,21 @@ def test_payload_shape():
                        s, python_file="/Workspace/x/train_spark.py", wheel="/Workspace/x/ctr.whl", token=tok, run_name="r")
     nc = p["new_cluster"]
     assert "autoscale" not in nc and nc["num_workers"] == 4 and "libraries" not in nc
-    assert {"maven": {"coordinates": "com.microsoft.azure:synapseml_2.12:1.1.3",
-                      "repo": "https://mmlspark.blob.core.windows.net/maven"}} in p["libraries"]
+    # the pair the local Spark runs (jobs/synapseml/pom.xml), from Maven Central: no `repo`
+    assert nc["spark_version"] == "16.4.x-scala2.12"
+    assert {"maven": {"coordinates": "com.microsoft.azure:synapseml-lightgbm_2.12:1.1.3",
+                      "exclusions": ["com.microsoft.ml.lightgbm:lightgbmlib"]}} in p["libraries"]
+    assert {"maven": {"coordinates": "com.microsoft.ml.lightgbm:lightgbmlib:3.3.500"}} in p["libraries"]
+    pom = (REPO / "jobs" / "synapseml" / "pom.xml").read_text()
+    assert "<synapseml.version>1.1.3</synapseml.version>" in pom and "<lightgbmlib.version>3.3.500<" in pom
     assert {"whl": "/Workspace/x/ctr.whl"} in p["libraries"]
     assert "--engine" in p["spark_python_task"]["parameters"]
     s4 = DatabricksSettings(landing="x", spark_version="17.3.x-scala2.13")
-    assert submit_payload(TrainRequest("a", "b", "c", "d"), s4, python_file="f", wheel="w", token="t", run_name="r")[
-        "libraries"][-1]["maven"]["coordinates"] == "com.microsoft.azure:synapseml_2.13:1.1.3-spark4.0"
+    with pytest.raises(DatabricksConfigError, match="Spark 3.5 / Scala 2.12 runtimes"):
+        submit_payload(TrainRequest("a", "b", "c", "d"), s4, python_file="f", wheel="w", token="t", run_name="r")
+    s4 = DatabricksSettings(landing="x", spark_version="17.3.x-scala2.13", engine="lightgbm")
+    assert not any("maven" in lib for lib in submit_payload(
+        TrainRequest("a", "b", "c", "d"), s4, python_file="f", wheel="w", token="t", run_name="r")["libraries"])
 
 
 def test_retry_attaches_to_the_same_run_and_the_run_succeeds(server, shipped, landing, tmp_path):
@@ -218,13 +233,30 @@ def test_deferrable_trigger_reaches_the_terminal_state(server, shipped, landing,
         op.execute_complete(_context(_TI()), event)
 
 
+def test_unresolvable_maven_library_fails_the_cluster_start(server, shipped, landing, tmp_path):
+    from ctr.airflow.databricks import CtrDatabricksHook
+    from ctr.training.databricks import idempotency_token
+
+    payload = _payload(shipped, landing, tmp_path / "out", token=idempotency_token("ctr_retrain", "maven", "t"),
+                       engine="synapseml")
+    assert any("maven" in lib for lib in payload["libraries"])
+    payload["libraries"] = [{"maven": {"coordinates": "com.microsoft.ml.lightgbm:lightgbmlib:0.0.1"}} if "maven" in lib
+                            and "lightgbmlib" in lib["maven"]["coordinates"] else lib for lib in payload["libraries"]]
+    run_id = CtrDatabricksHook(CONN_ID).submit_run(payload)
+    deadline = time.monotonic() + 30
+    while server.runs[run_id].life_cycle_state in ("PENDING", "RUNNING") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    run = server.runs[run_id]
+    assert run.life_cycle_state == "INTERNAL_ERROR" and "lightgbmlib:0.0.1" in run.state_message, run.state_message
+
+
 def test_settings_switches_and_join():
     from ctr.airflow.databricks import join, resolve_deferrable
     from ctr.training.databricks import (
         DatabricksConfigError,
         DatabricksSettings,
         new_cluster,
-        synapseml_coordinates,
+        synapseml_libraries,
     )
 
     assert resolve_deferrable("auto", True) is True and resolve_deferrable("auto", False) is False
@@ -238,8 +270,10 @@ def test_settings_switches_and_join():
     assert nc["spark_conf"]["fs.azure.account.auth.type.acct.dfs.core.windows.net"] == "OAuth"
     with pytest.raises(DatabricksConfigError, match="CTR_DATABRICKS_NUM_WORKERS"):
         DatabricksSettings.from_env({"CTR_DATABRICKS_NUM_WORKERS": "many"})
-    with pytest.raises(DatabricksConfigError, match="Scala 2.13"):
-        synapseml_coordinates("17.3.x-scala2.12")
+    with pytest.raises(DatabricksConfigError, match="Spark 3.5 / Scala 2.12"):
+        synapseml_libraries("17.3.x-scala2.12")
+    with pytest.raises(DatabricksConfigError, match="Spark 3.5 / Scala 2.12"):
+        synapseml_libraries("16.4.x-scala2.13")
     assert join(None, {"bundle": "/b"}) == {"bundle": "/b"} and join({"bundle": "/a"}, None) == {"bundle": "/a"}
     with pytest.raises(RuntimeError, match="neither train nor fetch"):
         join(None, None)

@@ -9,8 +9,10 @@ documented Jobs API 2.1/2.2 `runs/submit` payload or the files it points at:
     `<workspace_dir>/<content sha>/...` (Workspace `import` API, through the provider's hook): one
     JSON API the provider's connection already authenticates, paths a running job never sees
     change (content-addressed), and no DBFS root (disabled for libraries on recent runtimes);
-  * SynapseML comes from its Maven repository as a task-level library; autoscaling is off
-    (fixed `num_workers`), as SynapseML's LightGBM needs a stable set of executors;
+  * SynapseML's LightGBM comes from Maven Central as a task-level library, the same pair the
+    local Spark runs (Spark 3.5 / Scala 2.12 runtime, synapseml-lightgbm_2.12 1.1.3 with
+    lightgbmlib 3.3.500; ctr.training.synapseml says why); autoscaling is off (fixed `num_workers`),
+    as SynapseML's LightGBM needs a stable set of executors;
   * outputs go to an `abfss://` prefix the cluster reaches with its managed identity / service
     principal configured in the cluster's Spark conf (secrets referenced, never inlined).
 """
@@ -55,8 +57,6 @@ include = ["ctr*"]
 [tool.setuptools.package-data]
 ctr = ["**/*.txt", "**/*.yaml", "**/*.j2", "**/*.json", "**/Dockerfile"]
 """
-SYNAPSEML_VERSION = "1.1.3"
-SYNAPSEML_REPO = "https://mmlspark.blob.core.windows.net/maven"
 MAX_TOKEN = 64
 
 
@@ -80,13 +80,21 @@ def spark_major(spark_version: str) -> int:
     return 4 if int(m.group(1)) >= 17 else 3
 
 
-def synapseml_coordinates(spark_version: str) -> str:
-    """Maven coordinates matching the runtime's Spark/Scala: 2.12 for Spark 3.5, 2.13 for Spark 4.0."""
-    if spark_major(spark_version) >= 4:
-        if "scala2.12" in spark_version:
-            raise DatabricksConfigError(f"spark_version {spark_version!r}: Spark 4 runtimes are Scala 2.13")
-        return f"com.microsoft.azure:synapseml_2.13:{SYNAPSEML_VERSION}-spark4.0"
-    return f"com.microsoft.azure:synapseml_2.12:{SYNAPSEML_VERSION}"
+def synapseml_libraries(spark_version: str) -> list[dict[str, Any]]:
+    """Task-level Maven libraries for the synapseml engine, from Maven Central (no `repo`): SynapseML's
+    LightGBM for Spark 3.5 / Scala 2.12 with lightgbmlib swapped for the version the job needs.
+
+    SynapseML publishes no Spark 4 / Scala 2.13 build on Maven Central, so other runtimes are refused."""
+    from ctr.training.synapseml import LIGHTGBM_COORDINATES, LIGHTGBMLIB_COORDINATES, SCALA_BINARY, SPARK_LINE
+
+    if spark_major(spark_version) != 3 or f"scala{SCALA_BINARY}" not in spark_version:
+        raise DatabricksConfigError(
+            f"spark_version {spark_version!r}: the synapseml engine runs on Spark {SPARK_LINE} / Scala {SCALA_BINARY} "
+            f"runtimes (e.g. 16.4.x-scala{SCALA_BINARY}, 15.4.x-scala{SCALA_BINARY}), the line {LIGHTGBM_COORDINATES} "
+            "is built for; set CTR_DATABRICKS_SPARK_VERSION to one of them or CTR_DATABRICKS_ENGINE=lightgbm")
+    lightgbmlib = LIGHTGBMLIB_COORDINATES.rsplit(":", 1)[0]
+    return [{"maven": {"coordinates": LIGHTGBM_COORDINATES, "exclusions": [lightgbmlib]}},
+            {"maven": {"coordinates": LIGHTGBMLIB_COORDINATES}}]
 
 
 def _pinned(dist: str) -> str:
@@ -100,7 +108,7 @@ def libraries(wheel_path: str, s: DatabricksSettings) -> list[dict[str, Any]]:
     """Task-level libraries (not inside new_cluster): the ctr wheel, LightGBM as pinned here, SynapseML."""
     libs: list[dict[str, Any]] = [{"whl": wheel_path}, {"pypi": {"package": _pinned("lightgbm")}}]
     if s.engine == "synapseml":
-        libs.append({"maven": {"coordinates": synapseml_coordinates(s.spark_version), "repo": SYNAPSEML_REPO}})
+        libs += synapseml_libraries(s.spark_version)
     return libs
 
 

@@ -86,23 +86,35 @@ class JobArgs:
 
 
 # ---- Spark session -------------------------------------------------------------------------
-def spark_session(app: str = "ctr-train", master: str | None = None):
-    """The active session (Databricks) or a small local one (local[2], no UI, few shuffle partitions)."""
+def spark_session(app: str = "ctr-train", master: str | None = None, conf: dict[str, str] | None = None):
+    """The active session (Databricks) or a new one: local[2] by default (no UI, few shuffle
+    partitions), or the `CTR_SPARK_MASTER` / `master` given (e.g. a standalone cluster's spark://).
+
+    A new session gets the jars of `make jars` (SynapseML's LightGBM, hadoop-azure) as `spark.jars`,
+    then `CTR_SPARK_CONF` ("k=v;k=v", e.g. a standalone cluster's executor sizing), then `conf`."""
     from pyspark.sql import SparkSession
+
+    from ctr.training.synapseml import spark_jars
 
     active = SparkSession.getActiveSession()
     if active is not None:
         return active
     master = master or os.environ.get("CTR_SPARK_MASTER", "local[2]")
-    b = SparkSession.builder.appName(app)
+    b = SparkSession.builder.appName(app).master(master)
+    # Python workers run this interpreter (the one with ctr installed), not whatever python3 is on PATH
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     if master.startswith("local"):
-        # Python workers run this interpreter (the one with ctr installed), not whatever python3 is on PATH
-        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-        os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-        b = (b.master(master).config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", "2")
+        b = (b.config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", "2")
              .config("spark.ui.showConsoleProgress", "false")
              .config("spark.driver.memory", os.environ.get("CTR_SPARK_DRIVER_MEMORY", "2g"))
              .config("spark.sql.session.timeZone", "UTC"))
+    jars = spark_jars()
+    if jars:
+        b = b.config("spark.jars", ",".join(jars))
+    extra = dict(kv.strip().split("=", 1) for kv in os.environ.get("CTR_SPARK_CONF", "").split(";") if "=" in kv)
+    for k, v in {**extra, **(conf or {})}.items():
+        b = b.config(k.strip(), v.strip())
     return b.getOrCreate()
 
 
@@ -273,9 +285,19 @@ def split_train_valid(good, days: list[dt.date], cfg: TrainConfig):
     return ranked.where(F.col("_rn") <= cut).drop("_rn"), ranked.where(F.col("_rn") > cut).drop("_rn")
 
 
+def collect_arrow(df) -> pa.Table:
+    """A DataFrame collected to the driver as an Arrow table (Spark 3.5 has no public `toArrow`)."""
+    if hasattr(df, "toArrow"):  # Spark >= 4.0
+        return df.toArrow()
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    schema = to_arrow_schema(df.schema)
+    return pa.Table.from_batches(df._collect_as_arrow(), schema=schema)
+
+
 def to_arrow(df) -> pa.Table:
     """Rows in landing-zone order (day, file, line) as an Arrow table with ARROW_SCHEMA."""
-    t = df.orderBy("day", "file", "pos").select(*ALL_COLUMNS).toArrow()
+    t = collect_arrow(df.orderBy("day", "file", "pos").select(*ALL_COLUMNS))
     return t.cast(ARROW_SCHEMA)
 
 
@@ -329,7 +351,7 @@ def score_holdout(holdout_df, bundle_dirs: list[Path]) -> tuple[np.ndarray, list
         model_str = (d / "model.txt").read_text()
         features = json.loads((d / "features.json").read_text())
         schema = _spark_schema(pa.schema([("pos", pa.int64()), ("y", pa.float64()), ("p", pa.float64())]))
-        t = holdout_df.mapInArrow(_scorer(model_str, features), schema).orderBy("pos").toArrow()
+        t = collect_arrow(holdout_df.mapInArrow(_scorer(model_str, features), schema).orderBy("pos"))
         if ys is None:
             ys = t.column("y").to_numpy()
         ps.append(t.column("p").to_numpy())
@@ -459,7 +481,7 @@ def run_job(spark, a: JobArgs) -> dict[str, Any]:
             trees_built = res.get("trees_built", best)
             n_train, n_valid = train_df.count(), valid_df.count()
             click_rate = float(train_good.agg(F.avg(LABEL)).collect()[0][0])
-            sample = valid_df.limit(16).select(*ALL_COLUMNS).toArrow().cast(ARROW_SCHEMA)
+            sample = collect_arrow(valid_df.limit(16).select(*ALL_COLUMNS)).cast(ARROW_SCHEMA)
         log.info("trees best_iteration=%s valid_auc=%s train_secs=%.1f", best, valid_auc, time.monotonic() - t2)
         transform.save(bundle / "features.json")
         validation = train_days[-1].isoformat() + (" (last tenth)" if len(train_days) == 1 else "")
@@ -515,14 +537,19 @@ def executor_cores(spark) -> int:
 
 def run_local_spark_job(*, data: str, start: dt.date, end: dt.date, out: Path, seed: int = 42,
                         params: dict[str, Any] | None = None, holdout: dt.date | None = None,
-                        sample_fraction: float = 1.0) -> dict[str, Any]:
-    """`ctr train --engine spark`: the job on pyspark's bundled local Spark, LightGBM engine.
+                        sample_fraction: float = 1.0, engine: str = "lightgbm") -> dict[str, Any]:
+    """`ctr train --engine spark|synapseml`: the job on pyspark's bundled local Spark (or
+    CTR_SPARK_MASTER), with driver-side LightGBM (`spark`) or SynapseML's LightGBM (`synapseml`).
 
     The bundle goes to `out`; metrics.json (holdout = the day after `end`, when the landing zone
     has it), data_report.json and quarantine/ go to `<out>.spark/`.
     """
     out = Path(out).resolve()
     reports = out.with_name(out.name + ".spark")
+    if engine == "synapseml":
+        from ctr.training.synapseml import require_jars
+
+        require_jars()  # before Spark starts: one line naming the missing Maven coordinates
     spark = spark_session()
     if holdout is None:
         try:
@@ -531,7 +558,7 @@ def run_local_spark_job(*, data: str, start: dt.date, end: dt.date, out: Path, s
         except LandingZoneError:
             log.info("no day %s in %s: skipping the holdout evaluation", end + dt.timedelta(days=1), data)
     args = JobArgs(data=str(Path(data).resolve()) if not _is_remote(data) else data, start=start, end=end,
-                   out=str(reports), holdout=holdout, engine="lightgbm", seed=seed, params=params or {},
+                   out=str(reports), holdout=holdout, engine=engine, seed=seed, params=params or {},
                    sample_fraction=sample_fraction, bundle_dir=str(out),
                    num_threads=Settings.from_env().num_threads)
     summary = run_job(spark, args)
