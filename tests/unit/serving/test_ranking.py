@@ -254,3 +254,15 @@ def test_candidate_limit_is_checked_at_start_up() -> None:
     for bad, words in [("0", "out of range"), ("lots", "not an integer"), ("2000000", "out of range")]:
         with pytest.raises(ValueError, match=f"CTR_RANK_MAX_CANDIDATES.*{words}"):
             service_limits({"CTR_RANK_MAX_CANDIDATES": bad})
+
+
+def test_the_demos_printed_rank_example_is_a_valid_request(model: ServedModel) -> None:
+    import shlex
+
+    from ctr.demo import rank_example
+
+    lines = rank_example("http://127.0.0.1:8765", ' -H "Authorization: Bearer $CTR_SERVE_TOKEN"')
+    argv = shlex.split(" ".join(x.rstrip("\\") for x in lines))
+    assert argv[:3] == ["curl", "-s", "http://127.0.0.1:8765/v1/rank"] and "Authorization: Bearer $CTR_SERVE_TOKEN" in argv
+    _, doc = ranking.rank(model, json.loads(argv[argv.index("-d") + 1]))
+    assert [i["id"] for i in doc["items"]] != [] and len(doc["items"]) == 2
