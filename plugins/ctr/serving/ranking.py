@@ -17,7 +17,9 @@ the merged rows: the same numbers, and the error naming the mistake. Tests prove
 from __future__ import annotations
 
 import copy
+import functools
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ RANK_KEYS = frozenset({"context", "candidates", "k", "override"})
 OVERRIDES = frozenset({"candidate"})
 ID_INT_MAX = 2**53  # integer ids beyond this would not survive a JSON round trip in most clients
 ID_MAX_CHARS = 256
+_INT_EXACT = 2.0**53
 JSON_TYPES = frozenset({b"application/json"})
 
 
@@ -151,9 +154,85 @@ def _fast_matrix(model: Any, context: dict[str, Any], cands: list[dict[str, Any]
     base = enc.encode([context])
     if base is None:
         return None
+    x = _columns_matrix(enc, base[0], cands)
+    if x is not None:
+        return x
     merged = copy.copy(enc)
     merged.template = base[0].tolist()
     return merged.encode(cands)
+
+
+@functools.lru_cache(maxsize=4)
+def _plain_vocabularies(enc: Any) -> bool:
+    """Whether every vocabulary value is 8 lower-case hex digits (then a hit in it is a valid value)."""
+    return all(len(v) == 8 and _LOWER_HEX.issuperset(v)
+               for kind, _, index, _ in enc.plan.values() if kind == 1 for v in index)
+
+
+_LOWER_HEX = frozenset("0123456789abcdef")
+_HEX = frozenset("0123456789abcdefABCDEF")
+_NONE = type(None)
+
+
+class _Absent:
+    """A candidate without the field (it keeps the context's value)."""
+
+
+_ABSENT = _Absent()
+
+
+def _columns_matrix(enc: Any, base: np.ndarray, cands: list[dict[str, Any]]) -> np.ndarray | None:
+    """Candidates -> matrix a column (field) at a time, starting from the context's vector.
+
+    Each field's values across the candidates are taken in one pass (an absent field keeps the
+    context's value), their types checked with one `set(map(type, ...))` and categoricals coded with
+    one `map(dict.get)` over the vocabulary; only values not in it (rare, upper-case, null) are
+    looked at one by one. Anything not plain (a type other than int/str/None, an integer at or beyond
+    2^53, non-hex) returns None for the general paths, which name the mistake."""
+    if not _plain_vocabularies(enc):
+        return None
+    names = set().union(*cands)
+    plans = [enc.plan.get(k) for k in names]
+    if any(p is None for p in plans):
+        return None
+    x = np.tile(base, (len(cands), 1))
+    for name, (kind, j, index, rare) in zip(names, plans, strict=True):
+        vals = [c.get(name, _ABSENT) for c in cands]
+        types = set(map(type, vals))
+        if kind == 0:
+            if not types <= {int, _NONE, _Absent}:
+                return None
+            if len(types) > 1 or int not in types:
+                keep = float(base[j])
+                vals = [keep if v is _ABSENT else math.nan if v is None else v for v in vals]
+            try:
+                col = np.array(vals, dtype=np.float64)
+            except OverflowError:
+                return None
+            if not np.all(np.abs(col) < _INT_EXACT, where=~np.isnan(col)):
+                return None  # at 2^53 and beyond the float may have rounded: the checked path decides
+            x[:, j] = col
+        elif kind == 1:
+            if not types <= {str, _NONE, _Absent}:
+                return None
+            codes = list(map(index.get, vals))
+            if None in codes:
+                missing, keep = enc.template[j], float(base[j])
+                for i, code in enumerate(codes):
+                    if code is None:
+                        v = vals[i]
+                        if v is None:
+                            codes[i] = missing
+                        elif v is _ABSENT:
+                            codes[i] = keep
+                        elif len(v) != 8 or not _HEX.issuperset(v):
+                            return None
+                        else:
+                            codes[i] = index.get(v.lower(), rare)
+            x[:, j] = codes
+        elif not types <= {int, _NONE, _Absent} or not set(vals) <= {0, 1, None, _ABSENT}:
+            return None  # label: 0, 1 or null, ignored
+    return x
 
 
 def _checked_matrix(model: Any, context: dict[str, Any], cands: list[dict[str, Any]]) -> np.ndarray:

@@ -266,3 +266,21 @@ def test_the_demos_printed_rank_example_is_a_valid_request(model: ServedModel) -
     assert argv[:3] == ["curl", "-s", "http://127.0.0.1:8765/v1/rank"] and "Authorization: Bearer $CTR_SERVE_TOKEN" in argv
     _, doc = ranking.rank(model, json.loads(argv[argv.index("-d") + 1]))
     assert [i["id"] for i in doc["items"]] != [] and len(doc["items"]) == 2
+
+
+def test_column_encoder_takes_plain_candidates_and_refuses_the_rest(model: ServedModel) -> None:
+    from ctr.serving.validation import check_rows
+
+    ctx = {"I1": 4, "C1": _vocab_value(model, "C1", 0)}
+    cands = [{"I2": j, "C3": _vocab_value(model, "C3", j)} for j in range(5)]
+    cands[1]["C3"] = _vocab_value(model, "C3", 1).upper()   # upper case: a miss, then coded
+    cands[2]["C3"] = "0badf00d"                              # unseen: the rare code
+    cands[3]["C3"] = None                                    # null: missing
+    del cands[4]["I2"]                                       # absent
+    cands[0]["label"] = 1                                    # ignored
+    base = model.rows.encode([ctx])[0]
+    x = ranking._columns_matrix(model.rows, base, [dict(c) for c in cands])
+    ref = model.bundle.transform.rows_matrix(check_rows([{**ctx, **c} for c in cands]))
+    assert x is not None and np.array_equal(x, ref, equal_nan=True)
+    for odd in [{"I2": 3.0}, {"I2": True}, {"I2": 2**53}, {"C3": "abc"}, {"C3": "zzzzzzzz"}, {"label": 2}, {"I14": 1}]:
+        assert ranking._columns_matrix(model.rows, base, [{"I2": 1}, odd]) is None, odd
