@@ -14,6 +14,12 @@
    --probe-rate requests/s; latency counted from each request's scheduled time, so queueing
    behind a stall counts) posts one row to /v1/score; the same batch load alone first.
    Goal: single-row p99 <= 20 ms while batch rows/s stay >= 0.6x the batch load alone.
+4. Rank (issue 20): `POST /v1/rank` with 100 candidates (one held-out row's I1..I13, C1..C13 as the
+   context, each of 100 held-out rows' C14..C26 as a candidate, k=10) by wrk at N connections, and
+   in-process `Booster.predict` on the same 100 merged rows pre-encoded as numpy, side by side.
+   Goal: candidates/s >= 0.7x the faster of `Booster.predict(X)` and `Booster.predict(X, num_threads=1)`.
+   Also measured, without a goal: the same 100 rows sent whole as candidates (an empty context).
+   `--only rank` runs just this part and updates the "rank" key (and its goal) of an existing JSON.
 Every number a server returns is checked against the offline prediction first.
 Without --model, a bundle is trained here the way `make demo` does (8 days x 50,000 generated rows).
 Needs wrk (`apt-get install wrk`). Load goes only to loopback, bounded by --duration.
@@ -234,6 +240,57 @@ def mixed_scenario(url: str, table: Any, lines: list[str], single_body: bytes, a
     return out
 
 
+RANK_CONTEXT = [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 14)]
+
+
+def rank_bodies(rows: list[dict[str, Any]], n: int) -> dict[str, dict[str, Any]]:
+    """The 100-candidate requests: context + item fields, and whole rows as candidates (empty context)."""
+    ctx = {c: v for c, v in rows[0].items() if c in RANK_CONTEXT}
+    split = {"context": ctx, "k": 10,
+             "candidates": [{"id": f"item-{j}", **{c: v for c, v in r.items() if c not in RANK_CONTEXT}}
+                            for j, r in enumerate(rows[:n])]}
+    whole = {"context": {}, "k": 10, "candidates": [{"id": f"item-{j}", **r} for j, r in enumerate(rows[:n])]}
+    return {"context_plus_items": split, "whole_rows": whole}
+
+
+def rank_scenario(url: str, bundle: Any, rows: list[dict[str, Any]], a: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """`/v1/rank` by wrk, then in-process Booster.predict on the same merged rows; candidates/s each."""
+    from ctr.serving import ranking
+    from ctr.serving.model import ServedModel
+
+    n = a.rank_candidates
+    offline = ServedModel.build(bundle)
+    out: dict[str, Any] = {"candidates_per_request": n, "k": 10, "context_fields": RANK_CONTEXT, "requests": {}}
+    for kind, req in rank_bodies(rows, n).items():
+        body = json.dumps(req).encode()
+        merged = [{**req["context"], **{c: v for c, v in cand.items() if c != "id"}} for cand in req["candidates"]]
+        _, want = ranking.rank(offline, json.loads(body))
+        got = post(url + "/v1/rank", body, "application/json")
+        assert [i["id"] for i in got["items"]] == [i["id"] for i in want["items"]]
+        assert max(abs(g["probability"] - w["probability"]) for g, w in zip(got["items"], want["items"], strict=True)) <= 1e-12
+        x = bundle.transform.rows_matrix(merged)
+        log(f"rank ({kind}): /v1/rank {n} candidates ...")
+        wrk(url + "/v1/rank", body, "application/json", a.connections, 3, work, tag="-rank")  # warm-up
+        served = wrk(url + "/v1/rank", body, "application/json", a.connections, a.duration, work, tag="-rank")
+        served["candidates_per_s"] = round(served["requests_per_s"] * n, 1)
+        log(f"rank ({kind}): in-process Booster.predict on the same {n} rows ...")
+        base_default = in_process_rows_per_s(bundle.booster, x, a.duration)
+        base_one = in_process_rows_per_s(bundle.booster, x, a.duration, num_threads=1)
+        best = max(base_default["rows_per_s"], base_one["rows_per_s"])
+        out["requests"][kind] = {"body_bytes": len(body), "ctr_rank": served,
+                                 "booster_predict_default_threads": base_default, "booster_predict_1_thread": base_one,
+                                 "ratio_vs_best_booster_predict": round(served["candidates_per_s"] / best, 3)}
+        log(f"rank ({kind}): {served['candidates_per_s']:.0f} candidates/s vs Booster.predict {best:.0f} rows/s "
+            f"= {served['candidates_per_s'] / best:.2f}x (p99 {served['p99_ms']:.2f} ms)")
+    return out
+
+
+def rank_goal(rank: dict[str, Any]) -> bool:
+    r = rank["requests"]["context_plus_items"]
+    return r["ratio_vs_best_booster_predict"] >= 0.7 and r["ctr_rank"]["non_2xx"] == 0 \
+        and r["ctr_rank"]["socket_errors"] == 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, help="bundle directory (default: train one like make demo)")
@@ -244,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mixed-rows", type=int, default=10_000, help="rows per batch in the mixed scenario")
     ap.add_argument("--probe-rate", type=float, default=200.0,
                     help="single-row requests/s beside the batches in the mixed scenario")
+    ap.add_argument("--rank-candidates", type=int, default=100, help="candidates per /v1/rank request")
+    ap.add_argument("--only", choices=["rank"], help="run only this part; update its keys in an existing --out")
     ap.add_argument("--out", type=Path, default=RESULTS)
     a = ap.parse_args(argv)
     if shutil.which("wrk") is None:
@@ -266,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         raise SystemExit(f"held-out rows have bad lines, e.g. {bad[0]}")
     row = {k: v for k, v in table.select(FEATURE_COLUMNS).slice(0, 1).to_pylist()[0].items() if v is not None}
+    rank_rows = [{k: v for k, v in r.items() if v is not None}
+                 for r in table.select(FEATURE_COLUMNS).slice(0, a.rank_candidates).to_pylist()]
     want_single = float(bundle.predict_rows([row])[0])
     single = json.dumps({"dataframe_split": {"columns": list(row), "data": [list(row.values())]}}).encode()
     batch_tsv = ("\n".join(lines[: a.batch_rows]) + "\n").encode()
@@ -278,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
         "bundle": {"path": str(bundle_dir), "version": bundle.version, "trees": bundle.booster.num_trees()},
         "load": {"generator": "wrk -t1 (separate process)", "connections": a.connections, "duration_s": a.duration},
     }
+
+    if a.only == "rank":
+        return only_rank(a, argv, bundle, bundle_dir, rank_rows, env, work, result)
 
     # ---- 1. single row: ctr serve vs mlflow models serve, same request --------------------------
     port = free_port()
@@ -306,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         ctr_batch_json = wrk(ctr.url + "/v1/score", batch_json.encode(), "application/json", a.connections,
                              a.duration, work)
         mixed = mixed_scenario(ctr.url, table, lines, body_v1, a, work)
+        rank = rank_scenario(ctr.url, bundle, rank_rows, a, work)
     finally:
         ctr.stop()
 
@@ -344,7 +409,9 @@ def main(argv: list[str] | None = None) -> int:
                   "ratio_vs_default_booster_predict": round(ctr_batch["rows_per_s"] / base_default["rows_per_s"], 3),
                   "ratio_json_vs_best_booster_predict": round(ctr_batch_json["rows_per_s"] / best_base, 3)},
         "mixed": mixed,
+        "rank": rank,
         "goals": {
+            "rank_candidates_per_s_ge_0.7x_booster_predict": rank_goal(rank),
             "mixed_single_row_p99_le_20ms": all(m["single_row"]["p99_ms"] <= 20.0 for m in mixed["bodies"].values()),
             "mixed_batch_ge_0.6x_alone": all(m["batch_ratio_vs_alone"] >= 0.6 for m in mixed["bodies"].values()),
             "single_row_speedup_ge_50x": speedup >= 50,
@@ -363,6 +430,34 @@ def main(argv: list[str] | None = None) -> int:
     log(f"goals: {result['goals']} -> {a.out}")
     shutil.rmtree(work, ignore_errors=True)
     return 0 if result["goals"]["all_met"] else 1
+
+
+def only_rank(a: argparse.Namespace, argv: list[str] | None, bundle: Any, bundle_dir: Path,
+              rank_rows: list[dict[str, Any]], env: dict[str, str], work: Path, result: dict[str, Any]) -> int:
+    """`--only rank`: the rank part alone; its keys replace those of an existing results file, the rest stay."""
+    from ctr.serving.process import free_port
+
+    port = free_port()
+    log(f"ctr serve on :{port} (rank only)")
+    ctr = Server([sys.executable, "-m", "ctr.cli", "serve", "--model", str(bundle_dir), "--port", str(port)],
+                 "/readyz", port, work / "ctr.log", env)
+    try:
+        rank = rank_scenario(ctr.url, bundle, rank_rows, a, work)
+    finally:
+        ctr.stop()
+    doc = json.loads(a.out.read_text()) if a.out.exists() else {}
+    rank.update({"command": result["command"], "started": result["started"], "machine": result["machine"],
+                 "bundle": result["bundle"], "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
+    doc["rank"] = rank
+    goals = doc.setdefault("goals", {})
+    goals.pop("all_met", None)
+    goals["rank_candidates_per_s_ge_0.7x_booster_predict"] = rank_goal(rank)
+    goals["all_met"] = all(goals.values())
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(doc, indent=1) + "\n")
+    log(f"rank goal met: {goals['rank_candidates_per_s_ge_0.7x_booster_predict']} -> {a.out}")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0 if goals["rank_candidates_per_s_ge_0.7x_booster_predict"] else 1
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The `ctr` command: generate, stage, train, evaluate, score, serve.
+"""The `ctr` command: generate, stage, train, evaluate, score, rank, serve.
 
 Exit status 0 on success; non-zero with a one-line error on stderr otherwise.
 """
@@ -73,6 +73,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, type=Path)
     s.add_argument("--input", required=True, nargs="+")
     s.add_argument("--output", required=True, type=Path)
+
+    r = sub.add_parser("rank", help="answer a JSON-lines file of /v1/rank requests offline; one output line per "
+                                    "input line (an error record for a bad one)")
+    r.add_argument("--model", required=True, type=Path)
+    r.add_argument("--input", required=True, type=Path, help="JSON lines, each a /v1/rank request body")
+    r.add_argument("--output", required=True, type=Path)
 
     v = sub.add_parser("serve", help="run the scoring service")
     v.add_argument("--model", required=True, type=Path)
@@ -149,6 +155,14 @@ def cmd_score(a: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_rank(a: argparse.Namespace, settings: Settings) -> int:
+    from ctr.serving.ranking import rank_file
+
+    n_ok, n_bad = rank_file(a.model, a.input, a.output)
+    print(f"ranked {n_ok} requests, rejected {n_bad}; wrote {a.output}", file=sys.stderr)
+    return 0
+
+
 def cmd_serve(a: argparse.Namespace, settings: Settings) -> int:
     from ctr.serving.app import serve
 
@@ -164,8 +178,8 @@ def cmd_bundle(a: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "train": cmd_train, "evaluate": cmd_evaluate, "score": cmd_score, "serve": cmd_serve,
-            "bundle": cmd_bundle}
+COMMANDS = {"generate": cmd_generate, "train": cmd_train, "evaluate": cmd_evaluate, "score": cmd_score, "rank": cmd_rank,
+            "serve": cmd_serve, "bundle": cmd_bundle}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -71,9 +71,23 @@ def summary(s: Settings, day: dt.date) -> int:
         print("try it:")
         print(f"  curl -s {url}/v1/score -H 'Content-Type: application/json'{token} \\")
         print("    -d '{\"rows\": [{\"I1\": 3, \"I2\": 20, \"C1\": \"05db9164\", \"C9\": \"a73ee510\"}]}'")
+        print("rank a user's candidate items (top k, best first):")
+        for line in rank_example(url, token):
+            print(line)
         print(f"reports: {run}   registry: {s.tracking_uri}   stop the service: make stop")
     print("==================================================")
     return 0
+
+
+RANK_EXAMPLE = {"context": {"I1": 3, "I2": 20, "C1": "05db9164"}, "k": 2,
+                "candidates": [{"id": "item-1", "C9": "a73ee510"}, {"id": "item-2", "C9": "7cc72ec2"},
+                               {"id": "item-3", "C9": "a18233ea"}]}
+
+
+def rank_example(url: str, token: str = "") -> list[str]:
+    """The demo's `curl` of POST /v1/rank (a user's context, three candidate items, the top 2)."""
+    body = json.dumps(RANK_EXAMPLE, separators=(",", ":"))
+    return [f"  curl -s {url}/v1/rank -H 'Content-Type: application/json'{token} \\", f"    -d '{body}'"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,7 @@ TOKEN = "t0ken-for-tests"
 ADMIN = "adm1n-for-tests"
 MAX_ROWS = 100
 MAX_BODY = 200_000
+MAX_CANDIDATES = 5
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
@@ -35,7 +36,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 def strict(trained_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A service with a bearer token, an admin token and small limits."""
     env = {"CTR_SERVE_TOKEN": TOKEN, "CTR_ADMIN_TOKEN": ADMIN, "CTR_MAX_ROWS": str(MAX_ROWS),
-           "CTR_MAX_BODY_BYTES": str(MAX_BODY), "CTR_BODY_TIMEOUT_S": "2"}
+           "CTR_MAX_BODY_BYTES": str(MAX_BODY), "CTR_BODY_TIMEOUT_S": "2", "CTR_RANK_MAX_CANDIDATES": str(MAX_CANDIDATES)}
     with ServiceProcess(trained_bundle, env, tmp_path_factory.mktemp("strict") / "serve.log") as svc:
         yield svc.url
 
@@ -146,6 +147,25 @@ MALFORMED = [
      b'{"dataframe_split": {"columns": ["I1", "C1"], "data": [[1]]}}', 422, None, 0),
     ("invocations records bad", "POST", "/invocations", J,
      b'{"dataframe_records": [{"I1": 1}, {"C4": "nothex!!"}]}', 422, "C4", 1),
+    ("rank not json", "POST", "/v1/rank", J, b'{"candidates": [', 400, None, None),
+    ("rank no candidates", "POST", "/v1/rank", J, b'{"context": {"I1": 1}}', 422, "candidates", None),
+    ("rank unknown top-level key", "POST", "/v1/rank", J, b'{"candidates": [], "user": "u1"}', 422, "user", None),
+    ("rank context not an object", "POST", "/v1/rank", J, b'{"context": [1], "candidates": []}', 422, "context", None),
+    ("rank bad context field", "POST", "/v1/rank", J, b'{"context": {"C3": "xyz"}, "candidates": [{"id": 1}]}',
+     422, "C3", None),
+    ("rank field in both", "POST", "/v1/rank", J,
+     b'{"context": {"I1": 1}, "candidates": [{"id": "a"}, {"id": "b", "I1": 2}]}', 422, "I1", 1),
+    ("rank bad override", "POST", "/v1/rank", J, b'{"candidates": [], "override": "context"}', 422, "override", None),
+    ("rank candidate no id", "POST", "/v1/rank", J, b'{"candidates": [{"I1": 1}]}', 422, "id", 0),
+    ("rank duplicate id", "POST", "/v1/rank", J, b'{"candidates": [{"id": 1}, {"id": 1}]}', 422, "id", 1),
+    ("rank bad candidate field", "POST", "/v1/rank", J, b'{"candidates": [{"id": 1}, {"id": 2, "I4": true}]}',
+     422, "I4", 1),
+    ("rank NaN", "POST", "/v1/rank", J, b'{"candidates": [{"id": 1, "I2": NaN}]}', 422, "I2", 0),
+    ("rank k zero", "POST", "/v1/rank", J, b'{"candidates": [{"id": 1}], "k": 0}', 422, "k", None),
+    ("rank too many candidates", "POST", "/v1/rank", J,
+     json.dumps({"candidates": [{"id": j} for j in range(MAX_CANDIDATES + 1)]}).encode(), 413, "candidates", None),
+    ("rank tsv", "POST", "/v1/rank", T, _tsv(GOOD_LINE), 415, None, None),
+    ("rank wrong method", "GET", "/v1/rank", {}, b"", 405, None, None),
     ("wrong method", "GET", "/v1/score", {}, b"", 405, None, None),
     ("unknown route", "POST", "/v2/score", J, b"{}", 404, None, None),
     ("admin not json", "POST", "/admin/load", {"Authorization": f"Bearer {ADMIN}"}, b"bundle", 400, None, None),
@@ -165,7 +185,8 @@ def test_malformed_request(strict: str, method: str, path: str, headers: dict, b
     assert doc.get("field") == field
     assert doc.get("row") == row
     if row is not None and path != "/admin/load":
-        assert (f"row {row}" in doc["error"]) or (f"line {row + 1}" in doc["error"]), doc["error"]
+        assert (f"row {row}" in doc["error"]) or (f"line {row + 1}" in doc["error"]) \
+            or (path == "/v1/rank" and f"candidate {row}" in doc["error"]), doc["error"]
 
 
 def test_malformed_table_is_large_enough() -> None:

@@ -2,7 +2,9 @@
 
 Bodies range from almost-valid rows with one bad value to arbitrary JSON, raw bytes and TSV noise,
 over every route, method and a spread of content types; the service runs with small limits so
-413s are reachable. A 200 must carry one probability in [0, 1] per row.
+413s are reachable. A 200 must carry one probability in [0, 1] per row. `/v1/rank` gets its own
+>= 1,000 cases (contexts, candidates, ids, k and override, valid and not); a 200 there must be a
+ranking: unique ids, probabilities in [0, 1], descending.
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ pytestmark = pytest.mark.integration
 MAX_ROWS = 50
 MAX_BODY = 64 * 1024
 FUZZ_CASES = 1200
+RANK_CASES = 1100
+MAX_CANDIDATES = 20
 
 
 @pytest.fixture(scope="module")
 def fuzz_server(trained_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    env = {"CTR_MAX_ROWS": str(MAX_ROWS), "CTR_MAX_BODY_BYTES": str(MAX_BODY)}
+    env = {"CTR_MAX_ROWS": str(MAX_ROWS), "CTR_MAX_BODY_BYTES": str(MAX_BODY),
+           "CTR_RANK_MAX_CANDIDATES": str(MAX_CANDIDATES)}
     with ServiceProcess(trained_bundle, env, tmp_path_factory.mktemp("fuzz") / "serve.log") as svc:
         yield svc
 
@@ -96,7 +101,8 @@ bodies = st.one_of(
 content_types = st.sampled_from(["application/json", "application/json; charset=utf-8", "APPLICATION/JSON",
                                  "text/tab-separated-values", "text/plain", "text/csv", "application/octet-stream",
                                  "", "multipart/form-data; boundary=x", None])
-routes = st.sampled_from([("POST", "/v1/score")] * 6 + [("POST", "/invocations")] * 3 + [
+routes = st.sampled_from([("POST", "/v1/score")] * 6 + [("POST", "/invocations")] * 3 + [("POST", "/v1/rank")] * 2 + [
+    ("GET", "/v1/rank"), ("POST", "/v1/rank/"),
     ("GET", "/v1/score"), ("PUT", "/invocations"), ("POST", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics"),
     ("POST", "/admin/load"), ("GET", "/openapi.json"), ("POST", "/v1/score/"), ("POST", "/%00")])
 
@@ -115,8 +121,83 @@ def test_fuzzed_requests_never_5xx(client: httpx.Client, route: tuple[str, str],
         probs = doc["probabilities" if path == "/v1/score" else "predictions"]
         assert all(0.0 <= p <= 1.0 for p in probs)
         assert r.headers["x-model-version"] == doc["model_version"]
+    elif r.status_code == 200 and path == "/v1/rank":
+        _check_ranking(r, doc)
     elif r.status_code >= 400:
         assert isinstance(doc["error"], str) and doc["error"]
+
+
+def _check_ranking(r: httpx.Response, doc: dict) -> None:
+    probs = [i["probability"] for i in doc["items"]]
+    assert all(0.0 <= p <= 1.0 for p in probs) and probs == sorted(probs, reverse=True)
+    ids = [json.dumps(i["id"]) for i in doc["items"]]
+    assert len(set(ids)) == len(ids)
+    assert r.headers["x-model-version"] == doc["model_version"]
+
+
+# ---- /v1/rank: contexts, candidates, ids, k, override ------------------------------------------
+ids = st.one_of(st.text(min_size=1, max_size=10), st.integers(-(2**54), 2**54), st.integers(0, 5).map(str),
+                st.sampled_from([None, True, 1.5, "", "x" * 300, [1], {"a": 1}]))
+
+
+@st.composite
+def candidate(draw: st.DrawFn) -> object:
+    c = draw(row())
+    if isinstance(c, dict) and draw(st.integers(0, 9)) > 0:  # now and then without an id
+        c["id"] = draw(ids)
+    return c
+
+
+@st.composite
+def rank_doc(draw: st.DrawFn) -> dict:
+    doc: dict = {}
+    if draw(st.booleans()):
+        doc["context"] = draw(st.one_of(row(), st.none()))
+    shared = draw(st.lists(st.sampled_from(FEATURE_COLUMNS), unique=True, max_size=6))
+    if draw(st.integers(0, 3)) == 0:
+        doc["candidates"] = draw(st.one_of(values, json_values))
+    else:
+        n = draw(st.one_of(st.integers(0, 6), st.integers(MAX_CANDIDATES - 1, MAX_CANDIDATES + 2)))
+        cands = []
+        for j in range(n):
+            c = draw(candidate()) if j < 8 else {"id": j, "I1": j}
+            if isinstance(c, dict) and shared and draw(st.booleans()):
+                c.pop(draw(st.sampled_from(shared)), None)  # candidates that share no field with the context
+            cands.append(c)
+        doc["candidates"] = cands
+    if draw(st.booleans()):
+        doc["k"] = draw(st.one_of(st.integers(-2, 30), st.none(), st.booleans(), st.floats(), st.text(max_size=3)))
+    if draw(st.booleans()):
+        doc["override"] = draw(st.sampled_from(["candidate", "context", None, 1, ""]))
+    if draw(st.integers(0, 9)) == 0:
+        doc.update(draw(st.dictionaries(st.text(max_size=5), json_values, max_size=2)))
+    return doc
+
+
+rank_bodies = st.one_of(
+    rank_doc().map(_dumps), rank_doc().map(_dumps), rank_doc().map(_dumps),
+    json_values.map(_dumps), st.binary(max_size=200),
+    st.sampled_from([b'{"candidates": [{"id": "\\ud800"}]}', b'{"candidates": [{"id": "a", "I1": NaN}]}',
+                     b'{"candidates": [{"id": "\\udfff", "I2": Infinity}]}', b'{"candidates": [], "k": 1e400}',
+                     b'{"context": {"I1": 1e400}, "candidates": [{"id": 1}]}', b'{"candidates": [{"id": 1e400}]}',
+                     b'{"candidates": [{"id": 123456789012345678901234567890}]}']),
+    st.just(b'{"candidates": [' + b'{"id": 1},' * (MAX_BODY // 10) + b'{"id": 2}]}'),
+)
+rank_types = st.sampled_from(["application/json"] * 6 + ["application/json; charset=utf-8", "text/plain", None])
+
+
+@settings(max_examples=RANK_CASES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(body=rank_bodies, ctype=rank_types)
+def test_fuzzed_rank_requests_never_5xx(client: httpx.Client, body: bytes, ctype: str | None) -> None:
+    headers = {} if ctype is None else {"Content-Type": ctype}
+    r = client.post("/v1/rank", content=body, headers=headers)
+    assert r.status_code < 500, (r.status_code, r.text[:300], body[:200])
+    doc = r.json()
+    if r.status_code == 200:
+        _check_ranking(r, doc)
+    else:
+        assert isinstance(doc["error"], str) and doc["error"]
+        assert r.status_code in (400, 413, 415, 422), (r.status_code, doc)
 
 
 def test_after_fuzzing_the_service_is_alive_and_logged_no_5xx(client: httpx.Client, fuzz_server: ServiceProcess) -> None:
@@ -124,5 +205,5 @@ def test_after_fuzzing_the_service_is_alive_and_logged_no_5xx(client: httpx.Clie
     assert client.get("/healthz").status_code == 200
     text = client.get("/metrics").text
     counted = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("ctr_requests_total"))
-    assert counted >= FUZZ_CASES
+    assert counted >= FUZZ_CASES + RANK_CASES
     assert 'status="5' not in text

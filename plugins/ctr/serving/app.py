@@ -1,7 +1,7 @@
 """The scoring service: a lean ASGI app (no framework, no DataFrame per request).
 
-Routes (ENGINEERING.md §3): POST /v1/score (JSON rows, or raw Criteo TSV lines), POST /invocations
-(MLflow dataframe_split / dataframe_records), GET /healthz, GET /readyz, GET /metrics,
+Routes (ENGINEERING.md §3): POST /v1/score (JSON rows, or raw Criteo TSV lines), POST /v1/rank (a
+user's candidate items, top k; ranking.py), POST /invocations (MLflow dataframe_split / dataframe_records), GET /healthz, GET /readyz, GET /metrics,
 GET /openapi.json, and POST /admin/load, the local rollout's hot swap.
 
 Every response that carries predictions names the version that computed them (body and
@@ -28,6 +28,14 @@ from ctr.serving.lane import BATCH_ROWS, TSV_TYPES, BatchLane, encode_body, resp
 from ctr.serving.metrics import Metrics
 from ctr.serving.model import ModelHolder, ServedModel
 from ctr.serving.openapi import OPENAPI
+from ctr.serving.ranking import (
+    DEFAULT_MAX_CANDIDATES,
+    RANK_ROUTE,
+    answer_body,
+    check_content_type,
+    predict,
+    prepare,
+)
 from ctr.serving.validation import RequestError, parse_json
 
 log = logging.getLogger("ctr.serving")
@@ -43,6 +51,7 @@ DEFAULT_BATCH_NICE = 10           # the lane workers' niceness: the serving proc
 DEFAULT_LANE_QUEUE = 16            # batch requests waiting for the lane beyond this get a 503
 DEFAULT_MAX_HEADER_BYTES = 32 * 1024  # request line + headers, per request (431 beyond)
 DEFAULT_MAX_HEADERS = 100
+RANK_THREAD_ROWS = 32  # rankings of this many candidates are predicted on a predict thread (the loop parses on)
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -61,12 +70,14 @@ class ScoringApp:
                  body_timeout: float = DEFAULT_BODY_TIMEOUT_S, load_timeout: float = DEFAULT_LOAD_TIMEOUT_S,
                  lane_bytes: int = DEFAULT_LANE_BYTES, batch_workers: int = DEFAULT_BATCH_WORKERS,
                  lane_queue: int = DEFAULT_LANE_QUEUE, batch_nice: int = DEFAULT_BATCH_NICE,
-                 lane_tsv_bytes: int = DEFAULT_LANE_TSV_BYTES) -> None:
+                 lane_tsv_bytes: int = DEFAULT_LANE_TSV_BYTES,
+                 max_candidates: int = DEFAULT_MAX_CANDIDATES) -> None:
         self.holder = ModelHolder(model, load_timeout=load_timeout)
         self.token = token.encode()
         self.admin_token = admin_token.encode()
         self.max_body_bytes = max_body_bytes
         self.max_rows = max_rows
+        self.max_candidates = max_candidates
         self.body_timeout = body_timeout  # a client that stops sending mid-body gets a 408, not a hung slot
         self.lane_bytes = lane_bytes
         self.lane_queue = lane_queue
@@ -78,6 +89,7 @@ class ScoringApp:
         self._threads = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ctr-predict")
         self._routes: dict[str, tuple[str, Handler]] = {
             "/v1/score": ("POST", self._score),
+            RANK_ROUTE: ("POST", self._rank),
             "/invocations": ("POST", self._invocations),
             "/healthz": ("GET", self._healthz),
             "/readyz": ("GET", self._readyz),
@@ -191,17 +203,40 @@ class ScoringApp:
                 probs = await asyncio.get_running_loop().run_in_executor(self._threads, model.predict_matrix, arr)
             out = response_body(model, key, probs)
         else:
-            if self.lane_waiting >= self.lane_queue:
-                raise RequestError(503, f"{self.lane_waiting} large requests already wait for the batch lane; "
-                                        "retry shortly")
-            self.lane_waiting += 1
-            try:
-                probs, out = await self.lane.score(model, route, ctype, body, self.max_rows)
-            finally:
-                self.lane_waiting -= 1
+            probs, out = await self._on_lane(model, route, ctype, body, self.max_rows)
         self.metrics.observe_predictions(probs)
         await _send(send, 200, out, b"application/json", [(b"x-model-version", model.header)])
         return 200
+
+    async def _rank(self, scope: dict[str, Any], headers: dict[bytes, bytes], body: bytes, send: Send) -> int:
+        """A user's candidates -> the top k (ranking.py). Small bodies are parsed and encoded on the loop,
+        their matrix predicted on a predict thread; big ones go to the batch lane like /v1/score's."""
+        model = self.holder.current  # one reference per request: one version per response
+        ctype = _content_type(headers)
+        check_content_type(ctype)
+        if len(body) < self.lane_bytes:
+            req = prepare(model, parse_json(body), self.max_candidates)
+            if len(req.x) < RANK_THREAD_ROWS:
+                probs = predict(model, req.x)
+            else:
+                probs = await asyncio.get_running_loop().run_in_executor(self._threads, predict, model, req.x)
+            out = answer_body(model, req, probs)
+        else:
+            probs, out = await self._on_lane(model, RANK_ROUTE, ctype, body, self.max_candidates)
+        self.metrics.observe_predictions(probs)
+        await _send(send, 200, out, b"application/json", [(b"x-model-version", model.header)])
+        return 200
+
+    async def _on_lane(self, model: ServedModel, route: str, ctype: bytes, body: bytes,
+                       limit: int) -> tuple[Any, bytes]:
+        if self.lane_waiting >= self.lane_queue:
+            raise RequestError(503, f"{self.lane_waiting} large requests already wait for the batch lane; "
+                                    "retry shortly")
+        self.lane_waiting += 1
+        try:
+            return await self.lane.score(model, route, ctype, body, limit)
+        finally:
+            self.lane_waiting -= 1
 
     # ---- health, metrics, docs -------------------------------------------------------
     async def _healthz(self, scope: dict[str, Any], headers: dict[bytes, bytes], body: bytes, send: Send) -> int:
@@ -298,7 +333,7 @@ def create_app(model_dir: str | Path, token: str | None = None, admin_token: str
         body_timeout=limits["CTR_BODY_TIMEOUT_S"], load_timeout=limits["CTR_LOAD_TIMEOUT_S"],
         lane_bytes=limits["CTR_BATCH_LANE_BYTES"], batch_workers=limits["CTR_BATCH_WORKERS"],
         lane_queue=limits["CTR_BATCH_QUEUE"], batch_nice=limits["CTR_BATCH_NICE"],
-        lane_tsv_bytes=limits["CTR_BATCH_LANE_TSV_BYTES"],
+        lane_tsv_bytes=limits["CTR_BATCH_LANE_TSV_BYTES"], max_candidates=limits["CTR_RANK_MAX_CANDIDATES"],
     )
 
 
@@ -306,6 +341,7 @@ def create_app(model_dir: str | Path, token: str | None = None, admin_token: str
 LIMITS: dict[str, tuple[int, int, int]] = {
     "CTR_MAX_BODY_BYTES": (DEFAULT_MAX_BODY_BYTES, 1, 1 << 31),
     "CTR_MAX_ROWS": (DEFAULT_MAX_ROWS, 1, 10_000_000),
+    "CTR_RANK_MAX_CANDIDATES": (DEFAULT_MAX_CANDIDATES, 1, 1_000_000),
     "CTR_BODY_TIMEOUT_S": (DEFAULT_BODY_TIMEOUT_S, 1, 3600),
     "CTR_LOAD_TIMEOUT_S": (DEFAULT_LOAD_TIMEOUT_S, 1, 3600),
     "CTR_BATCH_LANE_BYTES": (DEFAULT_LANE_BYTES, 1, 1 << 31),
@@ -322,6 +358,11 @@ def service_limits(env: dict[str, str] | None = None) -> dict[str, int]:
     """Every CTR_* limit of the service, checked (ValueError naming the variable and its range)."""
     env = dict(os.environ if env is None else env)
     return {name: _env_int(env, name, *spec) for name, spec in LIMITS.items()}
+
+
+def service_limit(name: str, env: dict[str, str] | None = None) -> int:
+    """One CTR_* limit, checked like service_limits (`ctr rank` reads CTR_RANK_MAX_CANDIDATES so)."""
+    return _env_int(dict(os.environ if env is None else env), name, *LIMITS[name])
 
 
 def _env_int(env: dict[str, str], name: str, default: int, lo: int, hi: int) -> int:

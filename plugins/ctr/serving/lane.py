@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from ctr.serving.ranking import RANK_ROUTE, rank_body
 from ctr.serving.validation import RequestError, check_rows, invocation_rows, parse_json, score_rows
 
 log = logging.getLogger("ctr.serving")
@@ -35,7 +36,11 @@ WORKER_NICE = 10  # default niceness of the workers (CTR_BATCH_NICE): the event 
 
 # ---- scoring one body (event loop for small bodies, lane workers for big ones) ----------------
 def score_body(model: Any, route: str, ctype: bytes, body: bytes, max_rows: int) -> tuple[np.ndarray, bytes]:
-    """One request body -> (probabilities, JSON response); RequestError for a client mistake."""
+    """One request body -> (probabilities, JSON response); RequestError for a client mistake.
+
+    For `/v1/rank`, `max_rows` is the candidate limit (CTR_RANK_MAX_CANDIDATES)."""
+    if route == RANK_ROUTE:
+        return rank_body(model, ctype, body, max_rows)
     kind, arr, key = encode_body(model, route, ctype, body, max_rows)
     probs = model.predict_matrix(arr) if kind == "matrix" else arr
     return probs, response_body(model, key, probs)

@@ -17,7 +17,7 @@ _ERROR = {"type": "object", "properties": {"error": {"type": "string"}, "row": {
           "required": ["error"]}
 _ERR_RESPONSES = {str(s): {"description": d, "content": {"application/json": {"schema": _ERROR}}}
                   for s, d in [(400, "malformed body"), (401, "missing or wrong token"), (404, "no such route"),
-                               (405, "wrong method"), (408, "body not received in time"), (413, "body or row count over the limit"),
+                               (405, "wrong method"), (408, "body not received in time"), (413, "body, row or candidate count over the limit"),
                                (415, "unsupported content type"), (422, "invalid rows: names row and field")]}
 
 OPENAPI: dict = {
@@ -36,6 +36,35 @@ OPENAPI: dict = {
                     "type": "object", "required": ["model_version", "probabilities"],
                     "properties": {"model_version": {"type": "string"},
                                    "probabilities": {"type": "array", "items": {"type": "number"}}}}}}},
+                              **_ERR_RESPONSES},
+            }
+        },
+        "/v1/rank": {
+            "post": {
+                "summary": "Rank a user's candidate items: the top k by click probability (descending, ties in input "
+                           "order). The row scored for a candidate is the context merged with the candidate; a field "
+                           "in both is a 422 unless override is 'candidate'. At most CTR_RANK_MAX_CANDIDATES "
+                           "candidates (413 beyond); errors name the field and, as row, the candidate's index.",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["candidates"], "additionalProperties": False, "properties": {
+                        "context": {**_ROW, "description": "fields shared by every candidate (the user's, the page's)"},
+                        "candidates": {"type": "array", "items": {
+                            **_ROW, "required": ["id"],
+                            "properties": {**_ROW["properties"], "id": {
+                                "oneOf": [{"type": "string", "minLength": 1, "maxLength": 256},
+                                          {"type": "integer", "minimum": -(2**53), "maximum": 2**53}],
+                                "description": "the caller's item id, echoed back; unique within the request"}}}},
+                        "k": {"type": ["integer", "null"], "minimum": 1, "description": "how many to return (default all)"},
+                        "override": {"type": ["string", "null"], "enum": ["candidate", None],
+                                     "description": "'candidate': a candidate's field wins over the context's"},
+                    }}}}},
+                "responses": {"200": {"description": "the top k, best first", "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["model_version", "items"],
+                    "properties": {"model_version": {"type": "string"},
+                                   "items": {"type": "array", "items": {
+                                       "type": "object", "required": ["id", "probability"],
+                                       "properties": {"id": {"type": ["string", "integer"]},
+                                                      "probability": {"type": "number", "minimum": 0, "maximum": 1}}}}}}}}},
                               **_ERR_RESPONSES},
             }
         },
