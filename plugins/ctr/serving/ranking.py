@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from ctr.features import N_FEATURES
+from ctr.features.transform import N_FEATURES
 from ctr.serving.validation import RequestError, _shown, check_row, parse_json
 
 log = logging.getLogger("ctr.serving")
