@@ -19,6 +19,7 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
+from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from tests.conftest import free_port, wait_http
 from tests.loopback import stop_process
@@ -59,7 +60,12 @@ schema = schemathesis.pytest.from_fixture("api_schema")
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @pytest.mark.timeout(300)
 def test_every_documented_operation_keeps_the_contract(case: schemathesis.Case, contract_server: str) -> None:
-    case.call_and_validate(base_url=contract_server, headers=AUTH, timeout=30)
+    """All of schemathesis's checks (5xx, status codes, content types, headers, bodies, auth, invalid
+    data refused, valid data accepted), except one where JSON Schema cannot say what is valid: a
+    `dataframe_split` row's values must match its `columns` one by one, so a schema-valid split body
+    may still be (rightly) refused with 422; the other checks still run on it."""
+    excluded = [positive_data_acceptance] if case.operation.path == "/invocations" else []
+    case.call_and_validate(base_url=contract_server, headers=AUTH, timeout=30, excluded_checks=excluded)
 
 
 def test_the_run_saw_no_server_error(contract_server: str) -> None:

@@ -298,6 +298,7 @@ def create_app(model_dir: str | Path, token: str | None = None, admin_token: str
     Every limit is read and checked before the model loads: a bad value is a ValueError naming
     the variable (the service does not start), never a service that answers 413 to everything."""
     limits = service_limits()
+    multiprocess_dir()  # PROMETHEUS_MULTIPROC_DIR, when set, must be a directory (checked before the load too)
     return ScoringApp(
         ServedModel.load(model_dir),
         token=os.environ.get("CTR_SERVE_TOKEN", "") if token is None else token,
