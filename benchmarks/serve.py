@@ -239,7 +239,7 @@ def mixed_scenario(url: str, table: Any, lines: list[str], single_body: bytes, a
 
 
 def metrics_cost(bundle_dir: Path, single: bytes, want: float, env: dict[str, str], a: argparse.Namespace,
-                 work: Path) -> dict[str, Any]:
+                 work: Path, batch_tsv: bytes | None = None) -> dict[str, Any]:
     """Single-row req/s of `ctr serve` with prometheus_client vs the hand-written counters, interleaved."""
     from ctr.serving.process import free_port
     from prometheus_client.parser import text_string_to_metric_families
@@ -258,6 +258,11 @@ def metrics_cost(bundle_dir: Path, single: bytes, want: float, env: dict[str, st
                 assert abs(got - want) <= 1e-12, (variant, got, want)
                 wrk(srv.url + "/invocations", single, "application/json", a.connections, 3, work)  # warm-up
                 res = wrk(srv.url + "/invocations", single, "application/json", a.connections, a.duration, work)
+                if batch_tsv is not None:  # the same 1,000-row TSV batches as scenario 2, same server
+                    b = wrk(srv.url + "/v1/score", batch_tsv, "text/tab-separated-values", a.connections, a.duration,
+                            work)
+                    res["batch_tsv_rows_per_s"] = round(b["requests_per_s"] * a.batch_rows, 1)
+                    res["batch_tsv_p99_ms"] = b["p99_ms"]
                 with urllib.request.urlopen(srv.url + "/metrics", timeout=10) as resp:
                     fams = {f.name: f for f in text_string_to_metric_families(resp.read().decode())}
                 served = sum(s.value for s in fams["ctr_requests"].samples
@@ -269,7 +274,12 @@ def metrics_cost(bundle_dir: Path, single: bytes, want: float, env: dict[str, st
                 srv.stop()
     mean = {k: round(sum(x["requests_per_s"] for x in v) / len(v), 1) for k, v in runs.items()}
     ratio = mean["prometheus_client"] / mean["hand_written"]
-    return {"request": "POST /invocations dataframe_split, 1 row", "rounds": a.metrics_rounds,
+    extra: dict[str, Any] = {}
+    if batch_tsv is not None:
+        bmean = {k: round(sum(x["batch_tsv_rows_per_s"] for x in v) / len(v), 1) for k, v in runs.items()}
+        extra = {"batch_tsv_mean_rows_per_s": bmean,
+                 "batch_tsv_ratio": round(bmean["prometheus_client"] / bmean["hand_written"], 4)}
+    return {**extra, "request": "POST /invocations dataframe_split, 1 row", "rounds": a.metrics_rounds,
             "order": "alternating, each round restarts the service", "runs": runs, "mean_requests_per_s": mean,
             "ratio_prometheus_client_vs_hand_written": round(ratio, 4),
             "drop_pct": round((1 - ratio) * 100, 2)}
@@ -325,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     if a.only_metrics_cost:
-        print(json.dumps(metrics_cost(bundle_dir, single, want_single, env, a, work), indent=1))
+        print(json.dumps(metrics_cost(bundle_dir, single, want_single, env, a, work, batch_tsv), indent=1))
         shutil.rmtree(work, ignore_errors=True)
         return 0
 
@@ -373,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         mlf.stop()
 
     # ---- 4. metrics cost: prometheus_client vs the hand-written counters, same run ----------------
-    cost = metrics_cost(bundle_dir, single, want_single, env, a, work)
+    cost = metrics_cost(bundle_dir, single, want_single, env, a, work, batch_tsv)
 
     # ---- 2. batch baseline: in-process Booster.predict on pre-encoded numpy ----------------------
     x = bundle.transform.transform_table(table.slice(0, a.batch_rows))
