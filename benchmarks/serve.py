@@ -20,6 +20,10 @@
    Goal: candidates/s >= 0.7x the faster of `Booster.predict(X)` and `Booster.predict(X, num_threads=1)`.
    Also measured, without a goal: the same 100 rows sent whole as candidates (an empty context).
    `--only rank` runs just this part and updates the "rank" key (and its goal) of an existing JSON.
+5. Metrics cost (issue 22): the same single-row `/invocations` load against `ctr serve` with its
+   prometheus_client metrics and against `ctr serve` with the hand-written counters it had before
+   (benchmarks/legacy_metrics.py, benchmark only), alternating A/B/B/A... in one run, each /metrics
+   scraped and parsed. Goal: prometheus_client's requests/s >= 0.95x the hand-written counters'.
 Every number a server returns is checked against the offline prediction first.
 Without --model, a bundle is trained here the way `make demo` does (8 days x 50,000 generated rows).
 Needs wrk (`apt-get install wrk`). Load goes only to loopback, bounded by --duration.
@@ -291,6 +295,53 @@ def rank_goal(rank: dict[str, Any]) -> bool:
         and r["ctr_rank"]["socket_errors"] == 0
 
 
+def metrics_cost(bundle_dir: Path, single: bytes, want: float, env: dict[str, str], a: argparse.Namespace,
+                 work: Path, batch_tsv: bytes | None = None) -> dict[str, Any]:
+    """Single-row req/s of `ctr serve` with prometheus_client vs the hand-written counters, interleaved."""
+    from ctr.serving.process import free_port
+    from prometheus_client.parser import text_string_to_metric_families
+
+    cmds = {"prometheus_client": [sys.executable, "-m", "ctr.cli"],
+            "hand_written": [sys.executable, str(REPO / "benchmarks" / "legacy_metrics.py")]}
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in cmds}
+    for r in range(a.metrics_rounds):
+        for variant in (list(cmds) if r % 2 == 0 else list(cmds)[::-1]):
+            port = free_port()
+            log(f"metrics cost: {variant} round {r + 1} on :{port}")
+            srv = Server([*cmds[variant], "serve", "--model", str(bundle_dir), "--port", str(port)], "/readyz", port,
+                         work / f"ctr-{variant}.log", env)
+            try:
+                got = post(srv.url + "/invocations", single, "application/json")["predictions"][0]
+                assert abs(got - want) <= 1e-12, (variant, got, want)
+                wrk(srv.url + "/invocations", single, "application/json", a.connections, 3, work)  # warm-up
+                res = wrk(srv.url + "/invocations", single, "application/json", a.connections, a.duration, work)
+                if batch_tsv is not None:  # the same 1,000-row TSV batches as scenario 2, same server
+                    b = wrk(srv.url + "/v1/score", batch_tsv, "text/tab-separated-values", a.connections, a.duration,
+                            work)
+                    res["batch_tsv_rows_per_s"] = round(b["requests_per_s"] * a.batch_rows, 1)
+                    res["batch_tsv_p99_ms"] = b["p99_ms"]
+                with urllib.request.urlopen(srv.url + "/metrics", timeout=10) as resp:
+                    fams = {f.name: f for f in text_string_to_metric_families(resp.read().decode())}
+                served = sum(s.value for s in fams["ctr_requests"].samples
+                             if s.name == "ctr_requests_total" and s.labels.get("route") == "/invocations")
+                res["metrics_requests_counted"] = served
+                res["metrics_families"] = len(fams)
+                runs[variant].append(res)
+            finally:
+                srv.stop()
+    mean = {k: round(sum(x["requests_per_s"] for x in v) / len(v), 1) for k, v in runs.items()}
+    ratio = mean["prometheus_client"] / mean["hand_written"]
+    extra: dict[str, Any] = {}
+    if batch_tsv is not None:
+        bmean = {k: round(sum(x["batch_tsv_rows_per_s"] for x in v) / len(v), 1) for k, v in runs.items()}
+        extra = {"batch_tsv_mean_rows_per_s": bmean,
+                 "batch_tsv_ratio": round(bmean["prometheus_client"] / bmean["hand_written"], 4)}
+    return {**extra, "request": "POST /invocations dataframe_split, 1 row", "rounds": a.metrics_rounds,
+            "order": "alternating, each round restarts the service", "runs": runs, "mean_requests_per_s": mean,
+            "ratio_prometheus_client_vs_hand_written": round(ratio, 4),
+            "drop_pct": round((1 - ratio) * 100, 2)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, help="bundle directory (default: train one like make demo)")
@@ -304,6 +355,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rank-candidates", type=int, default=100, help="candidates per /v1/rank request")
     ap.add_argument("--only", choices=["rank"], help="run only this part; update its keys in an existing --out")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--metrics-rounds", type=int, default=2,
+                    help="rounds of the metrics-cost scenario (each runs both variants, order alternating)")
+    ap.add_argument("--only-metrics-cost", action="store_true",
+                    help="run only the metrics-cost scenario and print its JSON (nothing written)")
     a = ap.parse_args(argv)
     if shutil.which("wrk") is None:
         print("bench serve: wrk not found; install it with `apt-get install wrk` (Debian package)", file=sys.stderr)
@@ -342,6 +397,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if a.only == "rank":
         return only_rank(a, argv, bundle, bundle_dir, rank_rows, env, work, result)
+    if a.only_metrics_cost:
+        print(json.dumps(metrics_cost(bundle_dir, single, want_single, env, a, work, batch_tsv), indent=1))
+        shutil.rmtree(work, ignore_errors=True)
+        return 0
 
     # ---- 1. single row: ctr serve vs mlflow models serve, same request --------------------------
     port = free_port()
@@ -387,6 +446,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         mlf.stop()
 
+    # ---- 5. metrics cost: prometheus_client vs the hand-written counters, same run ----------------
+    cost = metrics_cost(bundle_dir, single, want_single, env, a, work, batch_tsv)
+
     # ---- 2. batch baseline: in-process Booster.predict on pre-encoded numpy ----------------------
     x = bundle.transform.transform_table(table.slice(0, a.batch_rows))
     log("in-process Booster.predict ...")
@@ -410,8 +472,10 @@ def main(argv: list[str] | None = None) -> int:
                   "ratio_json_vs_best_booster_predict": round(ctr_batch_json["rows_per_s"] / best_base, 3)},
         "mixed": mixed,
         "rank": rank,
+        "metrics_cost": cost,
         "goals": {
             "rank_candidates_per_s_ge_0.7x_booster_predict": rank_goal(rank),
+            "metrics_cost_le_5pct": cost["drop_pct"] <= 5.0,
             "mixed_single_row_p99_le_20ms": all(m["single_row"]["p99_ms"] <= 20.0 for m in mixed["bodies"].values()),
             "mixed_batch_ge_0.6x_alone": all(m["batch_ratio_vs_alone"] >= 0.6 for m in mixed["bodies"].values()),
             "single_row_speedup_ge_50x": speedup >= 50,
@@ -427,6 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     log(f"single row: ctr {ctr_single['requests_per_s']:.0f} req/s p99 {ctr_single['p99_ms']:.2f} ms; "
         f"mlflow {mlf_single['requests_per_s']:.1f} req/s p99 {mlf_single['p99_ms']:.0f} ms; {speedup:.0f}x")
     log(f"batch: ctr {ctr_batch['rows_per_s']:.0f} rows/s vs Booster.predict {best_base:.0f} rows/s = {batch_ratio:.2f}x")
+    log(f"metrics cost: prometheus_client {cost['mean_requests_per_s']['prometheus_client']:.0f} req/s vs "
+        f"hand-written {cost['mean_requests_per_s']['hand_written']:.0f} req/s: {cost['drop_pct']:+.2f}% drop")
     log(f"goals: {result['goals']} -> {a.out}")
     shutil.rmtree(work, ignore_errors=True)
     return 0 if result["goals"]["all_met"] else 1

@@ -25,7 +25,8 @@ import orjson
 
 from ctr.serving.auth import check_admin, check_token
 from ctr.serving.lane import BATCH_ROWS, TSV_TYPES, BatchLane, encode_body, response_body
-from ctr.serving.metrics import Metrics
+from ctr.serving.metrics import CONTENT_TYPE as METRICS_TYPE
+from ctr.serving.metrics import Metrics, multiprocess_dir
 from ctr.serving.model import ModelHolder, ServedModel
 from ctr.serving.openapi import OPENAPI
 from ctr.serving.ranking import (
@@ -82,7 +83,6 @@ class ScoringApp:
         self.lane_bytes = lane_bytes
         self.lane_queue = lane_queue
         self.lane_waiting = 0
-        self.metrics = Metrics()
         self.inflight = 0
         self.lane = BatchLane(batch_workers, nice=batch_nice)
         self.lane_tsv_bytes = lane_tsv_bytes
@@ -97,6 +97,10 @@ class ScoringApp:
             "/openapi.json": ("GET", self._openapi),
             "/admin/load": ("POST", self._admin_load),
         }
+        # route labels: the router's paths only; the in-flight gauge reads self.inflight (one process)
+        self.metrics = Metrics(self._routes, multiprocess_dir(), inflight=lambda: self.inflight)
+        self._inflight_gauge = self.metrics.inflight_gauge  # None unless multiprocess mode
+        self.metrics.set_model(model.version, model.loaded_at)
 
     # ---- ASGI entry ------------------------------------------------------------------
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
@@ -107,6 +111,8 @@ class ScoringApp:
         t0 = time.perf_counter()
         path = scope["path"]
         self.inflight += 1
+        if self._inflight_gauge is not None:
+            self._inflight_gauge.inc()
         status = 500
         try:
             status = await self._dispatch(scope, receive, send)
@@ -118,6 +124,8 @@ class ScoringApp:
             await _safe_send_json(send, 500, {"error": "internal error; see the service log"})
         finally:
             self.inflight -= 1
+            if self._inflight_gauge is not None:
+                self._inflight_gauge.dec()
             self.metrics.observe_request(path, status, time.perf_counter() - t0)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -128,6 +136,7 @@ class ScoringApp:
             elif msg["type"] == "lifespan.shutdown":
                 self.lane.shutdown()
                 self._threads.shutdown(wait=True)
+                self.metrics.close()
                 log.info("scoring service stopped model_version=%s", self.holder.current.version)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
@@ -255,9 +264,7 @@ class ScoringApp:
         return 200
 
     async def _metrics(self, scope: dict[str, Any], headers: dict[bytes, bytes], body: bytes, send: Send) -> int:
-        m = self.holder.current
-        text = self.metrics.render(m.version, m.loaded_at, self.inflight).encode()
-        await _send(send, 200, text, b"text/plain; version=0.0.4; charset=utf-8")
+        await _send(send, 200, self.metrics.render(), METRICS_TYPE)
         return 200
 
     async def _openapi(self, scope: dict[str, Any], headers: dict[bytes, bytes], body: bytes, send: Send) -> int:
@@ -276,6 +283,7 @@ class ScoringApp:
             current = self.holder.current.version
             log.error("bundle refused bundle=%s still_serving=%s reason=%s", path, current, e)
             raise RequestError(409, f"bundle {path} refused, still serving {current}: {e}") from None
+        self.metrics.set_model(new.version, new.loaded_at)
         await _send_json(send, 200, {"model_version": new.version, "previous": old.version},
                          [(b"x-model-version", new.header)])
         return 200
@@ -325,6 +333,7 @@ def create_app(model_dir: str | Path, token: str | None = None, admin_token: str
     Every limit is read and checked before the model loads: a bad value is a ValueError naming
     the variable (the service does not start), never a service that answers 413 to everything."""
     limits = service_limits()
+    multiprocess_dir()  # PROMETHEUS_MULTIPROC_DIR, when set, must be a directory (checked before the load too)
     return ScoringApp(
         ServedModel.load(model_dir),
         token=os.environ.get("CTR_SERVE_TOKEN", "") if token is None else token,

@@ -1,82 +1,152 @@
-"""Prometheus text metrics for the scoring service, kept in plain counters (no client library).
+"""Prometheus metrics of the scoring service, kept and exposed by `prometheus_client`.
 
 Requests by route and status, a latency histogram, rows scored, the model version (info gauge and
-load time) and a histogram of predicted probabilities for watching drift.
+load time), requests in flight and a histogram of predicted probabilities for watching drift; plus
+the library's process, platform and GC collectors. Label values are bounded (route names come from
+the app's router, anything else is "other") and escaped by the library.
+
+One serving process (today's `ctr serve`): a private `CollectorRegistry`. When the service runs more
+than one worker process, the process that starts them sets `PROMETHEUS_MULTIPROC_DIR` (an empty
+directory) before they start: every metric then lives in that directory's files and `/metrics`, in
+any worker, reports the sum over workers (`MultiProcessCollector`). The batch lane's worker processes
+record nothing (the serving process counts a lane request's status, rows and probabilities when the
+lane answers), so they need no share of that directory.
 """
 
 from __future__ import annotations
 
-import bisect
-from collections import defaultdict
+import os
+from collections.abc import Callable, Iterable
 
 import numpy as np
+from prometheus_client import (
+    CONTENT_TYPE_PLAIN_0_0_4,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
 
-ROUTES = frozenset({"/v1/score", "/invocations", "/healthz", "/readyz", "/metrics", "/openapi.json", "/admin/load"})
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 PROB_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 20)) + (1.0,)
+OTHER = "other"  # the route label of anything the router does not know (404s, 431s before routing)
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4.encode()  # the text format generate_latest writes
+
+
+def multiprocess_dir(env: dict[str, str] | None = None) -> str | None:
+    """The library's multiprocess directory (`PROMETHEUS_MULTIPROC_DIR`), checked; None = one process."""
+    path = (os.environ if env is None else env).get("PROMETHEUS_MULTIPROC_DIR", "").strip()
+    if not path:
+        return None
+    if not os.path.isdir(path):
+        raise ValueError(f"PROMETHEUS_MULTIPROC_DIR={path[:200]!r} is not a directory; create it (empty) before "
+                         "the workers start")
+    return path
+
+
+class BulkHistogram(Histogram):
+    """A Histogram that can also take many observations at once (a 10,000-row batch's probabilities
+    in one numpy pass instead of 10,000 `observe` calls on the event loop). It adds to the same
+    bucket and sum values `observe` does (single- and multi-process), which tests/unit/serving checks
+    against `observe` for the pinned prometheus_client."""
+
+    def observe_many(self, values: np.ndarray) -> None:
+        if len(values) == 0:
+            return
+        self._raise_if_not_observable()
+        bounds = self._upper_bounds  # ends with +Inf
+        idx = np.minimum(np.searchsorted(np.asarray(bounds), values, side="left"), len(bounds) - 1)  # v <= bound
+        for i, c in enumerate(np.bincount(idx, minlength=len(bounds)).tolist()):
+            if c:
+                self._buckets[i].inc(c)
+        self._sum.inc(float(values.sum()))
 
 
 class Metrics:
-    def __init__(self) -> None:
-        self.requests: dict[tuple[str, int], int] = defaultdict(int)
-        self.latency = [0] * (len(LATENCY_BUCKETS) + 1)
-        self.latency_sum = 0.0
-        self.latency_count = 0
-        self.rows = 0
-        self.prob = [0] * len(PROB_BUCKETS)
-        self.prob_sum = 0.0
+    """The service's metrics. `routes` are the router's paths (the only route label values besides
+    "other"); `multiproc` is `PROMETHEUS_MULTIPROC_DIR` when several worker processes share it.
+
+    In-flight requests: in one process the gauge reads `inflight()` at scrape time (no per-request
+    cost); in multiprocess mode (no `set_function` there) the app calls `inflight_gauge.inc()/.dec()`."""
+
+    def __init__(self, routes: Iterable[str], multiproc: str | None = None,
+                 inflight: Callable[[], float] | None = None) -> None:
+        self.routes = frozenset(routes)
+        self.multiproc = multiproc
+        disable_created_metrics()  # no `*_created` series: today's series, nothing a dashboard must filter out
+        reg = None if multiproc else CollectorRegistry(auto_describe=True)
+        self.registry = reg
+        self.requests = Counter("ctr_requests", "Requests by route and status.", ["route", "status"], registry=reg)
+        self.latency = Histogram("ctr_request_seconds", "Request latency.", buckets=LATENCY_BUCKETS, registry=reg)
+        self.rows = Counter("ctr_rows_scored", "Rows scored.", registry=reg)
+        self.prob = BulkHistogram("ctr_predicted_probability", "Predicted click probabilities (drift watch).",
+                                  buckets=PROB_BUCKETS, registry=reg)
+        self.model_info = Gauge("ctr_model_info", "The model version being served (1; 0 for one served before).",
+                                ["version"], registry=reg, multiprocess_mode="liveall")
+        self.loaded = Gauge("ctr_model_loaded_timestamp_seconds", "When the served model was loaded.",
+                            registry=reg, multiprocess_mode="liveall")
+        self.inflight = Gauge("ctr_inflight_requests", "Requests in flight.", registry=reg,
+                              multiprocess_mode="livesum")
+        self.inflight_gauge: Gauge | None = None
+        if multiproc or inflight is None:
+            self.inflight_gauge = self.inflight
+        else:
+            self.inflight.set_function(inflight)
+        if reg is not None:  # custom collectors report one process only: not in multiprocess mode
+            ProcessCollector(registry=reg)
+            PlatformCollector(registry=reg)
+            GCCollector(registry=reg)
+        self._children: dict[tuple[str, int], Counter] = {}
+        self._version: str | None = None
+        self._observe_latency = self.latency.observe
 
     def observe_request(self, path: str, status: int, seconds: float) -> None:
-        route = path if path in ROUTES else "other"  # bounded label values, whatever clients send
-        self.requests[(route, status)] += 1
-        self.latency[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        self.latency_sum += seconds
-        self.latency_count += 1
+        route = path if path in self.routes else OTHER  # bounded label values, whatever clients send
+        child = self._children.get((route, status))
+        if child is None:
+            child = self._children[(route, status)] = self.requests.labels(route, str(status))
+        child.inc()
+        self._observe_latency(seconds)
 
     def observe_predictions(self, p: np.ndarray) -> None:
         n = len(p)
         if n == 0:
             return
-        self.rows += n
+        self.rows.inc(n)
         if n == 1:
-            v = float(p[0])
-            self.prob[min(bisect.bisect_left(PROB_BUCKETS, v), len(PROB_BUCKETS) - 1)] += 1
-            self.prob_sum += v
-            return
-        idx = np.minimum(np.searchsorted(PROB_BUCKETS, p, side="left"), len(PROB_BUCKETS) - 1)
-        for i, c in enumerate(np.bincount(idx, minlength=len(PROB_BUCKETS)).tolist()):
-            self.prob[i] += c
-        self.prob_sum += float(p.sum())
+            self.prob.observe(float(p[0]))
+        else:
+            self.prob.observe_many(p)
 
-    def render(self, version: str, loaded_at: float, inflight: int) -> str:
-        out = ["# HELP ctr_requests_total Requests by route and status.", "# TYPE ctr_requests_total counter"]
-        for (route, status), n in sorted(self.requests.items()):
-            out.append(f'ctr_requests_total{{route="{route}",status="{status}"}} {n}')
-        out += ["# HELP ctr_request_seconds Request latency.", "# TYPE ctr_request_seconds histogram"]
-        cum = 0
-        for b, n in zip(LATENCY_BUCKETS, self.latency, strict=False):
-            cum += n
-            out.append(f'ctr_request_seconds_bucket{{le="{b}"}} {cum}')
-        out.append(f'ctr_request_seconds_bucket{{le="+Inf"}} {self.latency_count}')
-        out.append(f"ctr_request_seconds_sum {self.latency_sum}")
-        out.append(f"ctr_request_seconds_count {self.latency_count}")
-        out += ["# HELP ctr_rows_scored_total Rows scored.", "# TYPE ctr_rows_scored_total counter",
-                f"ctr_rows_scored_total {self.rows}"]
-        out += ["# HELP ctr_predicted_probability Predicted click probabilities (drift watch).",
-                "# TYPE ctr_predicted_probability histogram"]
-        cum = 0
-        for b, n in zip(PROB_BUCKETS, self.prob, strict=True):
-            cum += n
-            out.append(f'ctr_predicted_probability_bucket{{le="{b}"}} {cum}')
-        out.append(f'ctr_predicted_probability_bucket{{le="+Inf"}} {self.rows}')
-        out.append(f"ctr_predicted_probability_sum {self.prob_sum}")
-        out.append(f"ctr_predicted_probability_count {self.rows}")
-        label = version.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-        out += ["# HELP ctr_model_info The model version being served.", "# TYPE ctr_model_info gauge",
-                f'ctr_model_info{{version="{label}"}} 1',
-                "# HELP ctr_model_loaded_timestamp_seconds When the served model was loaded.",
-                "# TYPE ctr_model_loaded_timestamp_seconds gauge",
-                f"ctr_model_loaded_timestamp_seconds {loaded_at}",
-                "# HELP ctr_inflight_requests Requests in flight.", "# TYPE ctr_inflight_requests gauge",
-                f"ctr_inflight_requests {inflight}"]
-        return "\n".join(out) + "\n"
+    def set_model(self, version: str, loaded_at: float) -> None:
+        """The model now served (at start and after every swap)."""
+        if self._version is not None and self._version != version:
+            if self.multiproc:
+                self.model_info.labels(self._version).set(0)  # the library cannot remove series here
+            else:
+                self.model_info.remove(self._version)
+        self.model_info.labels(version).set(1)
+        self.loaded.set(loaded_at)
+        self._version = version
+
+    def render(self) -> bytes:
+        """The exposition text (`CONTENT_TYPE`): this process's registry, or the sum over the workers."""
+        if self.multiproc is None:
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        reg = CollectorRegistry()
+        multiprocess.MultiProcessCollector(reg, path=self.multiproc)
+        return generate_latest(reg)
+
+    def close(self) -> None:
+        """At shutdown: in multiprocess mode this process's live gauges leave the sum."""
+        if self.multiproc:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(os.getpid(), self.multiproc)

@@ -1,4 +1,10 @@
-"""The OpenAPI document of the scoring API (served at /openapi.json, used by the fuzz tests)."""
+"""The OpenAPI 3.1 document of the scoring API (served at /openapi.json; the contract tests run from it).
+
+tests/integration/test_serving_contract.py runs schemathesis against the live service's copy: every
+operation must answer only the status codes, content types and bodies listed here, never a 5xx, and
+accept what the request schemas call valid (they are exact where JSON Schema can say it: labels 0/1,
+8-hex categoricals, integers within +/-2^53, whole Criteo TSV lines).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ _ROW = {
     "properties": {
         **{c: {"type": ["integer", "null"], "minimum": -(2**53), "maximum": 2**53} for c in INT_COLUMNS},
         **{c: {"type": ["string", "null"], "pattern": "^[0-9a-fA-F]{8}$"} for c in CAT_COLUMNS},
-        "label": {"type": ["integer", "null"]},
+        "label": {"type": ["integer", "null"], "enum": [0, 1, None]},
     },
 }
 _ERROR = {"type": "object", "properties": {"error": {"type": "string"}, "row": {"type": "integer"}, "field": {"type": "string"}},
@@ -19,9 +25,18 @@ _ERR_RESPONSES = {str(s): {"description": d, "content": {"application/json": {"s
                   for s, d in [(400, "malformed body"), (401, "missing or wrong token"), (404, "no such route"),
                                (405, "wrong method"), (408, "body not received in time"), (413, "body, row or candidate count over the limit"),
                                (415, "unsupported content type"), (422, "invalid rows: names row and field")]}
+_ERR_BODY = {"application/json": {"schema": _ERROR}}
+# 503: the batch lane's queue is full or a lane worker died (big bodies only); retry after a second
+_BUSY = {"503": {"description": "batch lane busy or restarted; retry", "content": _ERR_BODY,
+                 "headers": {"Retry-After": {"schema": {"type": "string", "pattern": "^[0-9]+$"}}}}}
+# A raw Criteo line as ctr serve's fast paths read it: label (0, 1 or empty), 13 integers, 26 categoricals
+# (8 hex digits), tab-separated, any of them empty. (The service also pads short lines and reads other
+# spellings through the general reader; the document states the plain form.)
+_TSV_LINE = r"(0|1)?(\t(-?[0-9]{1,15})?){13}(\t([0-9a-fA-F]{8})?){26}"
+_TSV = {"schema": {"type": "string", "pattern": f"^({_TSV_LINE}\\n)*{_TSV_LINE}\\n?$"}}
 
 OPENAPI: dict = {
-    "openapi": "3.0.3",
+    "openapi": "3.1.0",
     "info": {"title": "ctr scoring service", "version": "1"},
     "paths": {
         "/v1/score": {
@@ -30,13 +45,14 @@ OPENAPI: dict = {
                 "requestBody": {"required": True, "content": {
                     "application/json": {"schema": {"type": "object", "required": ["rows"], "additionalProperties": False,
                                                      "properties": {"rows": {"type": "array", "items": _ROW}}}},
-                    "text/tab-separated-values": {"schema": {"type": "string"}},
+                    "text/tab-separated-values": _TSV,
+                    "text/plain": _TSV,
                 }},
                 "responses": {"200": {"description": "probabilities in row order", "content": {"application/json": {"schema": {
                     "type": "object", "required": ["model_version", "probabilities"],
                     "properties": {"model_version": {"type": "string"},
                                    "probabilities": {"type": "array", "items": {"type": "number"}}}}}}},
-                              **_ERR_RESPONSES},
+                              **_ERR_RESPONSES, **_BUSY},
             }
         },
         "/v1/rank": {
@@ -74,7 +90,8 @@ OPENAPI: dict = {
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {"oneOf": [
                     {"type": "object", "required": ["dataframe_split"], "additionalProperties": False, "properties": {
                         "dataframe_split": {"type": "object", "required": ["columns", "data"], "properties": {
-                            "columns": {"type": "array", "items": {"type": "string"}},
+                            "columns": {"type": "array", "uniqueItems": True,
+                                        "items": {"enum": [*INT_COLUMNS, *CAT_COLUMNS, "label"]}},
                             "data": {"type": "array", "items": {"type": "array"}},
                             "index": {"type": "array"}}},
                         "params": {"type": "object"}}},
@@ -85,24 +102,41 @@ OPENAPI: dict = {
                     "type": "object", "required": ["model_version", "predictions"],
                     "properties": {"model_version": {"type": "string"},
                                    "predictions": {"type": "array", "items": {"type": "number"}}}}}}},
-                              **_ERR_RESPONSES},
+                              **_ERR_RESPONSES, **_BUSY},
             }
         },
-        "/healthz": {"get": {"summary": "liveness (no auth)", "responses": {"200": {"description": "alive"}}}},
-        "/readyz": {"get": {"summary": "readiness: model version, digest, bundle, loaded_at (no auth)",
+        "/healthz": {"get": {"summary": "liveness (no auth)", "responses": {"200": {"description": "alive", "content": {
+            "application/json": {"schema": {"type": "object", "required": ["status"],
+                                            "properties": {"status": {"const": "ok"}}}}}}}}},
+        "/readyz": {"get": {"summary": "readiness: model version, digest, bundle, loaded_at, fast paths (no auth)",
                             "responses": {"200": {"description": "ready", "content": {"application/json": {"schema": {
-                                "type": "object", "required": ["model_version", "loaded_at"],
-                                "properties": {"model_version": {"type": "string"}, "loaded_at": {"type": "number"},
-                                               "digest": {"type": "string"}, "bundle": {"type": "string"}}}}}}}}},
-        "/metrics": {"get": {"summary": "Prometheus text metrics (no auth)", "responses": {"200": {"description": "text"}}}},
-        "/openapi.json": {"get": {"summary": "this document", "responses": {"200": {"description": "OpenAPI 3"}}}},
+                                "type": "object",
+                                "required": ["status", "model_version", "digest", "bundle", "loaded_at", "loaded_at_iso",
+                                             "fast_paths"],
+                                "properties": {"status": {"const": "ready"}, "model_version": {"type": "string"},
+                                               "digest": {"type": "string"}, "bundle": {"type": "string"},
+                                               "loaded_at": {"type": "number"}, "loaded_at_iso": {"type": "string"},
+                                               "fast_paths": {"type": "object",
+                                                              "additionalProperties": {"type": "boolean"}}}}}}}}}},
+        "/metrics": {"get": {"summary": "Prometheus text exposition format 0.0.4, by prometheus_client (no auth)",
+                             "responses": {"200": {"description": "metrics; see docs/serving.md", "content": {
+                                 "text/plain": {"schema": {"type": "string"}}}}}}},
+        "/openapi.json": {"get": {"summary": "this document", "responses": {"200": {"description": "OpenAPI 3.1",
+                                                                                   "content": {"application/json": {
+                                                                                       "schema": {"type": "object"}}}}}}},
         "/admin/load": {
             "post": {
                 "summary": "hot swap: load, probe-check and switch to another bundle (admin token, or loopback only)",
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {
-                    "type": "object", "required": ["bundle"], "properties": {"bundle": {"type": "string"}}}}}},
-                "responses": {"200": {"description": "switched: {model_version, previous}"},
-                              "409": {"description": "bundle refused; the old one keeps serving"}, **_ERR_RESPONSES},
+                    "type": "object", "required": ["bundle"],
+                    "properties": {"bundle": {"type": "string", "minLength": 1}}}}}},
+                "responses": {"200": {"description": "switched", "content": {"application/json": {"schema": {
+                                  "type": "object", "required": ["model_version", "previous"],
+                                  "properties": {"model_version": {"type": "string"}, "previous": {"type": "string"}}}}}},
+                              "403": {"description": "no admin token configured and the client is not on loopback",
+                                      "content": _ERR_BODY},
+                              "409": {"description": "bundle refused; the old one keeps serving", "content": _ERR_BODY},
+                              **_ERR_RESPONSES},
             }
         },
     },

@@ -140,6 +140,8 @@ def invocation_rows(payload: Any) -> list[Any]:
                                 "or 'dataframe_records'", field=str(sorted(extra)[0]))
     if ("dataframe_split" in payload) == ("dataframe_records" in payload):
         raise RequestError(422, "body must hold exactly one of 'dataframe_split' or 'dataframe_records'")
+    if "params" in payload and not isinstance(payload["params"], dict):  # MLflow's inference params: an object
+        raise RequestError(422, f"'params' must be an object, got {_shown(payload['params'])}", field="params")
     if "dataframe_split" in payload:
         return rows_from_split(payload["dataframe_split"])
     records = payload["dataframe_records"]
@@ -160,11 +162,17 @@ def rows_from_split(split: Any) -> list[Any]:
     if unknown:
         raise RequestError(422, f"dataframe_split has unknown field {_shown(sorted(unknown)[0])}",
                            field=str(sorted(unknown)[0]))
+    if "index" in split and not isinstance(split["index"], list):  # pandas' split orient: a list of labels
+        raise RequestError(422, f"dataframe_split 'index' must be a list, got {_shown(split['index'])}", field="index")
     cols, data = split.get("columns"), split.get("data")
     if not isinstance(cols, list) or not all(isinstance(c, str) for c in cols):
         raise RequestError(422, "dataframe_split needs 'columns': a list of column names", field="columns")
     if len(set(cols)) != len(cols):
         raise RequestError(422, "dataframe_split 'columns' repeats a name", field="columns")
+    for c in cols:  # named up front, so an unknown column is refused even with no rows
+        if c not in _INT_SET and c not in _CAT_SET and c != LABEL:
+            raise RequestError(422, f"dataframe_split has unknown column {_shown(c)}; expected I1..I13, C1..C26 "
+                                    "(and label)", field=c)
     if not isinstance(data, list):
         raise RequestError(422, "dataframe_split needs 'data': a list of rows (lists)", field="data")
     rows = []
