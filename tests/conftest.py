@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -78,14 +79,15 @@ def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = N
     raise TimeoutError(f"{url} did not answer within {timeout}s")
 
 
-@pytest.fixture
-def scoring_server(trained_bundle: Path, tmp_path: Path) -> Iterator[str]:
-    """`ctr serve` on a free loopback port, stopped afterwards; yields its base URL."""
+@contextmanager
+def serving(bundle: Path, log_dir: Path, **env: str) -> Iterator[str]:
+    """`ctr serve BUNDLE` on a free loopback port with `env` over the environment (tokens off unless given);
+    yields its base URL once /healthz answers; stopped afterwards."""
     port = free_port()
-    env = {**os.environ, "CTR_SERVE_TOKEN": "", "CTR_ADMIN_TOKEN": ""}
-    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "ctr.cli", "serve", "--model", str(trained_bundle),
-                             "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    full = {**os.environ, "CTR_SERVE_TOKEN": "", "CTR_ADMIN_TOKEN": "", **env}
+    log = open(log_dir / "serve.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "ctr.cli", "serve", "--model", str(bundle),
+                             "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=full)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{url}/healthz", proc=proc)
@@ -93,3 +95,10 @@ def scoring_server(trained_bundle: Path, tmp_path: Path) -> Iterator[str]:
     finally:
         stop_process(proc)
         log.close()
+
+
+@pytest.fixture
+def scoring_server(trained_bundle: Path, tmp_path: Path) -> Iterator[str]:
+    """`ctr serve` on a free loopback port, stopped afterwards; yields its base URL."""
+    with serving(trained_bundle, tmp_path) as url:
+        yield url

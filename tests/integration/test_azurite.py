@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime as dt
 import gzip
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,38 +16,20 @@ from ctr.data.generate import GeneratorConfig, generate
 from ctr.data.landing import LandingZoneError, list_day_files, list_days, stage_day
 from ctr.data.reader import read_table
 
-from tests.conftest import CSV_SAMPLE, RAW_SAMPLE, REPO, free_port, wait_http
-from tests.loopback import stop_process
+from tests.azurite import azurite as start_azurite
+from tests.azurite import connection_string
+from tests.conftest import CSV_SAMPLE, RAW_SAMPLE
 
 pytestmark = pytest.mark.integration
 
-AZURITE = REPO / "node_modules" / ".bin" / "azurite-blob"
-# Azurite's well-known development account (public, documented; not a secret)
-ACCOUNT = "devstoreaccount1"
-KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 END = dt.date(2026, 11, 20)
 
 
 @pytest.fixture(scope="module")
 def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Azurite's blob service on 127.0.0.1:<free port>; yields its connection string; stopped afterwards."""
-    if not AZURITE.exists():
-        pytest.fail(f"{AZURITE} not found; run `make node-deps` (npm ci installs the pinned azurite)")
-    port = free_port()
-    work = tmp_path_factory.mktemp("azurite")
-    log = open(work / "azurite.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [str(AZURITE), "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", str(work),
-         "--silent", "--skipApiVersionCheck", "--loose", "--disableTelemetry"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_http(f"http://127.0.0.1:{port}/{ACCOUNT}?comp=list", timeout=60, proc=proc)
-        yield (f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={KEY};"
-               f"BlobEndpoint=http://127.0.0.1:{port}/{ACCOUNT};")
-    finally:
-        stop_process(proc)
-        log.close()
+    with start_azurite(tmp_path_factory.mktemp("azurite")) as port:
+        yield connection_string(port)
 
 
 @pytest.fixture(scope="module")

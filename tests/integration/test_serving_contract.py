@@ -9,9 +9,6 @@ operation, derandomised (same cases every run), and a time limit for the whole m
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,8 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from tests.conftest import free_port, wait_http
-from tests.loopback import stop_process
+from tests.conftest import serving
 
 pytestmark = pytest.mark.integration
 
@@ -35,19 +31,10 @@ EXAMPLES = 40
 
 @pytest.fixture(scope="module")
 def contract_server(trained_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`ctr serve` with tokens on a free loopback port (as conftest's scoring_server), for the module."""
-    port = free_port()
-    env = {**os.environ, "CTR_SERVE_TOKEN": TOKEN, "CTR_ADMIN_TOKEN": TOKEN, "CTR_LOAD_TIMEOUT_S": "10"}
-    log = open(tmp_path_factory.mktemp("contract") / "serve.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "ctr.cli", "serve", "--model", str(trained_bundle),
-                             "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{url}/healthz", proc=proc)
+    """`ctr serve` with tokens on a free loopback port (conftest's `serving`), for the module."""
+    with serving(trained_bundle, tmp_path_factory.mktemp("contract"), CTR_SERVE_TOKEN=TOKEN, CTR_ADMIN_TOKEN=TOKEN,
+                 CTR_LOAD_TIMEOUT_S="10") as url:
         yield url
-    finally:
-        stop_process(proc)
-        log.close()
 
 
 @pytest.fixture(scope="module")

@@ -21,10 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, free_port, wait_http
-from tests.integration.test_azurite import ACCOUNT, AZURITE, KEY
+from tests.azurite import ACCOUNT, KEY, azurite, connection_string
+from tests.conftest import REPO
 from tests.integration.test_spark_job import BAD_LINES
-from tests.loopback import stop_process
 
 pytestmark = pytest.mark.integration
 
@@ -34,20 +33,8 @@ START, END = HOLDOUT - dt.timedelta(days=2), HOLDOUT - dt.timedelta(days=1)
 
 @pytest.fixture(scope="module")
 def azurite_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    if not AZURITE.exists():
-        pytest.fail(f"{AZURITE} not found; run `make node-deps` (npm ci installs the pinned azurite)")
-    port = free_port()
-    work = tmp_path_factory.mktemp("azurite-wasb")
-    log = open(work / "azurite.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([str(AZURITE), "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", str(work),
-                             "--silent", "--skipApiVersionCheck", "--loose", "--disableTelemetry"],
-                            stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/{ACCOUNT}?comp=list", timeout=60, proc=proc)
+    with azurite(tmp_path_factory.mktemp("azurite-wasb")) as port:
         yield port
-    finally:
-        stop_process(proc)
-        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +46,7 @@ def landing(tmp_path_factory: pytest.TempPathFactory, azurite_port: int) -> tupl
     root = tmp_path_factory.mktemp("wasb-landing")
     generate(root, 3, 4000, HOLDOUT, GeneratorConfig(seed=11))
     (root / f"day={END}" / "part-00001.tsv").write_text("\n".join(BAD_LINES) + "\n")
-    cs = (f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={KEY};"
-          f"BlobEndpoint=http://127.0.0.1:{azurite_port}/{ACCOUNT};")
+    cs = connection_string(azurite_port)
     container = BlobServiceClient.from_connection_string(cs).create_container("landing")
     for f in sorted(root.rglob("day=*/*")):
         with open(f, "rb") as fh:
