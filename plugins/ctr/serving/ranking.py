@@ -89,6 +89,8 @@ def prepare(model: Any, payload: Any, max_candidates: int) -> RankInput:
 def _k(k: Any, n: int) -> int:
     if k is None:
         return n
+    if type(k) is float and k.is_integer() and abs(k) < 2**53:  # 803.0 is an integer to JSON Schema (the document)
+        k = int(k)
     if type(k) is not int or k < 1:
         raise RequestError(422, f"'k' must be a positive integer (or absent for all candidates), got {_shown(k)}",
                            field="k")

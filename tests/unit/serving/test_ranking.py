@@ -81,6 +81,8 @@ def test_k_limits_the_answer(model: ServedModel) -> None:
     _, full = ranking.rank(model, _request(model))
     assert doc["items"] == full["items"][:2]
     _, more = ranking.rank(model, {**_request(model), "k": 50})  # more than there are: all of them
+    _, as_float = ranking.rank(model, {**_request(model), "k": 2.0})  # 2.0 is an integer to JSON Schema, as documented
+    assert as_float == doc
     assert more["items"] == full["items"]
 
 
