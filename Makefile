@@ -59,11 +59,15 @@ node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
 
-# Debian packages the tests drive (headless Chromium for the UI check); needs root, as in CI
+# Debian packages the tests drive (headless Chromium for the UI check, PostgreSQL for the live-Airflow
+# tests' metadata DB); needs root, as in CI
 system-deps:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "system-deps: chromium missing and not root; the browser check will be skipped"; fi; }
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	  else echo "system-deps: PostgreSQL server missing and not root: apt-get install postgresql (the live-Airflow tests need it)" >&2; exit 1; fi; }
 
 # Airflow UI on 127.0.0.1:8080 (scheduler, dag-processor, triggerer, api-server) with this repo's DAG.
 # Sample landing days up to today (if missing): train_days + 3 of them, so the scheduled run (holding out

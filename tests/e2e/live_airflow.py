@@ -1,7 +1,7 @@
 """A real, running Airflow 3 for tests: api-server, scheduler, dag-processor and triggerer as subprocesses.
 
-Each component runs in its own process group on 127.0.0.1 (free ports), against a sqlite metadata DB
-in a tmp AIRFLOW_HOME, with the LocalExecutor at parallelism 1, this repo's dags/ and plugins/, and
+Each component runs in its own process group on 127.0.0.1 (free ports), against a PostgreSQL metadata DB
+of its own (tests/e2e/postgres.py: initdb'd, started and removed with the stack), in a tmp AIRFLOW_HOME, with the LocalExecutor at parallelism 1, this repo's dags/ and plugins/, and
 SimpleAuthManager with one admin user whose password we write ourselves. `stop()` kills every
 process group (and the scoring service a rollout started), also after a failed start.
 
@@ -29,6 +29,7 @@ import httpx
 
 from tests.conftest import REPO, free_port
 from tests.e2e.airflow_env import BIN, isolated_env
+from tests.e2e.postgres import Postgres
 from tests.loopback import LoopbackServer
 
 log = logging.getLogger("tests.live_airflow")
@@ -99,6 +100,7 @@ class LiveAirflow:
     user: str = "admin"
     password: str = field(default_factory=lambda: secrets.token_urlsafe(12), repr=False)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    db: Postgres | None = None
     _token: str | None = None
 
     # ---- configuration --------------------------------------------------------------------
@@ -123,8 +125,7 @@ class LiveAirflow:
         self._jwt = jwt
         env = isolated_env(self.airflow_home, self.ctr_home, self.landing, self.serve_port)
         env.update(
-            # a generous busy timeout: backfill create's clear and the scheduler write the same sqlite file
-            AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{self.airflow_home / 'airflow.db'}?timeout=60",
+            AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=self.db.url if self.db else "",
             AIRFLOW__CORE__EXECUTOR="LocalExecutor",
             AIRFLOW__CORE__PARALLELISM="1",
             AIRFLOW__CORE__AUTH_MANAGER="airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
@@ -150,8 +151,9 @@ class LiveAirflow:
         self.root.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(exist_ok=True)
         (self.root / "passwords.json").write_text(json.dumps({self.user: self.password}) + "\n")
-        self._env = self.env()
         try:
+            self.db = Postgres().start()
+            self._env = self.env()
             self.cli("db", "migrate")
             self._spawn("api-server", ["api-server", "--host", "127.0.0.1", "--port", str(self.api_port), "--workers", "1"])
             for name, args in COMPONENTS.items():
@@ -219,6 +221,9 @@ class LiveAirflow:
                     pass
                 p.wait(timeout=10)
         self.procs.clear()
+        if self.db is not None:
+            self.db.stop()
+            self.db = None
         from ctr.deployment.rollout.local import LocalRollout
 
         LocalRollout(self.ctr_home / "serving", "127.0.0.1", self.serve_port).stop()
@@ -236,33 +241,17 @@ class LiveAirflow:
     def backfills(self) -> list[dict[str, Any]]:
         return self.api("GET", "/api/v2/backfills", params={"dag_id": DAG_ID, "limit": 100}).json()["backfills"]
 
-    def backfill(self, *args: str, attempts: int = 3) -> dict[str, Any]:
+    def backfill(self, *args: str) -> dict[str, Any]:
         """`airflow backfill create --dag-id ctr_retrain <args>`; waits for the backfill to complete.
 
-        On this sqlite metadata DB, `backfill create` can fail with "database is locked": it reads,
-        then writes in one transaction, and when the scheduler writes in between SQLite answers
-        SQLITE_BUSY at once (to avoid a deadlock; the busy timeout does not apply). Each date's run is
-        committed on its own (pysqlite's outermost SAVEPOINT ends in a commit), so the failed create
-        leaves a backfill holding the runs made so far. We let that backfill finish (the scheduler
-        closes one without runs after 2 minutes), then create again: what an operator would do.
-        Postgres, the metadata DB of docker-compose.yaml, has no such failure.
-        """
-        cmd = ("backfill", "create", "--dag-id", DAG_ID, *args)
-        for attempt in range(1, attempts + 1):
-            seen = {b["id"] for b in self.backfills()}
-            r = self.cli(*cmd, check=False)
-            if r.returncode == 0:
-                break
-            out = r.stdout + r.stderr
-            if "database is locked" not in out or attempt == attempts:
-                raise AssertionError(f"airflow {' '.join(cmd)} exited {r.returncode} (attempt {attempt}):\n{out[-3000:]}")
-            log.warning("backfill create hit sqlite's 'database is locked' (attempt %d); waiting for the partial "
-                        "backfill, then creating it again", attempt)
-            for b in self.backfills():
-                if b["id"] not in seen and not b["completed_at"]:
-                    self.wait_backfill(b["id"])
-        latest = max(self.backfills(), key=lambda b: b["id"])
-        return self.wait_backfill(latest["id"])
+        (On sqlite, `backfill create` could fail half-way with "database is locked" when the scheduler
+        wrote between its read and its write, leaving runs behind that the scheduler then crashed on;
+        on this stack's PostgreSQL it cannot, so a failure here is a real one.)"""
+        seen = {b["id"] for b in self.backfills()}
+        self.cli("backfill", "create", "--dag-id", DAG_ID, *args)
+        created = [b for b in self.backfills() if b["id"] not in seen]
+        assert len(created) == 1, f"backfill create made {len(created)} backfills: {created}"
+        return self.wait_backfill(created[0]["id"])
 
     def token(self) -> str:
         if self._token is None:

@@ -1,7 +1,7 @@
 """ctr_retrain against a real, running Airflow 3: REST trigger, backfill CLI, re-run, timetable, alerts.
 
 One live stack per session (tests/e2e/live_airflow.py): api-server, scheduler, dag-processor and
-triggerer on free 127.0.0.1 ports, sqlite, LocalExecutor (parallelism 1). Dates come from the DAG's
+triggerer on free 127.0.0.1 ports, PostgreSQL (tests/e2e/postgres.py), LocalExecutor (parallelism 1). Dates come from the DAG's
 own timetable: D0 is the interval it schedules first (the latest complete day), the backfill covers
 D0-3 .. D0-1, the alert drill D0-5.
 
