@@ -69,10 +69,13 @@ def summary(s: Settings, day: dt.date) -> int:
         token = ' -H "Authorization: Bearer $CTR_SERVE_TOKEN"' if s.serve_token else ""
         print(f"scoring endpoint     {url}  (serving version {live.get('version')})")
         print("try it:")
+        example = example_request(Path(live["bundle"]) if live.get("bundle") else None)
+        item = {k: v for k, v in example["candidates"][0].items() if k != "id"}
+        score_body = json.dumps({"rows": [{**example["context"], **item}]}, separators=(",", ":"))
         print(f"  curl -s {url}/v1/score -H 'Content-Type: application/json'{token} \\")
-        print("    -d '{\"rows\": [{\"I1\": 3, \"I2\": 20, \"C1\": \"05db9164\", \"C9\": \"a73ee510\"}]}'")
+        print(f"    -d '{score_body}'")
         print("rank a user's candidate items (top k, best first):")
-        for line in rank_example(url, token):
+        for line in rank_example(url, token, example):
             print(line)
         print(f"reports: {run}   registry: {s.tracking_uri}   stop the service: make stop")
     print("==================================================")
@@ -82,11 +85,27 @@ def summary(s: Settings, day: dt.date) -> int:
 RANK_EXAMPLE = {"context": {"I1": 3, "I2": 20, "C1": "05db9164"}, "k": 2,
                 "candidates": [{"id": "item-1", "C9": "a73ee510"}, {"id": "item-2", "C9": "7cc72ec2"},
                                {"id": "item-3", "C9": "a18233ea"}]}
+# The candidates differ in the column the demo generator weights most (C23), so the ranking has something to rank.
+ITEM_COLUMN = "C23"
 
 
-def rank_example(url: str, token: str = "") -> list[str]:
+def example_request(bundle: Path | None) -> dict:
+    """A rank request whose values the served model knows: the context's C1 and the three candidates' C23 are the
+    most frequent values of the bundle's vocabulary (real Criteo values, unseen in generated data, score alike)."""
+    try:
+        vocab = json.loads((bundle / "features.json").read_text())["vocab"] if bundle else {}
+        items, user = vocab[ITEM_COLUMN][:3], vocab["C1"][0]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return RANK_EXAMPLE
+    if len(items) < 3:
+        return RANK_EXAMPLE
+    return {"context": {"I1": 3, "I2": 20, "C1": user}, "k": 2,
+            "candidates": [{"id": f"item-{i + 1}", ITEM_COLUMN: v} for i, v in enumerate(items)]}
+
+
+def rank_example(url: str, token: str = "", example: dict | None = None) -> list[str]:
     """The demo's `curl` of POST /v1/rank (a user's context, three candidate items, the top 2)."""
-    body = json.dumps(RANK_EXAMPLE, separators=(",", ":"))
+    body = json.dumps(example or RANK_EXAMPLE, separators=(",", ":"))
     return [f"  curl -s {url}/v1/rank -H 'Content-Type: application/json'{token} \\", f"    -d '{body}'"]
 
 
