@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+from itertools import chain, repeat
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,10 @@ for _hi, _a in enumerate(b"0123456789abcdef"):
             for _y in {_b, bytes([_b]).upper()[0]}:
                 HEX_PAIR[np.frombuffer(bytes([_x, _y]), dtype=np.uint16)[0]] = _hi * 16 + _lo
 _LOWER_HEX8 = re.compile(r"[0-9a-f]{8}")
+_COLUMN_TAG = np.arange(len(CAT_COLUMNS), dtype=np.uint64) << np.uint64(32)  # vocabulary_index's key layout
+_INT_OR_NONE = frozenset({int, type(None)})
+_LABEL_VALUES = frozenset({0, 1, None})
+_NULL_AS_EMPTY = {None: ""}
 
 _READ = pcsv.ReadOptions(column_names=ALL_COLUMNS, use_threads=False, block_size=1 << 30)
 _PARSE = pcsv.ParseOptions(delimiter="\t", quote_char=False, double_quote=False, escape_char=False,
@@ -93,13 +98,7 @@ class NumpyTsvEncoder:
     """Raw Criteo lines (bytes) -> float64 matrix (n, 39) equal to reader + transform_table, or None."""
 
     def __init__(self, transform: FeatureTransform) -> None:
-        self.index, codes = vocabulary_index(transform)
-        sizes = [len(transform.vocab[c]) for c in CAT_COLUMNS]
-        # the index holds the vocabularies one after the other, each in code order: code = pos - offset
-        self.offset = np.cumsum([0, *sizes[:-1]]).astype(np.int64)
-        if not np.array_equal(codes, np.arange(len(codes)) - np.repeat(self.offset, sizes)):
-            raise ValueError("vocabulary index is not in code order")
-        self.rare = np.array(sizes, dtype=np.float64)
+        self.index, self.offset, self.rare = code_lookup(transform)
         self.missing = np.array([transform.missing_code(c) for c in CAT_COLUMNS])  # NaN or V+1
         self.column_tag = np.arange(len(CAT_COLUMNS), dtype=np.uint64) << np.uint64(32)
 
@@ -193,6 +192,10 @@ class JsonRowsEncoder:
             self.plan[c] = (1, _N_INT + j, index, float(len(transform.vocab[c])))
         self.plan[LABEL] = (2, 0, None, 0.0)
         self.template = [math.nan] * _N_INT + [transform.missing_code(c) for c in CAT_COLUMNS]
+        try:  # the uint64-keyed vocabulary lookup of `encode_columns` (plain 8-hex vocabularies only)
+            self.lookup: tuple[Any, np.ndarray, np.ndarray] | None = code_lookup(transform)
+        except ValueError:
+            self.lookup = None
 
     def encode(self, rows: list[Any]) -> np.ndarray | None:
         plan, template, hexdigits, limit = self.plan, self.template, _HEX_CHARS, INT_ABS_MAX
@@ -220,6 +223,103 @@ class JsonRowsEncoder:
                     return None
             vecs.append(vec)
         return np.array(vecs, dtype=np.float64).reshape(len(vecs), N_FEATURES)
+
+    def encode_columns(self, base: np.ndarray, rows: list[dict[str, Any]], names: set[str]) -> np.ndarray | None:
+        """Rows (dicts) -> codes matrix (n, 39), every row starting as `base`; None for the checked path.
+
+        Made for many rows sharing most of their values (a ranking's candidates over its context's
+        vector): the rows are read a field at a time, all fields of a kind at once, instead of a row
+        at a time. `names` is every field some row sets. A null or absent value leaves `base`'s
+        value; the caller sends a null meant to clear a `base` value elsewhere.
+
+        * integers: one `set(map(type, ...))` check (int or null), one float64 array;
+        * categoricals: the values joined into one tab-separated ASCII buffer, checked to be 8 hex
+          digits each (either case) and turned into uint64 keys vectorised (as `NumpyTsvEncoder`
+          does), then coded with one hash lookup (`code_lookup`): in the vocabulary -> its code,
+          else the rare code;
+        * anything else (an unknown field, a float, a bool, a non-string categorical, bad hex, an
+          integer at or beyond 2^53, a label other than 0/1/null) returns None."""
+        if self.lookup is None:
+            return None
+        ints, cats, cat_cols = [], [], []
+        for k in names:
+            p = self.plan.get(k)
+            if p is None:
+                return None
+            if p[0] == 0:
+                ints.append(k)
+            elif p[0] == 1:
+                cats.append(k)
+                cat_cols.append(p[1] - _N_INT)
+            else:
+                label = list(map(dict.get, rows, repeat(k)))
+                if not set(map(type, label)) <= _INT_OR_NONE or not _LABEL_VALUES.issuperset(label):
+                    return None  # label: 0, 1 or null, ignored
+        n = len(rows)
+        x = np.empty((n, len(base)), dtype=np.float64)
+        x[:] = base
+        if ints:
+            vals = list(chain.from_iterable(map(dict.get, rows, repeat(k)) for k in ints))
+            if not set(map(type, vals)) <= _INT_OR_NONE:
+                return None
+            try:
+                col = np.array(vals, dtype=np.float64).reshape(len(ints), n)  # null -> NaN
+            except OverflowError:
+                return None
+            null = np.isnan(col)
+            if not np.all(np.abs(col) < INT_ABS_MAX, where=~null):
+                return None  # at 2^53 and beyond the float may have rounded: the checked path decides
+            js = [self.plan[k][1] for k in ints]
+            x[:, js] = np.where(null, base[js][:, None], col).T
+        if cats:
+            codes = self._cat_codes(base, rows, cats, np.array(cat_cols))
+            if codes is None:
+                return None
+            x[:, [_N_INT + c for c in cat_cols]] = codes.T
+        return x
+
+    def _cat_codes(self, base: np.ndarray, rows: list[dict[str, Any]], names: list[str],
+                   cols: np.ndarray) -> np.ndarray | None:
+        """(len(names), n) codes of these categorical fields; null/absent -> base's code; None if not plain.
+
+        The values (a null or absent one as an empty string) are joined into one tab-separated
+        ASCII buffer and decoded like a TSV body's categoricals: each field one 8-byte load, two hex
+        digits at a time through `HEX_PAIR`, then one hash lookup of all the keys."""
+        assert self.lookup is not None
+        index, offset, rare = self.lookup
+        n = len(rows)
+        vals = list(chain.from_iterable(map(dict.get, rows, repeat(k)) for k in names))  # None: null or absent
+        n_null = vals.count(None)
+        try:
+            if n_null:
+                vals = list(map(_NULL_AS_EMPTY.get, vals, vals))
+            buf = "\t".join(vals).encode("ascii") + b"\t" + _PAD
+        except (TypeError, UnicodeEncodeError):
+            return None  # not a string (or unhashable), or not ASCII: not 8 hex digits
+        raw = np.frombuffer(buf, dtype=np.uint8)
+        sep = np.flatnonzero(raw[:len(buf) - len(_PAD)] == 9)
+        if len(sep) != len(vals):
+            return None  # a tab inside a value
+        start = np.empty_like(sep)
+        start[0] = 0
+        start[1:] = sep[:-1] + 1
+        length = sep - start
+        null = length == 0
+        if int(np.count_nonzero(null)) != n_null or not np.all(null | (length == 8)):
+            return None  # an empty string sent as a value, or not 8 characters
+        w = _words(buf)[start]
+        if n_null:
+            w = np.where(null, _ASCII_ZEROS, w)  # the word of an empty field holds the next fields' bytes
+        pairs = HEX_PAIR[w.view(np.uint16)]  # 4 per value: byte values, 256 where not hex
+        if int(pairs.max()) > 255:
+            return None
+        col = np.repeat(cols, n)
+        keys = pairs.astype(np.uint8).view(">u4").astype(np.uint64) | _COLUMN_TAG[col]
+        pos = index.get_indexer(keys)
+        codes = np.where(pos >= 0, pos - offset[col], rare[col])
+        if n_null:
+            codes = np.where(null, base[_N_INT + col], codes)  # null/absent: the base's code
+        return codes.reshape(len(names), n)
 
 
 class TsvEncoder:
@@ -275,6 +375,18 @@ class TsvEncoder:
             codes[j, mask] = self.missing[j]
         out[:, CAT_INDEX] = codes.T
         return out
+
+
+def code_lookup(transform: FeatureTransform) -> tuple[Any, np.ndarray, np.ndarray]:
+    """`vocabulary_index` with each column's offset in it and its rare code: the code of a key found
+    at position `pos` of column `c` is `pos - offset[c]`; a key not found gets `rare[c]`."""
+    index, codes = vocabulary_index(transform)
+    sizes = [len(transform.vocab[c]) for c in CAT_COLUMNS]
+    # the index holds the vocabularies one after the other, each in code order: code = pos - offset
+    offset = np.cumsum([0, *sizes[:-1]]).astype(np.int64)
+    if not np.array_equal(codes, np.arange(len(codes)) - np.repeat(offset, sizes)):
+        raise ValueError("vocabulary index is not in code order")
+    return index, offset, np.array(sizes, dtype=np.float64)
 
 
 def vocabulary_index(transform: FeatureTransform) -> tuple[Any, np.ndarray]:

@@ -284,5 +284,7 @@ def test_column_encoder_takes_plain_candidates_and_refuses_the_rest(model: Serve
     x = ranking._columns_matrix(model.rows, base, [dict(c) for c in cands])
     ref = model.bundle.transform.rows_matrix(check_rows([{**ctx, **c} for c in cands]))
     assert x is not None and np.array_equal(x, ref, equal_nan=True)
-    for odd in [{"I2": 3.0}, {"I2": True}, {"I2": 2**53}, {"C3": "abc"}, {"C3": "zzzzzzzz"}, {"label": 2}, {"I14": 1}]:
+    for odd in [{"I2": 3.0}, {"I2": True}, {"I2": 2**53}, {"I2": "3"}, {"C3": "abc"}, {"C3": "zzzzzzzz"},
+                {"C3": ""}, {"C3": "0ba\tf00d"}, {"C3": "0badf0\u00e9d"}, {"C3": 12345678}, {"C3": ["0badf00d"]},
+                {"C3": True}, {"label": 2}, {"I14": 1}]:
         assert ranking._columns_matrix(model.rows, base, [{"I2": 1}, odd]) is None, odd
