@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from itertools import chain, repeat
+from itertools import chain, compress
 from typing import Any
 
 import numpy as np
@@ -192,6 +192,7 @@ class JsonRowsEncoder:
             self.plan[c] = (1, _N_INT + j, index, float(len(transform.vocab[c])))
         self.plan[LABEL] = (2, 0, None, 0.0)
         self.template = [math.nan] * _N_INT + [transform.missing_code(c) for c in CAT_COLUMNS]
+        self.position = {k: (-1 if kind == 2 else j) for k, (kind, j, _, _) in self.plan.items()}  # label: -1
         try:  # the uint64-keyed vocabulary lookup of `encode_columns` (plain 8-hex vocabularies only)
             self.lookup: tuple[Any, np.ndarray, np.ndarray] | None = code_lookup(transform)
         except ValueError:
@@ -224,76 +225,84 @@ class JsonRowsEncoder:
             vecs.append(vec)
         return np.array(vecs, dtype=np.float64).reshape(len(vecs), N_FEATURES)
 
-    def encode_columns(self, base: np.ndarray, rows: list[dict[str, Any]], names: set[str]) -> np.ndarray | None:
+    def encode_columns(self, base: np.ndarray, rows: list[dict[str, Any]]) -> np.ndarray | None:
         """Rows (dicts) -> codes matrix (n, 39), every row starting as `base`; None for the checked path.
 
-        Made for many rows sharing most of their values (a ranking's candidates over its context's
-        vector): the rows are read a field at a time, all fields of a kind at once, instead of a row
-        at a time. `names` is every field some row sets. A null or absent value leaves `base`'s
-        value; the caller sends a null meant to clear a `base` value elsewhere.
+        Made for many rows that each set a few fields over a shared vector (a ranking's candidates
+        over its context's): every row's fields are taken in one pass (`chain` over keys and over
+        values: no per-field or per-row Python) and each value is written into its cell; a field a
+        row lacks keeps `base`'s value, and so does a null (the caller sends a null meant to clear a
+        `base` value elsewhere).
 
+        * categoricals: all joined into one tab-separated ASCII buffer, checked to be 8 hex digits
+          each (either case), turned into uint64 keys two digits at a time through `HEX_PAIR` (as
+          `NumpyTsvEncoder` does) and coded with one hash lookup (`code_lookup`): in the vocabulary
+          -> its code, else the rare code;
         * integers: one `set(map(type, ...))` check (int or null), one float64 array;
-        * categoricals: the values joined into one tab-separated ASCII buffer, checked to be 8 hex
-          digits each (either case) and turned into uint64 keys vectorised (as `NumpyTsvEncoder`
-          does), then coded with one hash lookup (`code_lookup`): in the vocabulary -> its code,
-          else the rare code;
-        * anything else (an unknown field, a float, a bool, a non-string categorical, bad hex, an
-          integer at or beyond 2^53, a label other than 0/1/null) returns None."""
+        * anything else (an unknown field, a float, a bool, a non-string categorical, an empty
+          string, bad hex, an integer at or beyond 2^53, a label other than 0/1/null) returns None."""
         if self.lookup is None:
             return None
-        ints, cats, cat_cols = [], [], []
-        for k in names:
-            p = self.plan.get(k)
-            if p is None:
-                return None
-            if p[0] == 0:
-                ints.append(k)
-            elif p[0] == 1:
-                cats.append(k)
-                cat_cols.append(p[1] - _N_INT)
-            else:
-                label = list(map(dict.get, rows, repeat(k)))
-                if not set(map(type, label)) <= _INT_OR_NONE or not _LABEL_VALUES.issuperset(label):
-                    return None  # label: 0, 1 or null, ignored
-        n = len(rows)
-        x = np.empty((n, len(base)), dtype=np.float64)
+        x = np.empty((len(rows), len(base)), dtype=np.float64)
         x[:] = base
-        if ints:
-            vals = list(chain.from_iterable(map(dict.get, rows, repeat(k)) for k in ints))
-            if not set(map(type, vals)) <= _INT_OR_NONE:
+        keys = list(chain.from_iterable(rows))
+        if not keys:
+            return x
+        vals = list(chain.from_iterable(map(dict.values, rows)))
+        col = np.array(list(map(self.position.get, keys)))  # feature index; -1 for the label
+        if col.dtype.kind != "i":
+            return None  # an unknown field (None), so not all integers
+        row = np.repeat(np.arange(len(rows)), list(map(len, rows)))
+        cat = col >= _N_INT
+        if cat.all():
+            cat_vals, cat_col, cat_row = vals, col, row
+        else:
+            keep = cat.tolist()
+            cat_vals = list(compress(vals, keep))
+            cat_col, cat_row = col[cat], row[cat]
+            other = ~cat
+            other_vals = list(compress(vals, other.tolist()))
+            if not set(map(type, other_vals)) <= _INT_OR_NONE:
                 return None
-            try:
-                col = np.array(vals, dtype=np.float64).reshape(len(ints), n)  # null -> NaN
-            except OverflowError:
-                return None
-            null = np.isnan(col)
-            if not np.all(np.abs(col) < INT_ABS_MAX, where=~null):
-                return None  # at 2^53 and beyond the float may have rounded: the checked path decides
-            js = [self.plan[k][1] for k in ints]
-            x[:, js] = np.where(null, base[js][:, None], col).T
-        if cats:
-            codes = self._cat_codes(base, rows, cats, np.array(cat_cols))
+            other_col, other_row = col[other], row[other]
+            label = other_col < 0
+            if label.any():
+                if not _LABEL_VALUES.issuperset(compress(other_vals, label.tolist())):
+                    return None  # label: 0, 1 or null, ignored
+                other_vals = list(compress(other_vals, (~label).tolist()))
+                other_col, other_row = other_col[~label], other_row[~label]
+            if other_vals:
+                try:
+                    v = np.array(other_vals, dtype=np.float64)  # null -> NaN
+                except OverflowError:
+                    return None
+                null = np.isnan(v)
+                if not np.all(np.abs(v) < INT_ABS_MAX, where=~null):
+                    return None  # at 2^53 and beyond the float may have rounded: the checked path decides
+                x[other_row, other_col] = np.where(null, base[other_col], v)
+        if cat_vals:
+            codes = self._cat_codes(base, cat_vals, cat_col)
             if codes is None:
                 return None
-            x[:, [_N_INT + c for c in cat_cols]] = codes.T
+            x[cat_row, cat_col] = codes
         return x
 
-    def _cat_codes(self, base: np.ndarray, rows: list[dict[str, Any]], names: list[str],
-                   cols: np.ndarray) -> np.ndarray | None:
-        """(len(names), n) codes of these categorical fields; null/absent -> base's code; None if not plain.
+    def _cat_codes(self, base: np.ndarray, vals: list[Any], col: np.ndarray) -> np.ndarray | None:
+        """Codes of categorical values (feature index `col`); a null -> base's code; None if one is not plain.
 
-        The values (a null or absent one as an empty string) are joined into one tab-separated
-        ASCII buffer and decoded like a TSV body's categoricals: each field one 8-byte load, two hex
-        digits at a time through `HEX_PAIR`, then one hash lookup of all the keys."""
+        The values are joined into one tab-separated ASCII buffer and decoded like a TSV body's
+        categoricals: each field one 8-byte load, two hex digits at a time through `HEX_PAIR`, then
+        one hash lookup of all the keys."""
         assert self.lookup is not None
         index, offset, rare = self.lookup
-        n = len(rows)
-        vals = list(chain.from_iterable(map(dict.get, rows, repeat(k)) for k in names))  # None: null or absent
-        n_null = vals.count(None)
+        n_null = 0
         try:
-            if n_null:
-                vals = list(map(_NULL_AS_EMPTY.get, vals, vals))
-            buf = "\t".join(vals).encode("ascii") + b"\t" + _PAD
+            try:
+                text = "\t".join(vals)
+            except TypeError:  # a null (or not a string): a null is an empty field
+                n_null = vals.count(None)
+                text = "\t".join(map(_NULL_AS_EMPTY.get, vals, vals))
+            buf = text.encode("ascii") + b"\t" + _PAD
         except (TypeError, UnicodeEncodeError):
             return None  # not a string (or unhashable), or not ASCII: not 8 hex digits
         raw = np.frombuffer(buf, dtype=np.uint8)
@@ -313,13 +322,11 @@ class JsonRowsEncoder:
         pairs = HEX_PAIR[w.view(np.uint16)]  # 4 per value: byte values, 256 where not hex
         if int(pairs.max()) > 255:
             return None
-        col = np.repeat(cols, n)
-        keys = pairs.astype(np.uint8).view(">u4").astype(np.uint64) | _COLUMN_TAG[col]
+        c = col - _N_INT
+        keys = pairs.astype(np.uint8).view(">u4").astype(np.uint64) | _COLUMN_TAG[c]
         pos = index.get_indexer(keys)
-        codes = np.where(pos >= 0, pos - offset[col], rare[col])
-        if n_null:
-            codes = np.where(null, base[_N_INT + col], codes)  # null/absent: the base's code
-        return codes.reshape(len(names), n)
+        codes = np.where(pos >= 0, pos - offset[c], rare[c])
+        return np.where(null, base[col], codes) if n_null else codes
 
 
 class TsvEncoder:

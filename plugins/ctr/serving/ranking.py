@@ -185,7 +185,7 @@ def _fast_matrix(model: Any, context: dict[str, Any], cands: list[dict[str, Any]
     base = enc.encode([context])
     if base is None:
         return None
-    x = _columns_matrix(enc, base[0], cands, names)
+    x = _columns_matrix(enc, base[0], cands)
     if x is not None:
         return x
     merged = copy.copy(enc)
@@ -200,14 +200,13 @@ class _Absent:
 _ABSENT = _Absent()
 
 
-def _columns_matrix(enc: Any, base: np.ndarray, cands: list[dict[str, Any]],
-                    names: set[str] | None = None) -> np.ndarray | None:
+def _columns_matrix(enc: Any, base: np.ndarray, cands: list[dict[str, Any]]) -> np.ndarray | None:
     """Candidates -> codes matrix (n, 39), every row starting as the context's vector, a field at a time
     (`JsonRowsEncoder.encode_columns`); None for the general paths, which name a mistake.
 
     A candidate's null on a field the context sets is the caller's to route elsewhere (with
     `"override": "candidate"` it clears the context's value); here it would keep it."""
-    return enc.encode_columns(base, cands, set().union(*cands) if names is None else names)
+    return enc.encode_columns(base, cands)
 
 
 def _checked_matrix(model: Any, context: dict[str, Any], cands: list[dict[str, Any]]) -> np.ndarray:
