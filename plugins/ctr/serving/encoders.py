@@ -249,9 +249,10 @@ class JsonRowsEncoder:
         if not keys:
             return x
         vals = list(chain.from_iterable(map(dict.values, rows)))
-        col = np.array(list(map(self.position.get, keys)))  # feature index; -1 for the label
-        if col.dtype.kind != "i":
-            return None  # an unknown field (None), so not all integers
+        try:  # feature index; -1 for the label
+            col = np.fromiter(map(self.position.get, keys), dtype=np.intp, count=len(keys))
+        except TypeError:
+            return None  # an unknown field (None)
         row = np.repeat(np.arange(len(rows)), list(map(len, rows)))
         cat = col >= _N_INT
         if cat.all():

@@ -6,12 +6,12 @@ both is a 422 naming it unless `"override": "candidate"` (then the candidate's v
 included). The answer is the top `k` (default: all) by probability, descending, ties in input order.
 
 Every field is checked by `validation.check_row`, so a mistake is a RequestError naming the field
-and, for a candidate, its 0-based index (`row`). The feature matrix is built in one pass by the
-model's JSON rows encoder (batch_encode.JsonRowsEncoder) started from the context's encoded vector
-instead of its all-missing template: the shared context is encoded once, not once per candidate,
-and every candidate then writes only its own fields. Anything that encoder does not take (or a
-candidate null overriding a context value) goes through `check_row` + `FeatureTransform.row` on
-the merged rows: the same numbers, and the error naming the mistake. Tests prove the two agree.
+and, for a candidate, its 0-based index (`row`). The codes matrix is built from the shared context
+encoded once (`JsonRowsEncoder.encode`): every candidate's row starts as that vector, and
+`JsonRowsEncoder.encode_columns` writes the candidates' own fields into it, all of a kind at once
+(no Python pass per field or per candidate). Anything that path does not take (or a candidate null
+overriding a context value) goes through `check_row` + `FeatureTransform.row` on the merged rows:
+the same numbers, and the error naming the mistake. Tests prove the paths agree.
 """
 
 from __future__ import annotations
