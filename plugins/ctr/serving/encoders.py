@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+from itertools import chain, compress
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,10 @@ for _hi, _a in enumerate(b"0123456789abcdef"):
             for _y in {_b, bytes([_b]).upper()[0]}:
                 HEX_PAIR[np.frombuffer(bytes([_x, _y]), dtype=np.uint16)[0]] = _hi * 16 + _lo
 _LOWER_HEX8 = re.compile(r"[0-9a-f]{8}")
+_COLUMN_TAG = np.arange(len(CAT_COLUMNS), dtype=np.uint64) << np.uint64(32)  # vocabulary_index's key layout
+_INT_OR_NONE = frozenset({int, type(None)})
+_LABEL_VALUES = frozenset({0, 1, None})
+_NULL_AS_EMPTY = {None: ""}
 
 _READ = pcsv.ReadOptions(column_names=ALL_COLUMNS, use_threads=False, block_size=1 << 30)
 _PARSE = pcsv.ParseOptions(delimiter="\t", quote_char=False, double_quote=False, escape_char=False,
@@ -93,13 +98,7 @@ class NumpyTsvEncoder:
     """Raw Criteo lines (bytes) -> float64 matrix (n, 39) equal to reader + transform_table, or None."""
 
     def __init__(self, transform: FeatureTransform) -> None:
-        self.index, codes = vocabulary_index(transform)
-        sizes = [len(transform.vocab[c]) for c in CAT_COLUMNS]
-        # the index holds the vocabularies one after the other, each in code order: code = pos - offset
-        self.offset = np.cumsum([0, *sizes[:-1]]).astype(np.int64)
-        if not np.array_equal(codes, np.arange(len(codes)) - np.repeat(self.offset, sizes)):
-            raise ValueError("vocabulary index is not in code order")
-        self.rare = np.array(sizes, dtype=np.float64)
+        self.index, self.offset, self.rare = code_lookup(transform)
         self.missing = np.array([transform.missing_code(c) for c in CAT_COLUMNS])  # NaN or V+1
         self.column_tag = np.arange(len(CAT_COLUMNS), dtype=np.uint64) << np.uint64(32)
 
@@ -193,6 +192,11 @@ class JsonRowsEncoder:
             self.plan[c] = (1, _N_INT + j, index, float(len(transform.vocab[c])))
         self.plan[LABEL] = (2, 0, None, 0.0)
         self.template = [math.nan] * _N_INT + [transform.missing_code(c) for c in CAT_COLUMNS]
+        self.position = {k: (-1 if kind == 2 else j) for k, (kind, j, _, _) in self.plan.items()}  # label: -1
+        try:  # the uint64-keyed vocabulary lookup of `encode_columns` (plain 8-hex vocabularies only)
+            self.lookup: tuple[Any, np.ndarray, np.ndarray] | None = code_lookup(transform)
+        except ValueError:
+            self.lookup = None
 
     def encode(self, rows: list[Any]) -> np.ndarray | None:
         plan, template, hexdigits, limit = self.plan, self.template, _HEX_CHARS, INT_ABS_MAX
@@ -220,6 +224,110 @@ class JsonRowsEncoder:
                     return None
             vecs.append(vec)
         return np.array(vecs, dtype=np.float64).reshape(len(vecs), N_FEATURES)
+
+    def encode_columns(self, base: np.ndarray, rows: list[dict[str, Any]]) -> np.ndarray | None:
+        """Rows (dicts) -> codes matrix (n, 39), every row starting as `base`; None for the checked path.
+
+        Made for many rows that each set a few fields over a shared vector (a ranking's candidates
+        over its context's): every row's fields are taken in one pass (`chain` over keys and over
+        values: no per-field or per-row Python) and each value is written into its cell; a field a
+        row lacks keeps `base`'s value, and so does a null (the caller sends a null meant to clear a
+        `base` value elsewhere).
+
+        * categoricals: all joined into one tab-separated ASCII buffer, checked to be 8 hex digits
+          each (either case), turned into uint64 keys two digits at a time through `HEX_PAIR` (as
+          `NumpyTsvEncoder` does) and coded with one hash lookup (`code_lookup`): in the vocabulary
+          -> its code, else the rare code;
+        * integers: one `set(map(type, ...))` check (int or null), one float64 array;
+        * anything else (an unknown field, a float, a bool, a non-string categorical, an empty
+          string, bad hex, an integer at or beyond 2^53, a label other than 0/1/null) returns None."""
+        if self.lookup is None:
+            return None
+        x = np.empty((len(rows), len(base)), dtype=np.float64)
+        x[:] = base
+        keys = list(chain.from_iterable(rows))
+        if not keys:
+            return x
+        vals = list(chain.from_iterable(map(dict.values, rows)))
+        try:  # feature index; -1 for the label
+            col = np.fromiter(map(self.position.get, keys), dtype=np.intp, count=len(keys))
+        except TypeError:
+            return None  # an unknown field (None)
+        row = np.repeat(np.arange(len(rows)), list(map(len, rows)))
+        cat = col >= _N_INT
+        if cat.all():
+            cat_vals, cat_col, cat_row = vals, col, row
+        else:
+            keep = cat.tolist()
+            cat_vals = list(compress(vals, keep))
+            cat_col, cat_row = col[cat], row[cat]
+            other = ~cat
+            other_vals = list(compress(vals, other.tolist()))
+            if not set(map(type, other_vals)) <= _INT_OR_NONE:
+                return None
+            other_col, other_row = col[other], row[other]
+            label = other_col < 0
+            if label.any():
+                if not _LABEL_VALUES.issuperset(compress(other_vals, label.tolist())):
+                    return None  # label: 0, 1 or null, ignored
+                other_vals = list(compress(other_vals, (~label).tolist()))
+                other_col, other_row = other_col[~label], other_row[~label]
+            if other_vals:
+                try:
+                    v = np.array(other_vals, dtype=np.float64)  # null -> NaN
+                except OverflowError:
+                    return None
+                null = np.isnan(v)
+                if not np.all(np.abs(v) < INT_ABS_MAX, where=~null):
+                    return None  # at 2^53 and beyond the float may have rounded: the checked path decides
+                x[other_row, other_col] = np.where(null, base[other_col], v)
+        if cat_vals:
+            codes = self._cat_codes(base, cat_vals, cat_col)
+            if codes is None:
+                return None
+            x[cat_row, cat_col] = codes
+        return x
+
+    def _cat_codes(self, base: np.ndarray, vals: list[Any], col: np.ndarray) -> np.ndarray | None:
+        """Codes of categorical values (feature index `col`); a null -> base's code; None if one is not plain.
+
+        The values are joined into one tab-separated ASCII buffer and decoded like a TSV body's
+        categoricals: each field one 8-byte load, two hex digits at a time through `HEX_PAIR`, then
+        one hash lookup of all the keys."""
+        assert self.lookup is not None
+        index, offset, rare = self.lookup
+        n_null = 0
+        try:
+            try:
+                text = "\t".join(vals)
+            except TypeError:  # a null (or not a string): a null is an empty field
+                n_null = vals.count(None)
+                text = "\t".join(map(_NULL_AS_EMPTY.get, vals, vals))
+            buf = text.encode("ascii") + b"\t" + _PAD
+        except (TypeError, UnicodeEncodeError):
+            return None  # not a string (or unhashable), or not ASCII: not 8 hex digits
+        raw = np.frombuffer(buf, dtype=np.uint8)
+        sep = np.flatnonzero(raw[:len(buf) - len(_PAD)] == 9)
+        if len(sep) != len(vals):
+            return None  # a tab inside a value
+        start = np.empty_like(sep)
+        start[0] = 0
+        start[1:] = sep[:-1] + 1
+        length = sep - start
+        null = length == 0
+        if int(np.count_nonzero(null)) != n_null or not np.all(null | (length == 8)):
+            return None  # an empty string sent as a value, or not 8 characters
+        w = _words(buf)[start]
+        if n_null:
+            w = np.where(null, _ASCII_ZEROS, w)  # the word of an empty field holds the next fields' bytes
+        pairs = HEX_PAIR[w.view(np.uint16)]  # 4 per value: byte values, 256 where not hex
+        if int(pairs.max()) > 255:
+            return None
+        c = col - _N_INT
+        keys = pairs.astype(np.uint8).view(">u4").astype(np.uint64) | _COLUMN_TAG[c]
+        pos = index.get_indexer(keys)
+        codes = np.where(pos >= 0, pos - offset[c], rare[c])
+        return np.where(null, base[col], codes) if n_null else codes
 
 
 class TsvEncoder:
@@ -275,6 +383,18 @@ class TsvEncoder:
             codes[j, mask] = self.missing[j]
         out[:, CAT_INDEX] = codes.T
         return out
+
+
+def code_lookup(transform: FeatureTransform) -> tuple[Any, np.ndarray, np.ndarray]:
+    """`vocabulary_index` with each column's offset in it and its rare code: the code of a key found
+    at position `pos` of column `c` is `pos - offset[c]`; a key not found gets `rare[c]`."""
+    index, codes = vocabulary_index(transform)
+    sizes = [len(transform.vocab[c]) for c in CAT_COLUMNS]
+    # the index holds the vocabularies one after the other, each in code order: code = pos - offset
+    offset = np.cumsum([0, *sizes[:-1]]).astype(np.int64)
+    if not np.array_equal(codes, np.arange(len(codes)) - np.repeat(offset, sizes)):
+        raise ValueError("vocabulary index is not in code order")
+    return index, offset, np.array(sizes, dtype=np.float64)
 
 
 def vocabulary_index(transform: FeatureTransform) -> tuple[Any, np.ndarray]:

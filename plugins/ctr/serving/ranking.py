@@ -6,21 +6,20 @@ both is a 422 naming it unless `"override": "candidate"` (then the candidate's v
 included). The answer is the top `k` (default: all) by probability, descending, ties in input order.
 
 Every field is checked by `validation.check_row`, so a mistake is a RequestError naming the field
-and, for a candidate, its 0-based index (`row`). The feature matrix is built in one pass by the
-model's JSON rows encoder (batch_encode.JsonRowsEncoder) started from the context's encoded vector
-instead of its all-missing template: the shared context is encoded once, not once per candidate,
-and every candidate then writes only its own fields. Anything that encoder does not take (or a
-candidate null overriding a context value) goes through `check_row` + `FeatureTransform.row` on
-the merged rows: the same numbers, and the error naming the mistake. Tests prove the two agree.
+and, for a candidate, its 0-based index (`row`). The codes matrix is built from the shared context
+encoded once (`JsonRowsEncoder.encode`): every candidate's row starts as that vector, and
+`JsonRowsEncoder.encode_columns` writes the candidates' own fields into it, all of a kind at once
+(no Python pass per field or per candidate). Anything that path does not take (or a candidate null
+overriding a context value) goes through `check_row` + `FeatureTransform.row` on the merged rows:
+the same numbers, and the error naming the mistake. Tests prove the paths agree.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import logging
-import math
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,6 @@ RANK_KEYS = frozenset({"context", "candidates", "k", "override"})
 OVERRIDES = frozenset({"candidate"})
 ID_INT_MAX = 2**53  # integer ids beyond this would not survive a JSON round trip in most clients
 ID_MAX_CHARS = 256
-_INT_EXACT = 2.0**53
 JSON_TYPES = frozenset({b"application/json"})
 
 
@@ -98,24 +96,53 @@ def _k(k: Any, n: int) -> int:
 
 
 def _ids(cands: list[Any]) -> list[str | int]:
-    """Pops every candidate's `id` (checked: present, a string or integer, unique)."""
+    """Pops every candidate's `id` (checked: present, a string or integer, unique).
+
+    The plain case (every candidate an object; all ids strings of 1..256 valid characters, or all
+    integers within +/-2^53; no repeats) is checked a whole list at a time; anything else goes
+    through `_check_ids`, one candidate at a time, so the first mistake is named."""
+    if not all(map(isinstance, cands, repeat(dict))):
+        return _check_ids(cands, [c.pop("id", _ABSENT) if isinstance(c, dict) else _ABSENT for c in cands])
+    ids = list(map(dict.pop, cands, repeat("id"), repeat(_ABSENT)))
+    if not ids:
+        return ids
+    types = set(map(type, ids))
+    if types == {str}:
+        lengths = list(map(len, ids))
+        plain = min(lengths) >= 1 and max(lengths) <= ID_MAX_CHARS and _encodes("".join(ids))
+    elif types == {int}:
+        plain = -ID_INT_MAX <= min(ids) and max(ids) <= ID_INT_MAX
+    else:
+        plain = False
+    if plain and len(set(ids)) == len(ids):
+        return ids
+    return _check_ids(cands, ids)
+
+
+def _encodes(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_ids(cands: list[Any], popped: list[Any]) -> list[str | int]:
+    """The ids one candidate at a time: the first mistake as a RequestError naming it."""
     ids: list[str | int] = []
-    for j, c in enumerate(cands):
+    for j, (c, v) in enumerate(zip(cands, popped, strict=True)):
         if not isinstance(c, dict):
             raise RequestError(422, f"candidate {j} must be an object with an 'id' and its features, got {_shown(c)}",
                                row=j)
-        if "id" not in c:
+        if v is _ABSENT:
             raise RequestError(422, f"candidate {j} has no 'id'", row=j, field="id")
-        v = c.pop("id")
         if type(v) is str:
             if not v or len(v) > ID_MAX_CHARS:
                 raise RequestError(422, f"candidate {j}: id must be 1 to {ID_MAX_CHARS} characters, got {_shown(v)}",
                                    row=j, field="id")
-            try:
-                v.encode("utf-8")
-            except UnicodeEncodeError:
+            if not _encodes(v):
                 raise RequestError(422, f"candidate {j}: id is not valid Unicode (a lone surrogate)",
-                                   row=j, field="id") from None
+                                   row=j, field="id")
         elif type(v) is not int or not -ID_INT_MAX <= v <= ID_INT_MAX:
             raise RequestError(422, f"candidate {j}: id must be a string or an integer within +/-2^53, got {_shown(v)}",
                                row=j, field="id")
@@ -131,26 +158,28 @@ def _ids(cands: list[Any]) -> list[str | int]:
 
 
 def _matrix(model: Any, context: dict[str, Any], cands: list[dict[str, Any]], override: bool) -> np.ndarray:
-    if not override:
+    if not cands:
+        return np.empty((0, N_FEATURES), dtype=np.float64)
+    names = set().union(*cands)  # every field some candidate sets
+    if not override and not context.keys().isdisjoint(names):
         for j, c in enumerate(cands):
             if not context.keys().isdisjoint(c):
                 name = next(f for f in c if f in context)
                 raise RequestError(422, f"candidate {j}: field {_shown(name)} is in both context and candidate; "
                                         'set "override": "candidate" to let the candidate\'s value win',
                                    row=j, field=str(name))
-    if not cands:
-        return np.empty((0, N_FEATURES), dtype=np.float64)
-    x = _fast_matrix(model, context, cands, override)
+    x = _fast_matrix(model, context, cands, override, names)
     return _checked_matrix(model, context, cands) if x is None else x
 
 
-def _fast_matrix(model: Any, context: dict[str, Any], cands: list[dict[str, Any]], override: bool) -> np.ndarray | None:
-    """The JSON rows encoder, started from the context's vector; None when the checked path must decide."""
+def _fast_matrix(model: Any, context: dict[str, Any], cands: list[dict[str, Any]], override: bool,
+                 names: set[str]) -> np.ndarray | None:
+    """The context encoded once, then the candidates a column at a time; None when the checked path must decide."""
     enc = model.rows
     if enc is None:
         return None
-    if override and context:
-        for c in cands:  # a candidate's null must clear the context's value: the encoder would keep it
+    if override and not context.keys().isdisjoint(names):
+        for c in cands:  # a candidate's null must clear the context's value: the encoders would keep it
             if any(v is None and f in context for f, v in c.items()):
                 return None
     base = enc.encode([context])
@@ -164,77 +193,20 @@ def _fast_matrix(model: Any, context: dict[str, Any], cands: list[dict[str, Any]
     return merged.encode(cands)
 
 
-@functools.lru_cache(maxsize=4)
-def _plain_vocabularies(enc: Any) -> bool:
-    """Whether every vocabulary value is 8 lower-case hex digits (then a hit in it is a valid value)."""
-    return all(len(v) == 8 and _LOWER_HEX.issuperset(v)
-               for kind, _, index, _ in enc.plan.values() if kind == 1 for v in index)
-
-
-_LOWER_HEX = frozenset("0123456789abcdef")
-_HEX = frozenset("0123456789abcdefABCDEF")
-_NONE = type(None)
-
-
 class _Absent:
-    """A candidate without the field (it keeps the context's value)."""
+    """A candidate without an id."""
 
 
 _ABSENT = _Absent()
 
 
 def _columns_matrix(enc: Any, base: np.ndarray, cands: list[dict[str, Any]]) -> np.ndarray | None:
-    """Candidates -> matrix a column (field) at a time, starting from the context's vector.
+    """Candidates -> codes matrix (n, 39), every row starting as the context's vector, a field at a time
+    (`JsonRowsEncoder.encode_columns`); None for the general paths, which name a mistake.
 
-    Each field's values across the candidates are taken in one pass (an absent field keeps the
-    context's value), their types checked with one `set(map(type, ...))` and categoricals coded with
-    one `map(dict.get)` over the vocabulary; only values not in it (rare, upper-case, null) are
-    looked at one by one. Anything not plain (a type other than int/str/None, an integer at or beyond
-    2^53, non-hex) returns None for the general paths, which name the mistake."""
-    if not _plain_vocabularies(enc):
-        return None
-    names = set().union(*cands)
-    plans = [enc.plan.get(k) for k in names]
-    if any(p is None for p in plans):
-        return None
-    x = np.tile(base, (len(cands), 1))
-    for name, (kind, j, index, rare) in zip(names, plans, strict=True):
-        vals = [c.get(name, _ABSENT) for c in cands]
-        types = set(map(type, vals))
-        if kind == 0:
-            if not types <= {int, _NONE, _Absent}:
-                return None
-            if len(types) > 1 or int not in types:
-                keep = float(base[j])
-                vals = [keep if v is _ABSENT else math.nan if v is None else v for v in vals]
-            try:
-                col = np.array(vals, dtype=np.float64)
-            except OverflowError:
-                return None
-            if not np.all(np.abs(col) < _INT_EXACT, where=~np.isnan(col)):
-                return None  # at 2^53 and beyond the float may have rounded: the checked path decides
-            x[:, j] = col
-        elif kind == 1:
-            if not types <= {str, _NONE, _Absent}:
-                return None
-            codes = list(map(index.get, vals))
-            if None in codes:
-                missing, keep = enc.template[j], float(base[j])
-                for i, code in enumerate(codes):
-                    if code is None:
-                        v = vals[i]
-                        if v is None:
-                            codes[i] = missing
-                        elif v is _ABSENT:
-                            codes[i] = keep
-                        elif len(v) != 8 or not _HEX.issuperset(v):
-                            return None
-                        else:
-                            codes[i] = index.get(v.lower(), rare)
-            x[:, j] = codes
-        elif not types <= {int, _NONE, _Absent} or not set(vals) <= {0, 1, None, _ABSENT}:
-            return None  # label: 0, 1 or null, ignored
-    return x
+    A candidate's null on a field the context sets is the caller's to route elsewhere (with
+    `"override": "candidate"` it clears the context's value); here it would keep it."""
+    return enc.encode_columns(base, cands)
 
 
 def _checked_matrix(model: Any, context: dict[str, Any], cands: list[dict[str, Any]]) -> np.ndarray:

@@ -284,5 +284,35 @@ def test_column_encoder_takes_plain_candidates_and_refuses_the_rest(model: Serve
     x = ranking._columns_matrix(model.rows, base, [dict(c) for c in cands])
     ref = model.bundle.transform.rows_matrix(check_rows([{**ctx, **c} for c in cands]))
     assert x is not None and np.array_equal(x, ref, equal_nan=True)
-    for odd in [{"I2": 3.0}, {"I2": True}, {"I2": 2**53}, {"C3": "abc"}, {"C3": "zzzzzzzz"}, {"label": 2}, {"I14": 1}]:
+    for odd in [{"I2": 3.0}, {"I2": True}, {"I2": 2**53}, {"I2": "3"}, {"C3": "abc"}, {"C3": "zzzzzzzz"},
+                {"C3": ""}, {"C3": "0ba\tf00d"}, {"C3": "0badf0\u00e9d"}, {"C3": 12345678}, {"C3": ["0badf00d"]},
+                {"C3": True}, {"label": 2}, {"I14": 1}]:
         assert ranking._columns_matrix(model.rows, base, [{"I2": 1}, odd]) is None, odd
+
+
+def test_column_encoder_equals_the_checked_path_on_mixed_candidates(model: ServedModel) -> None:
+    """Seeded random candidates (ints, known/upper-case/unseen categoricals, nulls, labels, absent
+    fields) over a context: encode_columns gives exactly check_rows + rows_matrix of the merged rows."""
+    from ctr.serving.validation import check_rows
+
+    rng = np.random.default_rng(20)
+    ctx = {"I1": 7, "C1": _vocab_value(model, "C1", 2), "C2": None}
+    pool = [c for c in FEATURE_COLUMNS if c not in ctx] + ["label"]
+
+    def value(col: str) -> object:
+        r = rng.random()
+        if r < 0.15:
+            return None
+        if col == "label":
+            return int(rng.integers(0, 2))
+        if col in INT_COLUMNS:
+            return int(rng.integers(-10**6, 10**12))
+        v = _vocab_value(model, col, int(rng.integers(0, 50)))
+        return v.upper() if r < 0.3 else f"{int(rng.integers(0, 2**32)):08x}" if r < 0.5 else v
+
+    cands = [{c: value(c) for c in rng.choice(pool, size=int(rng.integers(0, 20)), replace=False).tolist()}
+             for _ in range(200)]
+    base = model.rows.encode([ctx])[0]
+    x = ranking._columns_matrix(model.rows, base, [dict(c) for c in cands])
+    ref = model.bundle.transform.rows_matrix(check_rows([{**ctx, **c} for c in cands]))
+    assert x is not None and np.array_equal(x, ref, equal_nan=True)
