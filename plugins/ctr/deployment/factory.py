@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from ctr.deployment.image import ImageBuilder, LocalImageBuilder
 from ctr.deployment.rollout.base import Rollout
+from ctr.deployment.rollout.progressive import Strategy
 from ctr.settings import DeploySettings, Settings
 
 
@@ -78,10 +79,13 @@ def image_builder(d: DeploySettings, access: Access) -> ImageBuilder:
     return make(d, access)
 
 
-def rollout(s: Settings, d: DeploySettings, access: Access) -> Rollout:
-    """The rollout target `d.deploy_target` names (local | aks)."""
+def rollout(s: Settings, d: DeploySettings, access: Access, strategy: Strategy | None = None) -> Rollout:
+    """The rollout target `d.deploy_target` names (local | aks), rolling out by `strategy` (default rolling)."""
     try:
         make = ROLLOUTS[d.deploy_target]
     except KeyError:
         raise ValueError(f"deploy_target={d.deploy_target!r}: use one of {sorted(ROLLOUTS)}") from None
-    return make(s, d, access)
+    target = make(s, d, access)
+    if strategy is not None:
+        target.strategy = strategy  # type: ignore[attr-defined]  # every target has one (rollout/progressive.py)
+    return target

@@ -23,6 +23,7 @@ import pyarrow as pa
 import yaml
 
 from ctr.deployment.rollout.base import Release, RolloutError, RolloutResult, verify_endpoint
+from ctr.deployment.rollout.progressive import Strategy
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ class AksRollout:
         self.policy = client.PolicyV1Api(api_client)
         self.autoscaling = client.AutoscalingV2Api(api_client)
         self.timeout, self.poll_interval = timeout, poll_interval
+        self.strategy = Strategy()
 
     # ---- reads -------------------------------------------------------------------------------
     def current(self) -> dict[str, Any] | None:
@@ -177,6 +179,9 @@ class AksRollout:
     def deploy(self, release: Release) -> RolloutResult:
         if not release.image:
             raise ValueError("deploy_target=aks pulls the image from ACR: run with image_builder=acr")
+        if self.strategy.progressive:
+            raise RolloutError(f"rollout_strategy={self.strategy.name} is not available on deploy_target=aks yet; "
+                               "use rolling there (canary and shadow run on deploy_target=local)")
         image, version = release.image, str(release.version)
         before = self.current()
         if before and before["image"] == image and before["version"] == str(version):
