@@ -215,7 +215,7 @@ class LocalRollout:
         champion = str(st["candidate"].get("champion_version"))
         records = [{k: v for k, v in r.items() if v is not None and k in FEATURE_COLUMNS} for r in rows.to_pylist()]
         auth = {"Authorization": f"Bearer {token}"} if token else {}
-        before = scrape(self.url) if s.name == "canary" else {}
+        before = scrape(f"{self.url}/metrics") if s.name == "canary" else {}
         t0, i, seen = time.monotonic(), 0, 0
         with httpx.Client(base_url=self.url, headers=auth, timeout=10) as c:
             while time.monotonic() - t0 < s.bake_seconds and seen < s.bake_requests:
@@ -229,7 +229,7 @@ class LocalRollout:
         time.sleep(0.2)  # shadow scorings of the last requests finish
         waited = round(time.monotonic() - t0, 3)
         if s.name == "canary":
-            after = scrape(self.url)
+            after = scrape(f"{self.url}/metrics")
             cand, champ = canary_window(before, after, version, "canary"), canary_window(before, after, champion, "champion")
             breaches, numbers = canary_breaches(cand, champ, s.limits), {"candidate": cand, "champion": champ}
         else:
@@ -257,7 +257,7 @@ class LocalRollout:
 
     def _candidate_requests(self, before: dict[Any, Any], version: str) -> int:
         if self.strategy.name == "canary":
-            return canary_window(before, scrape(self.url), version, "canary")["requests"]
+            return canary_window(before, scrape(f"{self.url}/metrics"), version, "canary")["requests"]
         return int((self._admin("/admin/traffic", method="GET")["shadow"] or {}).get("requests", 0))
 
     def swap(self, bundle: Path) -> None:

@@ -89,11 +89,12 @@ class Strategy:
 Scrape = dict[tuple[str, str], dict[str, Any]]
 
 
-def scrape(url: str, timeout: float = 10.0) -> Scrape:
-    """{(version, role): {"requests", "errors", "buckets": {le: cumulative count}}} from `url`/metrics."""
+def scrape(metrics_url: str, timeout: float = 10.0) -> Scrape:
+    """{(version, role): {"requests", "errors", "buckets": {le: cumulative count}}} from a /metrics URL; series
+    of several instances (a federation endpoint) are summed."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    r = httpx.get(f"{url}/metrics", timeout=timeout)
+    r = httpx.get(metrics_url, timeout=timeout)
     r.raise_for_status()
     out: Scrape = {}
     for fam in text_string_to_metric_families(r.text):
@@ -107,7 +108,8 @@ def scrape(url: str, timeout: float = 10.0) -> Scrape:
                 if s.labels.get("status", "").startswith("5"):
                     d["errors"] += s.value
             elif s.name == "ctr_model_request_seconds_bucket":
-                d["buckets"][float(s.labels["le"])] = s.value
+                le = float(s.labels["le"])
+                d["buckets"][le] = d["buckets"].get(le, 0.0) + s.value
     return out
 
 
