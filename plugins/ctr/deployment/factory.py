@@ -56,7 +56,7 @@ def _aks_rollout(s: Settings, d: DeploySettings, access: Access) -> Rollout:
         kubeconfig_from_aks,
     )
 
-    cfg = AksConfig(namespace=d.aks_namespace, url=d.aks_url)
+    cfg = AksConfig(namespace=d.aks_namespace, url=d.aks_url, metrics_url=d.aks_metrics_url)
     if d.kube_conn_id:  # a cncf-kubernetes connection holding a kubeconfig (or in-cluster)
         return AksRollout(access.kube_api_client(d.kube_conn_id), cfg)
     if not d.aks_cluster or not d.aks_resource_group:
