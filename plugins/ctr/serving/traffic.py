@@ -135,7 +135,8 @@ class ShadowStats:
 
     def add(self, champ: np.ndarray, cand: np.ndarray, seconds: float) -> None:
         self.requests += 1
-        self.seconds.append(seconds)
+        if len(self.seconds) < SHADOW_MAX_ROWS:
+            self.seconds.append(seconds)
         if len(champ) != len(cand):
             self.error(f"candidate returned {len(cand)} scores for {len(champ)} rows")
             return
@@ -246,7 +247,8 @@ class Traffic:
             hist = self._hist[picked] = self._latency.labels(version, role)
         hist.observe(seconds)
         cand = self.candidate
-        if cand is not None and cand.shadow is not None and role == CHAMPION:
+        if cand is not None and cand.shadow is not None and role == CHAMPION \
+                and len(cand.shadow.champion_seconds) < SHADOW_MAX_ROWS:
             cand.shadow.champion_seconds.append(seconds)
 
     def after(self, route: str, ctype: bytes, body: bytes, limit: int, probs: np.ndarray) -> None:
