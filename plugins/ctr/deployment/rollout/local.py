@@ -244,7 +244,8 @@ class LocalRollout:
             self.save_state(st)
             log.error("rollout: %s of version %s breached after %.1fs: %s; dropped, version %s serves all traffic",
                       s.name, version, waited, "; ".join(breaches), champion)
-            raise RolloutError(f"{s.name} of version {version} breached {'; '.join(breaches)}; rolled back to 0%, "
+            undone = "rolled back to 0%" if s.name == "canary" else "shadow dropped"
+            raise RolloutError(f"{s.name} of version {version} breached {'; '.join(breaches)}; {undone}, "
                                f"version {champion} serves all traffic")
         self._admin("/admin/promote")
         st.update(bundle=str(release.bundle), version=version, previous_bundle=st["candidate"].get("champion_bundle"),
