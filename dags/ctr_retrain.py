@@ -50,6 +50,24 @@ with DAG(
         "fail_verify": Param(False, type="boolean", description="drill: make verify fail to exercise the rollback"),
         "image_builder": Param("local", enum=["local", "acr"], description="local build context [+ docker] or ACR Tasks"),
         "deploy_target": Param("local", enum=["local", "aks"], description="local scoring service hot swap or AKS rolling update"),
+        "rollout_strategy": Param("rolling", enum=["rolling", "canary", "shadow"],
+                                  description="rolling: swap all at once (default). canary: canary_percent of requests "
+                                              "(by request id) go to the new model while it bakes. shadow: the new model "
+                                              "scores every request beside the champion, only the champion answers. "
+                                              "verify judges the bake against rollout_limits (docs/rollout.md)"),
+        "canary_percent": Param(10, type="number", exclusiveMinimum=0, maximum=100,
+                                description="canary: share of requests (percent, by request id) the new model answers"),
+        "bake_seconds": Param(60, type="number", exclusiveMinimum=0, maximum=3600,
+                              description="canary/shadow: watch the new model this long at most before judging"),
+        "bake_requests": Param(1000, type="integer", minimum=1,
+                               description="canary/shadow: or until the new model has seen this many requests"),
+        "rollout_limits": Param({}, type="object",
+                                description="canary/shadow limit overrides: max_error_rate_increase (0.01), "
+                                            "max_p99_increase_ms (50), max_mean_shift (0.02), max_psi (0.1), "
+                                            "max_candidate_p99_ms (50), max_candidate_errors (0)"),
+        "rollout_drill": Param("none", enum=["none", "latency", "errors"],
+                               description="drill: the new model only gets +250 ms (latency) or fails half its "
+                                           "requests (errors), so the canary/shadow rollback is exercised"),
     },
     doc_md=__doc__,
 ) as dag:

@@ -130,6 +130,7 @@ class DeploySettings:
     acr_resource_group: str = ""
     aks_namespace: str = "ctr"
     aks_url: str = ""                       # how verify reaches the service (default: in-cluster DNS)
+    aks_metrics_url: str = ""               # canary bake: every pod's /metrics summed (default: aks_url/metrics)
     kube_conn_id: str = ""                  # a cncf-kubernetes connection (wins over aks_cluster)
     aks_cluster: str = ""
     aks_resource_group: str = ""

@@ -3,7 +3,8 @@
 Kubernetes (JSON, bearer auth): server-side apply (PATCH application/apply-patch+yaml with
 fieldManager) of apps/v1 Deployments, core/v1 Services, policy/v1 PodDisruptionBudgets and
 autoscaling/v2 HorizontalPodAutoscalers; GET of a Deployment and its /status; lists of
-ReplicaSets and Pods by label selector; GET of Secrets. A small deployment controller runs one
+ReplicaSets and Pods by label selector; GET of Secrets; the `/scale` subresource of a Deployment
+(merge patch) and DELETE of a Deployment (a V1DeleteOptions body; answers a Status). A small deployment controller runs one
 step per /status read: a new ReplicaSet surges pods in, honouring the applied
 `maxUnavailable`/`maxSurge`, and the old one scales down. Images in `crashing` never become
 ready (their pods go CrashLoopBackOff and the Deployment reports ProgressDeadlineExceeded
@@ -167,6 +168,14 @@ class FakeKube(LoopbackServer):
         self.objects[key] = obj
         return {**obj, "status": self._status(ns, name)}
 
+    def _scale(self, ns: str, name: str, replicas: int) -> None:
+        """The scale subresource: the desired count changes; surplus pods go at once (no template change)."""
+        self.objects[("Deployment", ns, name)]["spec"]["replicas"] = replicas
+        sim = self.sims[(ns, name)]
+        sim.generation += 1
+        for rs in sim.sets:
+            rs.ready, rs.starting = min(rs.ready, replicas), 0
+
     @staticmethod
     def _rs_name(name: str, obj: dict[str, Any]) -> str:
         return f"{name}-{hashlib.sha256(json.dumps(obj['spec']['template'], sort_keys=True).encode()).hexdigest()[:10]}"
@@ -232,7 +241,7 @@ class FakeKube(LoopbackServer):
                         return self._status(401, "Unauthorized", "Unauthorized")
                     return self._kube(u.path, q, body)
 
-            do_GET = do_PATCH = do_POST = do_PUT = _route
+            do_GET = do_PATCH = do_POST = do_PUT = do_DELETE = _route
 
             def _arm(self, path: str) -> None:
                 if not re.fullmatch(r"/subscriptions/[^/]+/resourceGroups/[^/]+/providers/Microsoft.ContainerService/"
@@ -249,7 +258,7 @@ class FakeKube(LoopbackServer):
 
             def _kube(self, path: str, q: dict[str, str], body: bytes) -> None:
                 m = re.fullmatch(r"/(?P<gv>api/v1|apis/[^/]+/[^/]+)/namespaces/(?P<ns>[^/]+)/(?P<res>[a-z]+)"
-                                 r"(?:/(?P<name>[^/]+))?(?P<sub>/status)?", path)
+                                 r"(?:/(?P<name>[^/]+))?(?P<sub>/status|/scale)?", path)
                 if not m:
                     return self._status(404, "NotFound", f"the server could not find the requested resource ({path})")
                 gv, ns, res, name, sub = m["gv"], m["ns"], m["res"], m["name"], m["sub"]
@@ -264,6 +273,23 @@ class FakeKube(LoopbackServer):
                 kind = KINDS.get((gv, res))
                 if kind is None or not name:
                     return self._status(404, "NotFound", f"{self.command} {path} is not served by the fake")
+                if kind == "Deployment" and (sub == "/scale" or self.command == "DELETE"):
+                    if (kind, ns, name) not in fake.objects:
+                        return self._status(404, "NotFound", f'deployments.apps "{name}" not found')
+                    if self.command == "DELETE":
+                        json.loads(body or b"{}")  # V1DeleteOptions
+                        del fake.objects[(kind, ns, name)]
+                        del fake.sims[(ns, name)]
+                        return self._json(200, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
+                                                "details": {"name": name, "group": "apps", "kind": "deployments"}})
+                    if self.command == "PATCH":
+                        if self.headers.get("Content-Type") != "application/merge-patch+json":
+                            return self._status(415, "UnsupportedMediaType", "scale takes a merge patch here")
+                        fake._scale(ns, name, int(json.loads(body)["spec"]["replicas"]))
+                    n = fake.objects[(kind, ns, name)]["spec"]["replicas"]
+                    return self._json(200, {"kind": "Scale", "apiVersion": "autoscaling/v1",
+                                            "metadata": {"name": name, "namespace": ns},
+                                            "spec": {"replicas": n}, "status": {"replicas": n}})
                 if self.command == "PATCH":
                     return self._apply(kind, ns, name, q, body)
                 if self.command == "GET":

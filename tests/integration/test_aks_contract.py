@@ -142,3 +142,42 @@ def test_credentials_fetched_from_aks_drive_the_rollout() -> None:
         assert r.deploy(Release("1", BUNDLE, V1)).version == "1"
         assert ("POST", "/subscriptions/sub-1/resourceGroups/rg-ctr/providers/Microsoft.ContainerService/managedClusters/"
                 "aks-ctr/listClusterUserCredential", "") in [(m, p, "") for m, p, _ in fake.requests]
+
+
+def test_canary_deployment_beside_the_stable_one_is_promoted_or_removed_on_breach(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import ctr.deployment.rollout.aks as aks
+    from ctr.deployment.rollout.progressive import Strategy
+
+    monkeypatch.setattr(aks, "scrape", lambda url: {})  # no pods to scrape in the fake: `judge` is replaced below
+    with FakeKube() as fake:
+        r = AksRollout(_api(fake), AksConfig(replicas=4), timeout=20, poll_interval=0.01)
+        r.deploy(Release("1", BUNDLE, V1))
+        r.strategy = Strategy("canary", canary_percent=20, bake_seconds=0.01)
+        res = r.deploy(Release("2", BUNDLE, V2))
+        assert (res.version, res.previous_version, res.previous_ref) == ("2", "1", V1)
+        can = fake.objects[("Deployment", "ctr", "ctr-scorer-canary")]
+        svc = fake.objects[("Service", "ctr", "ctr-scorer")]["spec"]["selector"]
+        assert fake.image_of("ctr", "ctr-scorer") == V1 and fake.image_of("ctr", "ctr-scorer-canary") == V2
+        assert can["spec"]["replicas"] == 1 and AksRollout.canary_replicas(4, 20) == 1  # 1 of 5 pods = 20%
+        assert svc.items() <= can["spec"]["template"]["metadata"]["labels"].items()  # the same Service sends it traffic
+        assert can["spec"]["selector"]["matchLabels"]["ctr/track"] == "canary"
+        assert fake.sims[("ctr", "ctr-scorer")].min_available_during_rollout in (None, 4)  # stable untouched
+
+        # pass: the stable Deployment rolls to V2 and the canary is scaled to 0 and deleted
+        r.judge = lambda release, champion, before: ([], {"candidate": {"version": release.version}})  # type: ignore[method-assign]
+        assert r.bake(Release("2", BUNDLE, V2))["strategy"] == "canary"
+        assert fake.image_of("ctr", "ctr-scorer") == V2 and ("Deployment", "ctr", "ctr-scorer-canary") not in fake.objects
+        scaled = [p for m, p, ct in fake.requests if m == "PATCH" and p.endswith("/ctr-scorer-canary/scale")]
+        deleted = [p for m, p, _ in fake.requests if m == "DELETE"]
+        assert scaled and deleted == ["/apis/apps/v1/namespaces/ctr/deployments/ctr-scorer-canary"]
+
+        # breach: the canary is removed, the stable keeps V2, the error names the limit
+        r.deploy(Release("3", BUNDLE, BAD))
+        assert fake.image_of("ctr", "ctr-scorer-canary") == BAD
+        r.judge = lambda release, champion, before: (["max_p99_increase_ms=50: candidate p99 260.0 ms vs champion 4.0 ms"], {})  # type: ignore[method-assign]
+        with pytest.raises(RolloutError, match=r"breached max_p99_increase_ms=50.*canary removed \(0%\).*version 2"):
+            r.bake(Release("3", BUNDLE, BAD))
+        assert fake.image_of("ctr", "ctr-scorer") == V2 and ("Deployment", "ctr", "ctr-scorer-canary") not in fake.objects
+        # rollback with no canary left re-applies the image before (nothing to do: V2 is already there)
+        assert r.canary() is None

@@ -123,3 +123,116 @@ def test_hot_swap_under_load_then_refuse_corrupt_then_roll_back(local: LocalRoll
     assert json.loads(local.state_path.read_text())["version"] == "1"
     # nothing older than the first model: a further rollback stops the service
     assert local.rollback() is None and local.readyz(timeout=0.5) is None
+
+
+# ---- progressive delivery (canary / shadow beside the champion; serving/traffic.py, rollout/progressive.py) ----
+@pytest.fixture(scope="module")
+def other_bundle(staged: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second, really different model (other seed, a slice of the rows, fewer trees)."""
+    import datetime as dt
+
+    from ctr.training.trainer import TrainConfig, train
+
+    from tests.conftest import END_DAY
+
+    out = tmp_path_factory.mktemp("other") / "model"
+    train(staged, out, TrainConfig(start=END_DAY - dt.timedelta(days=7), end=END_DAY - dt.timedelta(days=1), seed=3,
+                                   rounds=15, early_stopping=0, sample_fraction=0.3))
+    return out
+
+
+@pytest.fixture
+def holdout(staged: Path):
+    from ctr.data.landing import read_staged
+
+    from tests.conftest import END_DAY
+
+    return next(read_staged(staged, END_DAY)).slice(0, 40)
+
+
+def _records(rows) -> list[dict]:
+    from ctr.schema import FEATURE_COLUMNS
+
+    return [{k: v for k, v in r.items() if v is not None and k in FEATURE_COLUMNS} for r in rows.to_pylist()]
+
+
+def test_canary_routes_by_request_id_promotes_then_a_latency_drill_rolls_back(
+        tmp_path: Path, versions, holdout, trained_bundle: Path) -> None:
+    from ctr.deployment.rollout.progressive import Limits, Strategy
+    from ctr.serving.traffic import routes_to_candidate
+
+    canary = Strategy("canary", canary_percent=30, bake_seconds=20, bake_requests=30)
+    local = LocalRollout(tmp_path / "serving", "127.0.0.1", free_port(), start_timeout=90, strategy=canary)
+    try:
+        local.deploy(Release("1", versions["1"]))               # nothing to canary against: started plainly
+        v2 = local.deploy(Release("2", versions["2"]))
+        assert (v2.version, v2.previous_version) == ("2", "1") and local.readyz()["model_version"] == "1"
+        got = {}
+        with httpx.Client(base_url=local.url, timeout=10) as c:
+            for i in [*range(200), 7, 8, 9]:                     # three retries of earlier ids
+                r = c.post("/v1/score", json={"rows": [ROW]}, headers={"X-Request-Id": f"req-{i}"})
+                assert r.status_code == 200 and r.headers["x-request-id"] == f"req-{i}"
+                want = "2" if routes_to_candidate(f"req-{i}", 30) else "1"
+                assert r.json()["model_version"] == r.headers["x-model-version"] == want
+                got.setdefault(i, set()).add(want)
+        assert 40 <= sum("2" in v for v in got.values()) <= 80  # ~30% of 200 ids
+        res = local.verify(Release("2", versions["2"]), holdout)
+        bake = res["bake"]
+        assert bake["candidate"]["requests"] >= 30 and bake["candidate"]["errors"] == 0
+        assert bake["champion"]["requests"] > 0 and bake["candidate"]["p99_ms"] is not None
+        assert local.readyz()["model_version"] == "2" and local.state()["previous_version"] == "1"
+
+        # the drill: 250 ms injected in the candidate only -> p99 breach -> 0%, dropped, the champion answers all
+        local.strategy = Strategy("canary", canary_percent=30, bake_seconds=20, bake_requests=10,
+                                  limits=Limits(max_p99_increase_ms=100), drill={"latency_ms": 250})
+        v3 = Release("3", build_context(trained_bundle, "3", "ctr-lightgbm", tmp_path / "images").path / "model")
+        deployed = local.deploy(v3)
+        with pytest.raises(RolloutError, match=r"max_p99_increase_ms=100: candidate p99 \d+.*version 2 serves all"):
+            local.verify(v3, holdout)
+        assert httpx.get(f"{local.url}/admin/traffic").json()["candidate"] is None
+        assert {httpx.post(f"{local.url}/v1/score", json={"rows": [ROW]}, headers={"X-Request-Id": f"after-{i}"}
+                           ).json()["model_version"] for i in range(30)} == {"2"}
+        back = local.rollback(v3, deployed)
+        assert back is not None and back.version == "2" and "candidate" not in local.state()
+    finally:
+        local.stop()
+
+
+def test_shadow_returns_champion_scores_and_compares_like_offline(tmp_path: Path, trained_bundle: Path,
+                                                                 other_bundle: Path, holdout) -> None:
+    from ctr.deployment.rollout.progressive import Limits, Strategy
+    from ctr.model.bundle import Bundle
+    from ctr.serving.traffic import compare
+
+    champ_b = build_context(trained_bundle, "1", "ctr-lightgbm", tmp_path / "images").path / "model"
+    cand_b = build_context(other_bundle, "2", "ctr-lightgbm", tmp_path / "images").path / "model"
+    # bake_requests=1: verify's own traffic stops at once; the comparison is then over the requests below
+    shadow = Strategy("shadow", bake_seconds=5, bake_requests=1, limits=Limits(max_psi=1e-6))
+    local = LocalRollout(tmp_path / "serving", "127.0.0.1", free_port(), start_timeout=90, strategy=shadow)
+    try:
+        local.deploy(Release("1", champ_b))
+        local.deploy(Release("2", cand_b))
+        recs = _records(holdout)
+        served = []
+        with httpx.Client(base_url=local.url, timeout=10) as c:
+            for i in range(0, len(recs), 4):
+                r = c.post("/v1/score", json={"rows": recs[i:i + 4]})
+                assert r.status_code == 200 and r.json()["model_version"] == "1"
+                served += r.json()["probabilities"]
+        champ_off, cand_off = Bundle.load(champ_b).predict_rows(recs), Bundle.load(cand_b).predict_rows(recs)
+        assert served == pytest.approx(champ_off.tolist(), abs=1e-12)  # only the champion's scores come back
+        import time
+
+        time.sleep(0.5)
+        live = httpx.get(f"{local.url}/admin/traffic").json()["shadow"]
+        offline = compare(champ_off, cand_off)
+        assert live["rows"] == offline["rows"] == len(recs) and live["requests"] == 10 and live["errors"] == 0
+        for k in ("champion_mean", "candidate_mean", "mean_shift", "psi", "max_abs_diff"):
+            assert live[k] == pytest.approx(offline[k], abs=1e-12), k
+        assert offline["psi"] > 1e-6 and abs(offline["mean_shift"]) > 0
+        with pytest.raises(RolloutError, match=r"shadow of version 2 breached max_psi=1e-06: PSI"):
+            local.verify(Release("2", cand_b), holdout)
+        assert local.readyz()["model_version"] == "1"
+        assert httpx.get(f"{local.url}/admin/traffic").json()["candidate"] is None
+    finally:
+        local.stop()

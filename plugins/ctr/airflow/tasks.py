@@ -252,9 +252,10 @@ def register(context: dict[str, Any], evaluated: dict[str, Any]) -> dict[str, An
 def _rollout(context: dict[str, Any]):
     from ctr.airflow.hooks import CloudAccess
     from ctr.deployment import factory
+    from ctr.deployment.rollout.progressive import Strategy
 
-    cfg = resolve(context)
-    return factory.rollout(cfg.settings, cfg.deploy, CloudAccess(cfg.deploy))
+    cfg = resolve(context)  # the strategy (rolling | canary | shadow) and its bake and limits: the run's params
+    return factory.rollout(cfg.settings, cfg.deploy, CloudAccess(cfg.deploy), Strategy.from_params(context["params"]))
 
 
 def build_image(context: dict[str, Any], registered: dict[str, Any]) -> dict[str, Any]:

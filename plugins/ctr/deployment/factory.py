@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from ctr.deployment.image import ImageBuilder, LocalImageBuilder
 from ctr.deployment.rollout.base import Rollout
+from ctr.deployment.rollout.progressive import Strategy
 from ctr.settings import DeploySettings, Settings
 
 
@@ -55,7 +56,7 @@ def _aks_rollout(s: Settings, d: DeploySettings, access: Access) -> Rollout:
         kubeconfig_from_aks,
     )
 
-    cfg = AksConfig(namespace=d.aks_namespace, url=d.aks_url)
+    cfg = AksConfig(namespace=d.aks_namespace, url=d.aks_url, metrics_url=d.aks_metrics_url)
     if d.kube_conn_id:  # a cncf-kubernetes connection holding a kubeconfig (or in-cluster)
         return AksRollout(access.kube_api_client(d.kube_conn_id), cfg)
     if not d.aks_cluster or not d.aks_resource_group:
@@ -78,10 +79,13 @@ def image_builder(d: DeploySettings, access: Access) -> ImageBuilder:
     return make(d, access)
 
 
-def rollout(s: Settings, d: DeploySettings, access: Access) -> Rollout:
-    """The rollout target `d.deploy_target` names (local | aks)."""
+def rollout(s: Settings, d: DeploySettings, access: Access, strategy: Strategy | None = None) -> Rollout:
+    """The rollout target `d.deploy_target` names (local | aks), rolling out by `strategy` (default rolling)."""
     try:
         make = ROLLOUTS[d.deploy_target]
     except KeyError:
         raise ValueError(f"deploy_target={d.deploy_target!r}: use one of {sorted(ROLLOUTS)}") from None
-    return make(s, d, access)
+    target = make(s, d, access)
+    if strategy is not None:
+        target.strategy = strategy  # type: ignore[attr-defined]  # every target has one (rollout/progressive.py)
+    return target

@@ -37,6 +37,7 @@ from ctr.serving.ranking import (
     predict,
     prepare,
 )
+from ctr.serving.traffic import Traffic
 from ctr.serving.validation import RequestError, parse_json
 
 log = logging.getLogger("ctr.serving")
@@ -87,6 +88,7 @@ class ScoringApp:
         self.lane = BatchLane(batch_workers, nice=batch_nice)
         self.lane_tsv_bytes = lane_tsv_bytes
         self._threads = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ctr-predict")
+        self.traffic = Traffic(self.holder, self.lane, lane_bytes, lane_tsv_bytes)  # canary / shadow (traffic.py)
         self._routes: dict[str, tuple[str, Handler]] = {
             "/v1/score": ("POST", self._score),
             RANK_ROUTE: ("POST", self._rank),
@@ -96,11 +98,14 @@ class ScoringApp:
             "/metrics": ("GET", self._metrics),
             "/openapi.json": ("GET", self._openapi),
             "/admin/load": ("POST", self._admin_load),
+            **self.traffic.admin_routes(),
         }
         # route labels: the router's paths only; the in-flight gauge reads self.inflight (one process)
         self.metrics = Metrics(self._routes, multiprocess_dir(), inflight=lambda: self.inflight)
         self._inflight_gauge = self.metrics.inflight_gauge  # None unless multiprocess mode
         self.metrics.set_model(model.version, model.loaded_at)
+        self.traffic.bind(self.metrics.registry)
+        self.traffic.on_promote = lambda m: self.metrics.set_model(m.version, m.loaded_at)
 
     # ---- ASGI entry ------------------------------------------------------------------
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
@@ -127,6 +132,7 @@ class ScoringApp:
             if self._inflight_gauge is not None:
                 self._inflight_gauge.dec()
             self.metrics.observe_request(path, status, time.perf_counter() - t0)
+            self.traffic.observe(scope, status, time.perf_counter() - t0)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -153,7 +159,7 @@ class ScoringApp:
         if b"upgrade" in headers:  # no WebSocket/h2c here: plain HTTP/1.1 (uvicorn runs with ws="none")
             raise RequestError(400, f"Upgrade: {headers[b'upgrade'].decode(errors='replace')[:40]!r} is not "
                                     "supported; this service speaks plain HTTP/1.1 (no WebSocket)")
-        if path == "/admin/load":
+        if path.startswith("/admin/"):
             check_admin(scope, headers, self.admin_token)
         elif self.token and path not in OPEN_PATHS:
             check_token(headers, self.token)
@@ -193,13 +199,14 @@ class ScoringApp:
 
     # ---- scoring ---------------------------------------------------------------------
     async def _score(self, scope: dict[str, Any], headers: dict[bytes, bytes], body: bytes, send: Send) -> int:
-        return await self._scored(send, "/v1/score", body, _content_type(headers))
+        return await self._scored(send, "/v1/score", body, _content_type(headers), scope, headers)
 
     async def _invocations(self, scope: dict[str, Any], headers: dict[bytes, bytes], body: bytes, send: Send) -> int:
-        return await self._scored(send, "/invocations", body, _content_type(headers))
+        return await self._scored(send, "/invocations", body, _content_type(headers), scope, headers)
 
-    async def _scored(self, send: Send, route: str, body: bytes, ctype: bytes) -> int:
-        model = self.holder.current  # one reference per request: one version per response
+    async def _scored(self, send: Send, route: str, body: bytes, ctype: bytes, scope: dict[str, Any],
+                      headers: dict[bytes, bytes]) -> int:
+        model = await self.traffic.pick(scope, headers)  # one reference per request: champion, or the canary (traffic.py)
         if len(body) < (self.lane_tsv_bytes if ctype in TSV_TYPES else self.lane_bytes):
             # on the event loop: parse + encode (cheap at this size); a matrix of >= BATCH_ROWS rows
             # is predicted on a predict thread (LightGBM releases the GIL)
@@ -214,13 +221,14 @@ class ScoringApp:
         else:
             probs, out = await self._on_lane(model, route, ctype, body, self.max_rows)
         self.metrics.observe_predictions(probs)
-        await _send(send, 200, out, b"application/json", [(b"x-model-version", model.header)])
+        await _send(send, 200, out, b"application/json", [(b"x-model-version", model.header), *self.traffic.headers(scope)])
+        self.traffic.after(route, ctype, body, self.max_rows, probs)  # a shadow scores it too, after the answer
         return 200
 
     async def _rank(self, scope: dict[str, Any], headers: dict[bytes, bytes], body: bytes, send: Send) -> int:
         """A user's candidates -> the top k (ranking.py). Small bodies are parsed and encoded on the loop,
         their matrix predicted on a predict thread; big ones go to the batch lane like /v1/score's."""
-        model = self.holder.current  # one reference per request: one version per response
+        model = await self.traffic.pick(scope, headers)  # one reference per request: champion, or the canary
         ctype = _content_type(headers)
         check_content_type(ctype)
         if len(body) < self.lane_bytes:
@@ -233,7 +241,8 @@ class ScoringApp:
         else:
             probs, out = await self._on_lane(model, RANK_ROUTE, ctype, body, self.max_candidates)
         self.metrics.observe_predictions(probs)
-        await _send(send, 200, out, b"application/json", [(b"x-model-version", model.header)])
+        await _send(send, 200, out, b"application/json", [(b"x-model-version", model.header), *self.traffic.headers(scope)])
+        self.traffic.after(RANK_ROUTE, ctype, body, self.max_candidates, probs)
         return 200
 
     async def _on_lane(self, model: ServedModel, route: str, ctype: bytes, body: bytes,

@@ -184,38 +184,55 @@ class ModelHolder:
     async def load(self, path: str) -> tuple[ServedModel, ServedModel]:
         """Load `path` off the event loop; returns (new, previous). Raises if refused or too slow."""
         async with self._lock:
-            self._stray = {t for t in self._stray if t.is_alive()}
-            if len(self._stray) >= self.max_stray:
-                raise LoadTimeout(f"{len(self._stray)} earlier loads are still running past their time limit; "
-                                  "restart the service to clear them")
-            loop = asyncio.get_running_loop()
-            fut: asyncio.Future[ServedModel] = loop.create_future()
-
-            def done(result: ServedModel | None, error: BaseException | None) -> None:
-                if fut.done():
-                    return
-                if error is not None:
-                    fut.set_exception(error)
-                else:
-                    fut.set_result(result)  # type: ignore[arg-type]
-
-            def work() -> None:
-                try:
-                    result, error = ServedModel.load(path), None
-                except BaseException as e:  # handed to the awaiting request, which answers 409
-                    result, error = None, e
-                try:
-                    loop.call_soon_threadsafe(done, result, error)
-                except RuntimeError:  # the loop has closed (shutdown): nobody is waiting
-                    pass
-
-            t = threading.Thread(target=work, name="ctr-load", daemon=True)
-            t.start()
-            try:
-                new = await asyncio.wait_for(asyncio.shield(fut), self.load_timeout)
-            except TimeoutError:
-                self._stray.add(t)
-                raise LoadTimeout(f"loading took over {self.load_timeout:g} s (CTR_LOAD_TIMEOUT_S); abandoned") from None
+            new = await self._fetch(path)
             old, self.current, self.previous = self.current, new, self.current
             log.info("model swapped from=%s to=%s bundle=%s", old.version, new.version, path)
             return new, old
+
+    async def fetch(self, path: str) -> ServedModel:
+        """Load and check `path` like `load`, without swapping (a canary or shadow candidate; traffic.py)."""
+        async with self._lock:
+            return await self._fetch(path)
+
+    async def promote(self, new: ServedModel) -> ServedModel:
+        """Make an already loaded and checked model the current one; returns the previous."""
+        async with self._lock:
+            old, self.current, self.previous = self.current, new, self.current
+            log.info("model swapped from=%s to=%s bundle=%s (candidate promoted)", old.version, new.version,
+                     new.bundle.path)
+            return old
+
+    async def _fetch(self, path: str) -> ServedModel:
+        self._stray = {t for t in self._stray if t.is_alive()}
+        if len(self._stray) >= self.max_stray:
+            raise LoadTimeout(f"{len(self._stray)} earlier loads are still running past their time limit; "
+                              "restart the service to clear them")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[ServedModel] = loop.create_future()
+
+        def done(result: ServedModel | None, error: BaseException | None) -> None:
+            if fut.done():
+                return
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result(result)  # type: ignore[arg-type]
+
+        def work() -> None:
+            try:
+                result, error = ServedModel.load(path), None
+            except BaseException as e:  # handed to the awaiting request, which answers 409
+                result, error = None, e
+            try:
+                loop.call_soon_threadsafe(done, result, error)
+            except RuntimeError:  # the loop has closed (shutdown): nobody is waiting
+                pass
+
+        t = threading.Thread(target=work, name="ctr-load", daemon=True)
+        t.start()
+        try:
+            new = await asyncio.wait_for(asyncio.shield(fut), self.load_timeout)
+        except TimeoutError:
+            self._stray.add(t)
+            raise LoadTimeout(f"loading took over {self.load_timeout:g} s (CTR_LOAD_TIMEOUT_S); abandoned") from None
+        return new

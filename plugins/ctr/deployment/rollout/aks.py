@@ -23,6 +23,7 @@ import pyarrow as pa
 import yaml
 
 from ctr.deployment.rollout.base import Release, RolloutError, RolloutResult, verify_endpoint
+from ctr.deployment.rollout.progressive import Strategy, canary_breaches, canary_window, scrape
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class AksConfig:
     cpu_target_percent: int = 70
     progress_deadline_seconds: int = 300
     url: str = ""                  # how verify reaches the Service; default the in-cluster DNS name
+    metrics_url: str = ""          # canary bake: every pod's metrics summed (e.g. Prometheus /federate); default url/metrics
 
     @property
     def service_url(self) -> str:
@@ -113,6 +115,7 @@ class AksRollout:
         self.policy = client.PolicyV1Api(api_client)
         self.autoscaling = client.AutoscalingV2Api(api_client)
         self.timeout, self.poll_interval = timeout, poll_interval
+        self.strategy = Strategy()
 
     # ---- reads -------------------------------------------------------------------------------
     def current(self) -> dict[str, Any] | None:
@@ -172,13 +175,21 @@ class AksRollout:
         return self.cfg.service_url
 
     def verify(self, release: Release, rows: pa.Table, token: str = "") -> dict[str, Any]:
-        return verify_endpoint(self.url, release.version, Path(release.bundle), rows, token=token)
+        """A canary of `release` is baked and judged first (promoted, or removed + RolloutError)."""
+        can = self.canary() if self.strategy.name == "canary" else None
+        bake = self.bake(release) if can is not None and can["version"] == str(release.version) else None
+        out = verify_endpoint(self.url, release.version, Path(release.bundle), rows, token=token)
+        return {**out, "bake": bake} if bake is not None else out
 
     def deploy(self, release: Release) -> RolloutResult:
         if not release.image:
             raise ValueError("deploy_target=aks pulls the image from ACR: run with image_builder=acr")
+        if self.strategy.name == "shadow":
+            raise RolloutError("rollout_strategy=shadow runs on deploy_target=local only; on aks use canary or rolling")
         image, version = release.image, str(release.version)
         before = self.current()
+        if self.strategy.name == "canary" and before and before["image"] != image:
+            return self._deploy_canary(release, before)
         if before and before["image"] == image and before["version"] == str(version):
             try:
                 self.wait(before["generation"], image)
@@ -200,8 +211,121 @@ class AksRollout:
             raise
         return RolloutResult(self.cfg.service_url, str(version), before and before["version"], before and before["image"])
 
+    # ---- canary: a second Deployment behind the same Service -------------------------------------
+    @property
+    def canary_name(self) -> str:
+        return f"{self.cfg.name}-canary"
+
+    @staticmethod
+    def canary_replicas(stable: int, percent: float) -> int:
+        """Canary pods beside `stable` ones so that canary/(stable+canary) approximates `percent` (at least 1,
+        at most `stable`: the stable Deployment, which the HPA and the PDB count on, is never scaled down)."""
+        if percent >= 50:
+            return max(1, stable)
+        return max(1, min(stable, round(stable * percent / (100 - percent))))
+
+    def canary_doc(self, image: str, version: str, replicas: int) -> dict[str, Any]:
+        """The rendered Deployment renamed `<name>-canary`, its pods labelled `ctr/track: canary` besides
+        the Service's selector label (so the Service sends them their share, and the PDB counts them)."""
+        import copy
+
+        dep = copy.deepcopy(next(d for d in render_manifests(image, version, self.cfg) if d["kind"] == "Deployment"))
+        track = {"ctr/track": "canary"}
+        dep["metadata"]["name"] = self.canary_name
+        dep["metadata"]["labels"].update(track)
+        dep["spec"]["replicas"] = replicas
+        dep["spec"]["selector"]["matchLabels"].update(track)
+        dep["spec"]["template"]["metadata"]["labels"].update(track)
+        return dep
+
+    def canary(self) -> dict[str, Any] | None:
+        """{"image", "version", "replicas"} of the canary Deployment, or None."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            d = self.apps.read_namespaced_deployment(self.canary_name, self.cfg.namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        return {"image": d.spec.template.spec.containers[0].image, "replicas": d.spec.replicas,
+                "version": (d.metadata.annotations or {}).get("ctr/model-version")}
+
+    def _deploy_canary(self, release: Release, before: dict[str, Any]) -> RolloutResult:
+        image, version = str(release.image), str(release.version)
+        stable = int(self.apps.read_namespaced_deployment(self.cfg.name, self.cfg.namespace).spec.replicas or 1)
+        n = self.canary_replicas(stable, self.strategy.canary_percent)
+        self._check_secret()
+        kw = {"field_manager": FIELD_MANAGER, "force": True, "_content_type": "application/apply-patch+yaml"}
+        d = self.apps.patch_namespaced_deployment(self.canary_name, self.cfg.namespace,
+                                                  self.canary_doc(image, version, n), **kw)
+        log.info("aks: canary %s/%s of %s with %d pod(s) beside %d stable (%.1f%% of pods for canary_percent %g)",
+                 self.cfg.namespace, self.canary_name, image, n, stable, 100 * n / (n + stable),
+                 self.strategy.canary_percent)
+        try:
+            self.wait(int(d.metadata.generation), image, name=self.canary_name)
+        except RolloutError as e:
+            self.remove_canary()
+            raise RolloutError(f"{e}; canary removed, {before['image']} serves all traffic") from None
+        return RolloutResult(self.cfg.service_url, version, before["version"], before["image"])
+
+    def scale_canary(self, replicas: int) -> None:
+        self.apps.patch_namespaced_deployment_scale(self.canary_name, self.cfg.namespace, {"spec": {"replicas": replicas}},
+                                                    _content_type="application/merge-patch+json")
+
+    def remove_canary(self) -> None:
+        """Scale the canary to 0 (its share goes back to the stable pods), then delete it."""
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            self.scale_canary(0)
+            self.apps.delete_namespaced_deployment(self.canary_name, self.cfg.namespace,
+                                                   body=client.V1DeleteOptions(propagation_policy="Foreground"))
+        except ApiException as e:
+            if e.status != 404:
+                raise
+        log.warning("aks: canary %s/%s removed", self.cfg.namespace, self.canary_name)
+
+    def judge(self, release: Release, champion: str, before: Any) -> tuple[list[str], dict[str, Any]]:
+        """The canary's window from `metrics_url` (an endpoint summing every pod's /metrics, e.g. Prometheus
+        federation; each pod reports its own model as role champion, so versions tell the two apart)."""
+        after = scrape(self.metrics_url)
+        cand = canary_window(before, after, str(release.version), "champion")
+        champ = canary_window(before, after, champion, "champion")
+        return canary_breaches(cand, champ, self.strategy.limits), {"candidate": cand, "champion": champ}
+
+    @property
+    def metrics_url(self) -> str:
+        return self.cfg.metrics_url or f"{self.cfg.service_url}/metrics"
+
+    def bake(self, release: Release) -> dict[str, Any]:
+        """Watch the canary for bake_seconds; breach -> remove it (0%) and raise; pass -> roll the stable
+        Deployment to the candidate image (the usual rolling update) and remove the canary."""
+        cur = self.current() or {}
+        champion = str(cur.get("version"))
+        before = scrape(self.metrics_url)
+        time.sleep(self.strategy.bake_seconds)
+        breaches, numbers = self.judge(release, champion, before)
+        if breaches:
+            self.remove_canary()
+            raise RolloutError(f"canary of version {release.version} breached {'; '.join(breaches)}; canary removed "
+                               f"(0%), {cur.get('image')} (version {champion}) serves all traffic")
+        gen = self.apply([d for d in render_manifests(str(release.image), str(release.version), self.cfg)
+                          if d["kind"] == "Deployment"], keep_replicas=True)
+        self.wait(gen, str(release.image))
+        self.remove_canary()
+        log.info("aks: canary of version %s within limits (%s); promoted to 100%%", release.version, numbers)
+        return {"strategy": "canary", **numbers}
+
     def rollback(self, failed: Release | None, deployed: RolloutResult | None = None) -> RolloutResult | None:
         """Re-apply the image that ran before `failed` (`deployed.previous_ref`, as deploy reported it)."""
+        can = self.canary()
+        if can is not None and (failed is None or can["version"] == str(failed.version)):
+            self.remove_canary()
+            cur = self.current() or {}
+            if cur.get("image") != (failed.image if failed else None):
+                return RolloutResult(self.cfg.service_url, str(cur.get("version")), None, None)
         return self._reapply(deployed.previous_ref if deployed else None, deployed.previous_version if deployed else None)
 
     def _reapply(self, image: str | None, version: str | None) -> RolloutResult | None:
@@ -215,9 +339,9 @@ class AksRollout:
         return RolloutResult(self.cfg.service_url, str(version), None, None)
 
     # ---- wait --------------------------------------------------------------------------------
-    def wait(self, generation: int, image: str) -> dict[str, Any]:
+    def wait(self, generation: int, image: str, name: str | None = None) -> dict[str, Any]:
         """Until observedGeneration >= generation and updated == available == replicas, like `kubectl rollout status`."""
-        ns, name = self.cfg.namespace, self.cfg.name
+        ns, name = self.cfg.namespace, name or self.cfg.name
         deadline = time.monotonic() + self.timeout
         last = ""
         while True:

@@ -8,6 +8,13 @@ service loads and probe-checks it again and swaps its model reference; in-flight
 on the old reference (the drain), so no request fails and none is computed by a mix of versions.
 A refused bundle leaves the old one serving. State (pid, URL, current and previous bundle) lives
 in `serving/state.json`.
+
+Strategies (progressive.py): `rolling` (the default) is the hot swap above. `canary` and `shadow`
+load the new bundle beside the champion instead (`POST /admin/candidate`, serving/traffic.py); `verify`
+then bakes it for `bake_seconds` or `bake_requests` candidate requests, whichever comes first (driving
+the holdout rows through the service meanwhile, so a quiet service still has a sample), judges the
+live numbers against the limits, and either promotes it (`POST /admin/promote`) or drops it
+(0%, `POST /admin/drop`) and fails naming the breached limit and the numbers.
 """
 
 from __future__ import annotations
@@ -26,6 +33,14 @@ import httpx
 import pyarrow as pa
 
 from ctr.deployment.rollout.base import Release, RolloutError, RolloutResult, verify_endpoint
+from ctr.deployment.rollout.progressive import (
+    Strategy,
+    canary_breaches,
+    canary_window,
+    scrape,
+    shadow_breaches,
+)
+from ctr.schema import FEATURE_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +51,7 @@ class LocalRollout:
     target = "local"
 
     def __init__(self, state_dir: Path, host: str = "127.0.0.1", port: int = 8765, admin_token: str = "",
-                 serve_token: str = "", start_timeout: float = 60.0) -> None:
+                 serve_token: str = "", start_timeout: float = 60.0, strategy: Strategy | None = None) -> None:
         self.state_dir = state_dir
         self.host, self.port = host, port
         self.url = f"http://{host}:{port}"
@@ -44,6 +59,7 @@ class LocalRollout:
         self.serve_token = serve_token
         self.start_timeout = start_timeout
         self.state_path = state_dir / "state.json"
+        self.strategy = strategy or Strategy()
 
     # ---- state -------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -89,7 +105,13 @@ class LocalRollout:
         return self.readyz(timeout=10.0)
 
     def verify(self, release: Release, rows: pa.Table, token: str = "") -> dict[str, Any]:
-        return verify_endpoint(self.url, release.version, Path(release.bundle), rows, token=token or self.serve_token)
+        """A canary or shadow of `release` is baked and judged first (promoted, or dropped + RolloutError)."""
+        cand = self.state().get("candidate")
+        bake = None
+        if cand and cand.get("version") == str(release.version) and not cand.get("dropped"):
+            bake = self.bake(release, rows, token or self.serve_token)
+        out = verify_endpoint(self.url, release.version, Path(release.bundle), rows, token=token or self.serve_token)
+        return {**out, "bake": bake} if bake is not None else out
 
     def deploy(self, release: Release) -> RolloutResult:
         bundle, version = Path(release.bundle), str(release.version)
@@ -106,6 +128,8 @@ class LocalRollout:
         elif live.get("model_version") == str(version) and st.get("bundle") == str(bundle):
             log.info("rollout: %s already serves version %s; nothing to do", self.url, version)
             return RolloutResult(self.url, str(version), st.get("previous_version"), st.get("previous_bundle"), changed=False)
+        elif self.strategy.progressive:
+            return self._load_candidate(release, live, st)
         else:
             previous = {"bundle": live.get("bundle"), "version": live.get("model_version")}
             self.swap(bundle)
@@ -127,6 +151,15 @@ class LocalRollout:
         """
         failed_version = failed.version if failed is not None else None
         st = self.state()
+        cand = st.get("candidate")
+        if cand and (failed_version is None or cand.get("version") == str(failed_version)):
+            if not cand.get("dropped") and self.readyz() is not None:
+                self._admin("/admin/drop")
+            st.pop("candidate", None)
+            self.save_state(st)
+            log.warning("rollback: dropped the %s of version %s; %s serves all traffic", cand.get("mode"),
+                        cand.get("version"), cand.get("champion_version"))
+            return RolloutResult(self.url, str(cand.get("champion_version")), None, None, changed=True)
         if failed_version is not None:
             live = self.readyz(timeout=10.0)
             if live is not None and live.get("model_version") != str(failed_version):
@@ -145,6 +178,88 @@ class LocalRollout:
         self.save_state(st)
         log.warning("rollback: %s serves version %s again", self.url, st["version"])
         return RolloutResult(self.url, str(st["version"]), None, None, changed=True)
+
+    # ---- canary / shadow ----------------------------------------------------------------------
+    def _admin(self, path: str, doc: dict[str, Any] | None = None, method: str = "POST") -> dict[str, Any]:
+        headers = {"Authorization": f"Bearer {self.admin_token}"} if self.admin_token else {}
+        try:
+            r = httpx.request(method, f"{self.url}{path}", json=doc if method == "POST" else None, headers=headers,
+                              timeout=120)
+        except httpx.HTTPError as e:
+            raise RolloutError(f"could not reach {self.url}{path}: {e}") from None
+        if r.status_code != 200:
+            raise RolloutError(f"{self.url}{path} answered HTTP {r.status_code}: {r.text[:300]}")
+        return r.json()
+
+    def _load_candidate(self, release: Release, live: dict[str, Any], st: dict[str, Any]) -> RolloutResult:
+        s, version = self.strategy, str(release.version)
+        prev = {"bundle": live.get("bundle"), "version": live.get("model_version")}
+        cand = st.get("candidate") or {}
+        loaded = (self._admin("/admin/traffic", method="GET").get("candidate") or {})
+        if not (cand.get("version") == version and loaded.get("model_version") == version):
+            doc: dict[str, Any] = {"bundle": str(release.bundle), "mode": s.name, "drill": s.drill or None}
+            if s.name == "canary":
+                doc["canary_percent"] = s.canary_percent
+            self._admin("/admin/candidate", doc)
+            st["candidate"] = {"bundle": str(release.bundle), "version": version, "mode": s.name,
+                               "champion_bundle": prev["bundle"], "champion_version": prev["version"]}
+            self.save_state(st)
+        log.info("rollout: %s runs version %s as a %s beside version %s%s (drill %s)", self.url, version, s.name,
+                 prev["version"], f" at {s.canary_percent:g}%" if s.name == "canary" else "", s.drill or "none")
+        return RolloutResult(self.url, version, prev["version"], prev["bundle"], changed=True)
+
+    def bake(self, release: Release, rows: pa.Table, token: str = "") -> dict[str, Any]:
+        """Watch the candidate for bake_seconds or bake_requests; promote it, or drop it and raise RolloutError."""
+        s, version = self.strategy, str(release.version)
+        st = self.state()
+        champion = str(st["candidate"].get("champion_version"))
+        records = [{k: v for k, v in r.items() if v is not None and k in FEATURE_COLUMNS} for r in rows.to_pylist()]
+        auth = {"Authorization": f"Bearer {token}"} if token else {}
+        before = scrape(f"{self.url}/metrics") if s.name == "canary" else {}
+        t0, i, seen = time.monotonic(), 0, 0
+        with httpx.Client(base_url=self.url, headers=auth, timeout=10) as c:
+            while time.monotonic() - t0 < s.bake_seconds and seen < s.bake_requests:
+                # the holdout rows through the live service (~100/s): a quiet service still has a sample
+                c.post("/v1/score", json={"rows": [records[i % len(records)]]},
+                       headers={"X-Request-Id": f"verify-{version}-{i}"})
+                i += 1
+                if i % 25 == 0:
+                    seen = self._candidate_requests(before, version)
+                time.sleep(0.01)
+        time.sleep(0.2)  # shadow scorings of the last requests finish
+        waited = round(time.monotonic() - t0, 3)
+        if s.name == "canary":
+            after = scrape(f"{self.url}/metrics")
+            cand, champ = canary_window(before, after, version, "canary"), canary_window(before, after, champion, "champion")
+            breaches, numbers = canary_breaches(cand, champ, s.limits), {"candidate": cand, "champion": champ}
+        else:
+            summary = self._admin("/admin/traffic", method="GET")["shadow"] or {}
+            breaches, numbers = shadow_breaches(summary, s.limits), {"shadow": summary}
+        doc = {"strategy": s.name, "seconds": waited, "verify_requests": i, **numbers, "limits": s.to_json()["limits"]}
+        if breaches:
+            if s.name == "canary":
+                self._admin("/admin/candidate", {"canary_percent": 0})
+            self._admin("/admin/drop")
+            st["candidate"]["dropped"] = True  # rollback (the verify task's) clears it
+            self.save_state(st)
+            log.error("rollout: %s of version %s breached after %.1fs: %s; dropped, version %s serves all traffic",
+                      s.name, version, waited, "; ".join(breaches), champion)
+            undone = "rolled back to 0%" if s.name == "canary" else "shadow dropped"
+            raise RolloutError(f"{s.name} of version {version} breached {'; '.join(breaches)}; {undone}, "
+                               f"version {champion} serves all traffic")
+        self._admin("/admin/promote")
+        st.update(bundle=str(release.bundle), version=version, previous_bundle=st["candidate"].get("champion_bundle"),
+                  previous_version=champion)
+        st.pop("candidate", None)
+        self.save_state(st)
+        log.info("rollout: %s of version %s within limits after %.1fs (%s); promoted to 100%%", s.name, version, waited,
+                 numbers)
+        return doc
+
+    def _candidate_requests(self, before: dict[Any, Any], version: str) -> int:
+        if self.strategy.name == "canary":
+            return canary_window(before, scrape(f"{self.url}/metrics"), version, "canary")["requests"]
+        return int((self._admin("/admin/traffic", method="GET")["shadow"] or {}).get("requests", 0))
 
     def swap(self, bundle: Path) -> None:
         """Ask the running service to load, probe-check and swap to `bundle` (RolloutError if refused)."""
@@ -195,7 +310,7 @@ class LocalRollout:
                 stopped = True
             except PermissionError:
                 pass
-        for k in ("pid", "bundle", "version", "previous_bundle", "previous_version"):
+        for k in ("pid", "bundle", "version", "previous_bundle", "previous_version", "candidate"):
             st.pop(k, None)
         self.save_state(st)
         return stopped
