@@ -27,10 +27,16 @@ import numpy as np
 import pyarrow as pa
 
 from ctr.data.landing import daterange, read_staged, staged_fingerprints
-from ctr.features.transform import CAT_INDEX, FeatureTransform
+from ctr.features.transform import (
+    CAT_INDEX,
+    DEFAULT_DERIVED,
+    DEFAULT_SMOOTHING,
+    DERIVED_KINDS,
+    FeatureTransform,
+)
 from ctr.features.vocab_spill import SpillingVocabCounter
 from ctr.model.bundle import bundle_metadata, finalize_bundle
-from ctr.schema import FEATURE_COLUMNS, INT_COLUMNS, LABEL
+from ctr.schema import INT_COLUMNS, LABEL
 
 if TYPE_CHECKING:
     from ctr.training.chunks import EncodedChunks
@@ -62,6 +68,7 @@ DEFAULT_ROUNDS = 400
 EARLY_STOPPING = 30
 DEFAULT_MIN_COUNT = 10
 DEFAULT_MAX_VOCAB = 10_000
+SINGLE_DAY_FOLDS = 4  # a one-day range's training rows: out-of-fold statistics over 4 contiguous blocks
 PROGRESS_EVERY = 25  # trees between progress log lines
 ROUNDS_ALIASES = ("num_iterations", "num_iteration", "n_iter", "num_tree", "num_trees", "num_round", "num_rounds",
                   "nrounds", "num_boost_round", "n_estimators", "max_iter")
@@ -89,12 +96,15 @@ class TrainConfig:
     min_count: int = DEFAULT_MIN_COUNT
     max_vocab: int = DEFAULT_MAX_VOCAB
     missing: str = "nan"              # categorical missing: NaN or its own code (ctr.features.transform)
+    derived: tuple[str, ...] = DEFAULT_DERIVED  # derived features per categorical (count, target); () = none
+    target_smoothing: float = DEFAULT_SMOOTHING  # prior weight of the smoothed click rate per code
     params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         """The DAG passes one object of training overrides (`lgb_params`); besides LightGBM's own
         parameters it may set the number of trees (`num_iterations` or an alias -> `rounds`), early
-        stopping (`early_stopping_round` -> `early_stopping`) and the vocabulary (`max_vocab`, `min_count`)."""
+        stopping (`early_stopping_round` -> `early_stopping`), the vocabulary (`max_vocab`, `min_count`) and
+        the derived features (`derived`: a list of "count"/"target", `target_smoothing`)."""
         params = dict(self.params)
         for key in ROUNDS_ALIASES:
             if key in params:
@@ -105,6 +115,11 @@ class TrainConfig:
         for key in ("max_vocab", "min_count"):
             if key in params:
                 setattr(self, key, int(params.pop(key)))
+        if "derived" in params:
+            self.derived = tuple(params.pop("derived") or ())
+        if "target_smoothing" in params:
+            self.target_smoothing = float(params.pop("target_smoothing"))
+        self.derived = tuple(self.derived)
         self.params = params
 
     def lgb_params(self) -> dict[str, Any]:
@@ -120,6 +135,10 @@ class TrainConfig:
             raise TrainingError(f"sample_fraction={self.sample_fraction} must be in (0, 1]")
         if self.rounds < 1:
             raise TrainingError(f"rounds={self.rounds} must be at least 1")
+        if any(k not in DERIVED_KINDS for k in self.derived) or len(set(self.derived)) != len(self.derived):
+            raise TrainingError(f"derived={list(self.derived)!r}: each must be one of {', '.join(DERIVED_KINDS)}, once")
+        if not self.target_smoothing > 0:
+            raise TrainingError(f"target_smoothing={self.target_smoothing} must be > 0")
         if self.min_count < 1 or self.max_vocab < 0:
             raise TrainingError(f"min_count={self.min_count} must be >= 1 and max_vocab={self.max_vocab} >= 0")
         for key in ("seed", "num_threads", "deterministic"):
@@ -152,26 +171,46 @@ class Split:
     single_day_cut: int | None = None   # one-day range: rows before this index train
 
     def chunks(self) -> Iterator[tuple[str, pa.Table]]:
+        for role, _, t in self.folded_chunks():
+            yield role, t
+
+    def folded_chunks(self) -> Iterator[tuple[str, np.ndarray, pa.Table]]:
+        """(role, each row's fold, chunk): a training row's fold is its day (`fold_of_rows`), for the
+        out-of-fold statistics of the derived features; validation rows are fold 0 (unused)."""
         if len(self.days) >= 2:
-            for d in self.days[:-1]:
+            for i, d in enumerate(self.days[:-1]):
                 for t in day_chunks(self.staging, d, self.fraction, self.seed):
-                    yield "train", t
+                    yield "train", np.full(t.num_rows, i, dtype=np.intp), t
             for t in day_chunks(self.staging, self.days[-1], self.fraction, self.seed):
-                yield "valid", t
+                yield "valid", np.zeros(t.num_rows, dtype=np.intp), t
             return
         assert self.single_day_cut is not None
         pos = 0
         for t in day_chunks(self.staging, self.days[0], self.fraction, self.seed):
             k = max(0, min(t.num_rows, self.single_day_cut - pos))
             if k:
-                yield "train", t.slice(0, k)
+                yield "train", fold_of_rows([self.single_day_cut])[pos:pos + k], t.slice(0, k)
             if k < t.num_rows:
-                yield "valid", t.slice(k)
+                yield "valid", np.zeros(t.num_rows - k, dtype=np.intp), t.slice(k)
             pos += t.num_rows
+
+    @property
+    def n_folds(self) -> int:
+        return len(self.days) - 1 if len(self.days) >= 2 else SINGLE_DAY_FOLDS
 
     @property
     def valid_days(self) -> str:
         return f"{self.days[-1]}" + (" (last tenth)" if len(self.days) == 1 else "")
+
+
+def fold_of_rows(day_rows: list[int]) -> np.ndarray:
+    """The fold of every training row, given the rows of each training day in order (the rule the local
+    path and the Spark job share): its day when there are two or more days, else one of
+    SINGLE_DAY_FOLDS contiguous blocks of the one day."""
+    if len(day_rows) >= 2:
+        return np.repeat(np.arange(len(day_rows), dtype=np.intp), day_rows)
+    n = day_rows[0] if day_rows else 0
+    return (np.arange(n, dtype=np.int64) * SINGLE_DAY_FOLDS // max(n, 1)).astype(np.intp)
 
 
 def plan_split(staging: Path, cfg: TrainConfig) -> Split:
@@ -204,20 +243,53 @@ def count_vocabulary(split: Split, spill: Path | None = None) -> tuple[SpillingV
     return counter, rows, empty_ints
 
 
-def encode(split: Split, transform: FeatureTransform, spill: Path) -> tuple[dict[str, EncodedChunks], pa.Table | None]:
+@dataclass
+class FoldStats:
+    """Rows and clicks per fold and flat code slot of the training rows (FeatureTransform.count_slots)."""
+
+    rows: np.ndarray    # (folds, slots) int64
+    clicks: np.ndarray  # (folds, slots) int64
+
+
+def encode(split: Split, transform: FeatureTransform, spill: Path) -> tuple[dict[str, EncodedChunks], pa.Table | None, FoldStats]:
     """Pass 2: each chunk -> the serving transform -> a spill file under `spill`; the first
-    validation rows are kept (raw) for the bundle's probe."""
+    validation rows are kept (raw) for the bundle's probe; the training rows' codes are counted
+    per fold for the derived features."""
     from ctr.training.chunks import EncodedChunks
 
     out = {role: EncodedChunks(spill / role) for role in ("train", "valid")}
     head = None
-    for role, t in split.chunks():
+    stats: FoldStats | None = None
+    for role, folds, t in split.folded_chunks():
         if t.num_rows == 0:
             continue
         if role == "valid" and head is None:
             head = t.slice(0, 16)
-        out[role].append(transform.transform_table(t), t.column(LABEL).to_numpy())
-    return out, head
+        x, y = transform.transform_table(t), t.column(LABEL).to_numpy()
+        out[role].append(x, y, folds)
+        if role == "train":
+            for f in np.unique(folds):
+                rows, clicks = transform.count_slots(x[folds == f], y[folds == f])
+                if stats is None:
+                    stats = FoldStats(np.zeros((split.n_folds, len(rows)), np.int64),
+                                      np.zeros((split.n_folds, len(rows)), np.int64))
+                stats.rows[f] += rows
+                stats.clicks[f] += clicks
+    assert stats is not None  # _vocabulary refused a range without training rows
+    return out, head, stats
+
+
+def add_derived(transform: FeatureTransform, stats: FoldStats, enc: dict[str, EncodedChunks],
+                cfg: TrainConfig) -> FeatureTransform:
+    """The transform with its derived-feature tables (all training rows), and the chunks' lookups set:
+    training rows get their out-of-fold statistics, validation rows the served tables."""
+    if not cfg.derived:
+        return transform
+    full = transform.with_stats(stats.rows.sum(axis=0), stats.clicks.sum(axis=0), cfg.derived, cfg.target_smoothing)
+    oof = full.oof_tables(stats.rows, stats.clicks)
+    enc["train"].derive = lambda x, folds: full.derive(x, oof, folds)
+    enc["valid"].derive = lambda x, folds: full.derive(x)
+    return full
 
 
 def _progress(every: int, built: list[int]) -> Callable[[Any], None]:
@@ -282,15 +354,16 @@ def _vocabulary(split: Split, cfg: TrainConfig, spill: Path, staging: Path) -> t
     return transform, notes
 
 
-def _datasets(enc: dict[str, EncodedChunks], y_tr: np.ndarray, y_va: np.ndarray, params: dict[str, Any]) -> tuple[Any, Any]:
+def _datasets(enc: dict[str, EncodedChunks], y_tr: np.ndarray, y_va: np.ndarray, params: dict[str, Any],
+              names: list[str]) -> tuple[Any, Any]:
     """LightGBM's binned train/valid Datasets from the spilled chunks (in memory when small, else Sequences)."""
     import lightgbm as lgb
 
-    in_memory = (len(y_tr) + len(y_va)) * len(FEATURE_COLUMNS) * 8 <= int(os.environ.get(IN_MEMORY_ENV, IN_MEMORY_MAX_BYTES))
+    in_memory = (len(y_tr) + len(y_va)) * len(names) * 8 <= int(os.environ.get(IN_MEMORY_ENV, IN_MEMORY_MAX_BYTES))
     source = (lambda c: list(c.matrices())) if in_memory else (lambda c: c.sequences())
-    dtrain = lgb.Dataset(source(enc["train"]), y_tr, feature_name=FEATURE_COLUMNS, categorical_feature=CAT_INDEX,
+    dtrain = lgb.Dataset(source(enc["train"]), y_tr, feature_name=names, categorical_feature=CAT_INDEX,
                          free_raw_data=True, params=params)
-    dvalid = lgb.Dataset(source(enc["valid"]), y_va, reference=dtrain, feature_name=FEATURE_COLUMNS,
+    dvalid = lgb.Dataset(source(enc["valid"]), y_va, reference=dtrain, feature_name=names,
                          categorical_feature=CAT_INDEX, params=params)
     t_ds = time.monotonic()
     dtrain.construct()
@@ -328,15 +401,16 @@ def _train(staging: Path, out_dir: Path, cfg: TrainConfig, spill: Path, extra_me
     days = split.days
     fingerprints = staged_fingerprints(staging, days)  # lineage: the landing files each day was staged from
     transform, notes = _vocabulary(split, cfg, spill, staging)
-    enc, probe_rows = encode(split, transform, spill)  # pass 2: encoded chunks spilled to disk
+    enc, probe_rows, stats = encode(split, transform, spill)  # pass 2: encoded chunks spilled to disk
+    transform = add_derived(transform, stats, enc, cfg)
     y_tr, y_va = enc["train"].y(), enc["valid"].y()
     if len(np.unique(y_tr)) < 2:
         raise TrainingError(f"training rows of {days[0]}..{days[-1]} hold a single class; cannot train a click model")
     log.info("train rows=%d valid rows=%d (validation day %s) features=%d chunks=%d read_secs=%.1f",
-             len(y_tr), len(y_va), split.valid_days, len(FEATURE_COLUMNS), len(enc["train"]), time.monotonic() - t0)
+             len(y_tr), len(y_va), split.valid_days, transform.n_features, len(enc["train"]), time.monotonic() - t0)
     params = _per_tree_metrics(cfg.lgb_params())
     # the Datasets are never bound here, so they are freed as soon as _fit returns
-    booster, built, best, evals, train_secs = _fit(params, *_datasets(enc, y_tr, y_va, params), cfg)
+    booster, built, best, evals, train_secs = _fit(params, *_datasets(enc, y_tr, y_va, params, transform.feature_names), cfg)
     valid_metrics = {m: float(v[best - 1]) for m, v in evals.get("valid", {}).items()}
     if "auc" not in valid_metrics:
         from ctr.validation.metrics import auc

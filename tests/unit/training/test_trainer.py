@@ -151,4 +151,4 @@ def test_training_matrix_matches_transform(staging: Path, tmp_path: Path) -> Non
     t = pq.read_table(staging / "day=2026-03-03" / "part-00000.parquet")
     x = b.transform.transform_table(t)
     assert x.shape == (ROWS, len(INT_COLUMNS) + len(CAT_COLUMNS))
-    np.testing.assert_array_equal(b.booster.predict(x), b.predict_table(t))
+    np.testing.assert_array_equal(b.booster.predict(b.transform.derive(x)), b.predict_table(t))
