@@ -304,6 +304,11 @@ class FeatureTransform:
         return FeatureTransform(vocab=self.vocab, min_count=self.min_count, max_vocab=self.max_vocab, notes=self.notes,
                                 missing=self.missing, code_stats=stats, derived=derived, smoothing=smoothing)
 
+    def without_stats(self) -> FeatureTransform:
+        """The codes-only transform (the vocabulary and settings, no derived features)."""
+        return FeatureTransform(vocab=self.vocab, min_count=self.min_count, max_vocab=self.max_vocab, notes=self.notes,
+                                missing=self.missing)
+
     def oof_tables(self, fold_rows: np.ndarray, fold_clicks: np.ndarray) -> np.ndarray:
         """(folds, len(derived), slots) tables: fold f's statistics count every fold but f (the counts
         count every row: they use no label). `fold_rows`/`fold_clicks` are (folds, slots)."""

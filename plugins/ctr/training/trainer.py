@@ -96,6 +96,7 @@ class TrainConfig:
     min_count: int = DEFAULT_MIN_COUNT
     max_vocab: int = DEFAULT_MAX_VOCAB
     missing: str = "nan"              # categorical missing: NaN or its own code (ctr.features.transform)
+    refit: bool = True                # after early stopping, retrain on training + validation rows
     derived: tuple[str, ...] = DEFAULT_DERIVED  # derived features per categorical (count, target); () = none
     target_smoothing: float = DEFAULT_SMOOTHING  # prior weight of the smoothed click rate per code
     params: dict[str, Any] = field(default_factory=dict)
@@ -104,7 +105,7 @@ class TrainConfig:
         """The DAG passes one object of training overrides (`lgb_params`); besides LightGBM's own
         parameters it may set the number of trees (`num_iterations` or an alias -> `rounds`), early
         stopping (`early_stopping_round` -> `early_stopping`), the vocabulary (`max_vocab`, `min_count`) and
-        the derived features (`derived`: a list of "count"/"target", `target_smoothing`)."""
+        the derived features (`derived`: a list of "count"/"target", `target_smoothing`) and `refit`."""
         params = dict(self.params)
         for key in ROUNDS_ALIASES:
             if key in params:
@@ -117,6 +118,8 @@ class TrainConfig:
                 setattr(self, key, int(params.pop(key)))
         if "derived" in params:
             self.derived = tuple(params.pop("derived") or ())
+        if "refit" in params:
+            self.refit = bool(params.pop("refit"))
         if "target_smoothing" in params:
             self.target_smoothing = float(params.pop("target_smoothing"))
         self.derived = tuple(self.derived)
@@ -253,8 +256,8 @@ class FoldStats:
 
 def encode(split: Split, transform: FeatureTransform, spill: Path) -> tuple[dict[str, EncodedChunks], pa.Table | None, FoldStats]:
     """Pass 2: each chunk -> the serving transform -> a spill file under `spill`; the first
-    validation rows are kept (raw) for the bundle's probe; the training rows' codes are counted
-    per fold for the derived features."""
+    validation rows are kept (raw) for the bundle's probe; the codes are counted per fold for the
+    derived features (training folds 0..n_folds-1, the validation rows fold n_folds)."""
     from ctr.training.chunks import EncodedChunks
 
     out = {role: EncodedChunks(spill / role) for role in ("train", "valid")}
@@ -266,29 +269,35 @@ def encode(split: Split, transform: FeatureTransform, spill: Path) -> tuple[dict
         if role == "valid" and head is None:
             head = t.slice(0, 16)
         x, y = transform.transform_table(t), t.column(LABEL).to_numpy()
+        if role == "valid":
+            folds = folds + split.n_folds  # the validation rows are one more fold (the refit's)
         out[role].append(x, y, folds)
-        if role == "train":
-            for f in np.unique(folds):
-                rows, clicks = transform.count_slots(x[folds == f], y[folds == f])
-                if stats is None:
-                    stats = FoldStats(np.zeros((split.n_folds, len(rows)), np.int64),
-                                      np.zeros((split.n_folds, len(rows)), np.int64))
-                stats.rows[f] += rows
-                stats.clicks[f] += clicks
+        for f in np.unique(folds):
+            rows, clicks = transform.count_slots(x[folds == f], y[folds == f])
+            if stats is None:
+                stats = FoldStats(np.zeros((split.n_folds + 1, len(rows)), np.int64),
+                                  np.zeros((split.n_folds + 1, len(rows)), np.int64))
+            stats.rows[f] += rows
+            stats.clicks[f] += clicks
     assert stats is not None  # _vocabulary refused a range without training rows
     return out, head, stats
 
 
 def add_derived(transform: FeatureTransform, stats: FoldStats, enc: dict[str, EncodedChunks],
-                cfg: TrainConfig) -> FeatureTransform:
-    """The transform with its derived-feature tables (all training rows), and the chunks' lookups set:
-    training rows get their out-of-fold statistics, validation rows the served tables."""
+                cfg: TrainConfig, refit: bool = False) -> FeatureTransform:
+    """The transform with its derived-feature tables, and the chunks' lookups set.
+
+    Early stopping (`refit=False`): tables of the training rows; training rows get their out-of-fold
+    statistics, validation rows the tables (as tomorrow's rows will). The refit: tables of all rows,
+    every row (the validation day is one more fold) its out-of-fold statistics."""
     if not cfg.derived:
         return transform
-    full = transform.with_stats(stats.rows.sum(axis=0), stats.clicks.sum(axis=0), cfg.derived, cfg.target_smoothing)
-    oof = full.oof_tables(stats.rows, stats.clicks)
+    n = len(stats.rows) if refit else len(stats.rows) - 1
+    rows, clicks = stats.rows[:n], stats.clicks[:n]
+    full = transform.with_stats(rows.sum(axis=0), clicks.sum(axis=0), cfg.derived, cfg.target_smoothing)
+    oof = full.oof_tables(rows, clicks)
     enc["train"].derive = lambda x, folds: full.derive(x, oof, folds)
-    enc["valid"].derive = lambda x, folds: full.derive(x)
+    enc["valid"].derive = (lambda x, folds: full.derive(x, oof, folds)) if refit else (lambda x, folds: full.derive(x))
     return full
 
 
@@ -395,6 +404,27 @@ def _fit(params: dict[str, Any], dtrain: Any, dvalid: Any, cfg: TrainConfig) -> 
     return booster, built_box[0], best, evals, time.monotonic() - t1
 
 
+def _refit(params: dict[str, Any], enc: dict[str, EncodedChunks], y_tr: np.ndarray, y_va: np.ndarray,
+           names: list[str], best: int) -> tuple[Any, int, float]:
+    """Retrain on the training and validation rows, without early stopping, for `best` trees scaled by
+    the rows: (booster, trees, seconds). The validation day is the most recent: tomorrow looks most like it."""
+    import lightgbm as lgb
+
+    trees = max(1, round(best * (len(y_tr) + len(y_va)) / len(y_tr)))
+    in_memory = (len(y_tr) + len(y_va)) * len(names) * 8 <= int(os.environ.get(IN_MEMORY_ENV, IN_MEMORY_MAX_BYTES))
+    source = [*enc["train"].matrices(), *enc["valid"].matrices()] if in_memory \
+        else [*enc["train"].sequences(), *enc["valid"].sequences()]
+    t1 = time.monotonic()
+    data = lgb.Dataset(source, np.concatenate([y_tr, y_va]), feature_name=names, categorical_feature=CAT_INDEX,
+                       free_raw_data=True, params=params)
+    booster = lgb.train({k: v for k, v in params.items() if k != "metric"}, data, num_boost_round=trees,
+                        callbacks=[_progress(PROGRESS_EVERY, [0])])
+    secs = time.monotonic() - t1
+    log.info("refit on training + validation rows=%d trees=%d (best_iteration %d scaled by rows) secs=%.1f",
+             len(y_tr) + len(y_va), trees, best, secs)
+    return booster, trees, secs
+
+
 def _train(staging: Path, out_dir: Path, cfg: TrainConfig, spill: Path, extra_metadata: dict[str, Any] | None) -> Path:
     t0 = time.monotonic()
     split = plan_split(staging, cfg)
@@ -417,10 +447,19 @@ def _train(staging: Path, out_dir: Path, cfg: TrainConfig, spill: Path, extra_me
 
         p_valid = np.concatenate([booster.predict(m, num_iteration=best) for m in enc["valid"].matrices()])
         valid_metrics["auc"] = auc(y_va, p_valid)
-    del enc
     log.info("trees built=%d best_iteration=%d valid=%s train_secs=%.1f", built, best, valid_metrics, train_secs)
     if best == cfg.rounds:
         log.warning("best_iteration=%d equals rounds: the model may be undertrained; raise rounds", best)
+    refit_info: dict[str, Any] = {}
+    trees = best
+    if cfg.refit:
+        del booster
+        transform = add_derived(transform.without_stats(), stats, enc, cfg, refit=True)
+        booster, trees, refit_secs = _refit(params, enc, y_tr, y_va, transform.feature_names, best)
+        train_secs += refit_secs
+        refit_info = {"refit": {"rows": int(len(y_tr) + len(y_va)), "trees": trees, "secs": round(refit_secs, 1),
+                                "rule": "best_iteration x (training + validation rows) / training rows"}}
+    del enc
 
     now = staged_fingerprints(staging, days)
     if now != fingerprints:  # the passes above read the days more than once: all must have read one copy
@@ -429,14 +468,15 @@ def _train(staging: Path, out_dir: Path, cfg: TrainConfig, spill: Path, extra_me
                             "them; re-run the training")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    booster.save_model(str(out_dir / "model.txt"), num_iteration=best)
+    booster.save_model(str(out_dir / "model.txt"), num_iteration=trees)
     transform.save(out_dir / "features.json")
     metadata = bundle_metadata(
         cfg, engine="lightgbm", validation=split.valid_days, rows_train=len(y_tr), rows_valid=len(y_va),
         click_rate=(y_tr.sum() + y_va.sum()) / (len(y_tr) + len(y_va)), transform=transform, feature_notes=notes,
         params=params, trees_built=built, best_iteration=best, valid_auc=valid_metrics.get("auc"),
-        valid_logloss=valid_metrics.get("binary_logloss"), data_fingerprints=fingerprints, extra=extra_metadata)
+        valid_logloss=valid_metrics.get("binary_logloss"), data_fingerprints=fingerprints,
+        extra={**refit_info, **(extra_metadata or {})})
     finalize_bundle(out_dir, probe_rows, metadata)
-    log.info("bundle written path=%s trees=%d train_secs=%.1f total_secs=%.1f", out_dir, best, train_secs,
+    log.info("bundle written path=%s trees=%d train_secs=%.1f total_secs=%.1f", out_dir, trees, train_secs,
              time.monotonic() - t0)
     return out_dir

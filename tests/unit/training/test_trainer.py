@@ -80,7 +80,11 @@ def test_bundle_metadata_and_validation_split(staging: Path, tmp_path: Path) -> 
     assert 1 <= md["best_iteration"] <= md["trees_built"] <= 25
     assert set(md["vocab_sizes"]) == set(CAT_COLUMNS)
     b = Bundle.load(out)  # checks probe.json
-    assert b.booster.current_iteration() == md["best_iteration"]
+    # refit (the default) on training + validation rows: best_iteration scaled by the rows (3 days / 2)
+    assert md["refit"]["rows"] == 3 * ROWS and md["refit"]["trees"] == round(md["best_iteration"] * 3 / 2)
+    assert b.booster.current_iteration() == md["refit"]["trees"]
+    plain = Bundle.load(train(staging, tmp_path / "n", _cfg(params={"num_leaves": 7, "refit": False})))
+    assert plain.booster.current_iteration() == plain.metadata["best_iteration"] and "refit" not in plain.metadata
     assert "import pickle" not in (out / "MLmodel").read_text() and not list(out.glob("*.pkl"))
 
 
