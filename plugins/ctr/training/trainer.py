@@ -248,10 +248,23 @@ def count_vocabulary(split: Split, spill: Path | None = None) -> tuple[SpillingV
 
 @dataclass
 class FoldStats:
-    """Rows and clicks per fold and flat code slot of the training rows (FeatureTransform.count_slots)."""
+    """Rows and clicks per fold and flat code slot (FeatureTransform.count_slots); shared by the local
+    path and the Spark job's driver-side training."""
 
     rows: np.ndarray    # (folds, slots) int64
     clicks: np.ndarray  # (folds, slots) int64
+
+    @classmethod
+    def empty(cls, folds: int, transform: FeatureTransform) -> FoldStats:
+        slots = sum(len(transform.vocab[c]) + 2 for c in transform.vocab)
+        return cls(np.zeros((folds, slots), np.int64), np.zeros((folds, slots), np.int64))
+
+    def add(self, transform: FeatureTransform, x: np.ndarray, y: np.ndarray, folds: np.ndarray) -> None:
+        """Count a codes matrix's rows and clicks into their folds."""
+        for f in np.unique(folds):
+            rows, clicks = transform.count_slots(x[folds == f], y[folds == f])
+            self.rows[f] += rows
+            self.clicks[f] += clicks
 
 
 def encode(split: Split, transform: FeatureTransform, spill: Path) -> tuple[dict[str, EncodedChunks], pa.Table | None, FoldStats]:
@@ -262,7 +275,7 @@ def encode(split: Split, transform: FeatureTransform, spill: Path) -> tuple[dict
 
     out = {role: EncodedChunks(spill / role) for role in ("train", "valid")}
     head = None
-    stats: FoldStats | None = None
+    stats = FoldStats.empty(split.n_folds + 1, transform)
     for role, folds, t in split.folded_chunks():
         if t.num_rows == 0:
             continue
@@ -272,14 +285,7 @@ def encode(split: Split, transform: FeatureTransform, spill: Path) -> tuple[dict
         if role == "valid":
             folds = folds + split.n_folds  # the validation rows are one more fold (the refit's)
         out[role].append(x, y, folds)
-        for f in np.unique(folds):
-            rows, clicks = transform.count_slots(x[folds == f], y[folds == f])
-            if stats is None:
-                stats = FoldStats(np.zeros((split.n_folds + 1, len(rows)), np.int64),
-                                  np.zeros((split.n_folds + 1, len(rows)), np.int64))
-            stats.rows[f] += rows
-            stats.clicks[f] += clicks
-    assert stats is not None  # _vocabulary refused a range without training rows
+        stats.add(transform, x, y, folds)
     return out, head, stats
 
 
