@@ -556,6 +556,10 @@ def run_job(spark, a: JobArgs) -> dict[str, Any]:
         else:
             from ctr.training.synapseml import train_synapseml
 
+            if cfg.derived or cfg.refit:
+                log.warning("engine synapseml trains on the 39 codes alone: no derived features (%s) and no refit; "
+                            "--engine spark or lightgbm train the default model", ", ".join(cfg.derived) or "none")
+
             cores = a.executor_cores or executor_cores(spark)
             res = train_synapseml(spark, train_df, valid_df, transform, cfg, cores, f"{a.out.rstrip('/')}/_synapseml")
             (bundle / "model.txt").write_text(res["model_str"])
