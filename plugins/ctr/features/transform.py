@@ -44,6 +44,7 @@ DEFAULT_SMOOTHING = 20.0
 N_FEATURES = len(FEATURE_COLUMNS)
 CAT_INDEX = [FEATURE_COLUMNS.index(c) for c in CAT_COLUMNS]  # positions of categorical features
 N_INT = len(INT_COLUMNS)
+assert CAT_INDEX == list(range(N_INT, N_FEATURES))  # derive() reads the codes as one slice
 
 
 class VocabCounter:
@@ -186,6 +187,7 @@ class FeatureTransform:
         sizes = np.array([len(self.vocab[c]) + 2 for c in CAT_COLUMNS], dtype=np.intp)  # slots 0..V+1
         self._slot_offset = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.intp)
         self._missing_slot = (sizes - 1).astype(np.float64)  # V+1: where NaN (missing) codes look up
+        self._missing_slots = [int(v) for v in sizes - 1]
         self._table = np.empty(0)
         self._row_tables: list[list[float]] = []
         if not self.derived:
@@ -245,8 +247,10 @@ class FeatureTransform:
 
     def slots(self, x: np.ndarray) -> np.ndarray:
         """Codes matrix (n, 39) -> flat table slot of every categorical (n, 26): NaN -> the missing slot."""
-        codes = x[:, CAT_INDEX]
-        codes = np.where(np.isnan(codes), self._missing_slot, codes)
+        codes = x[:, N_INT:N_FEATURES]  # a view: the categoricals follow the integers (CAT_INDEX)
+        nan = np.isnan(codes)
+        if nan.any():
+            codes = np.where(nan, self._missing_slot, codes)
         return codes.astype(np.intp) + self._slot_offset
 
     def derive(self, x: np.ndarray, tables: np.ndarray | None = None, folds: np.ndarray | None = None) -> np.ndarray:
@@ -275,14 +279,8 @@ class FeatureTransform:
         """One codes vector (39) -> the model's input; bit-identical to `derive` (pure Python)."""
         if not self.derived:
             return vec
-        cats = vec[N_INT:]
-        miss = self._missing_slot
-        slot = [int(miss[i]) if v != v else int(v) for i, v in enumerate(cats)]
-        out = list(vec)
-        k = len(CAT_COLUMNS)
-        for t, table in enumerate(self._row_tables):
-            out.append(table[slot[t % k]])
-        return out
+        slot = [m if v != v else int(v) for v, m in zip(vec[N_INT:], self._missing_slots, strict=True)]
+        return vec + list(map(list.__getitem__, self._row_tables, slot * len(self.derived)))
 
     def count_slots(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Rows and clicks per flat slot of a codes matrix and its labels (int64; add them up per fold)."""
