@@ -173,34 +173,63 @@ class Split:
     fraction: float
     seed: int
     single_day_cut: int | None = None   # one-day range: rows before this index train
+    train_rows: int | None = None       # training rows (pass 1 counts them; one-fit-day folds need it)
 
     def chunks(self) -> Iterator[tuple[str, pa.Table]]:
-        for role, _, t in self.folded_chunks():
+        for role, _, t in self._chunks(folds=False):
             yield role, t
 
     def folded_chunks(self) -> Iterator[tuple[str, np.ndarray, pa.Table]]:
-        """(role, each row's fold, chunk): a training row's fold is its day (`fold_of_rows`), for the
-        out-of-fold statistics of the derived features; validation rows are fold 0 (unused)."""
+        """(role, each row's fold, chunk), for the out-of-fold statistics of the derived features: the
+        training rows' folds by `fold_of_rows` (needs `train_rows`, which pass 1 sets); validation rows
+        are fold 0 here (the caller numbers them)."""
+        if self.train_rows is None:
+            raise RuntimeError("Split.train_rows is unknown: count the rows (pass 1) before asking for folds")
+        for role, folds, t in self._chunks(folds=True):
+            assert folds is not None
+            yield role, folds, t
+
+    def _chunks(self, folds: bool) -> Iterator[tuple[str, np.ndarray | None, pa.Table]]:
+        fold_ids = fold_of_rows(self.fit_day_rows()) if folds and len(self.days) < 3 else None
+        pos = 0
+
+        def train_folds(i: int, k: int) -> np.ndarray | None:
+            if not folds:
+                return None
+            return np.full(k, i, dtype=np.intp) if fold_ids is None else fold_ids[pos:pos + k]
+
+        def zeros(k: int) -> np.ndarray | None:
+            return np.zeros(k, dtype=np.intp) if folds else None
+
         if len(self.days) >= 2:
             for i, d in enumerate(self.days[:-1]):
                 for t in day_chunks(self.staging, d, self.fraction, self.seed):
-                    yield "train", np.full(t.num_rows, i, dtype=np.intp), t
+                    yield "train", train_folds(i, t.num_rows), t
+                    pos += t.num_rows
             for t in day_chunks(self.staging, self.days[-1], self.fraction, self.seed):
-                yield "valid", np.zeros(t.num_rows, dtype=np.intp), t
+                yield "valid", zeros(t.num_rows), t
             return
         assert self.single_day_cut is not None
-        pos = 0
+        seen = 0
         for t in day_chunks(self.staging, self.days[0], self.fraction, self.seed):
-            k = max(0, min(t.num_rows, self.single_day_cut - pos))
+            k = max(0, min(t.num_rows, self.single_day_cut - seen))
             if k:
-                yield "train", fold_of_rows([self.single_day_cut])[pos:pos + k], t.slice(0, k)
+                yield "train", train_folds(0, k), t.slice(0, k)
+                pos += k
             if k < t.num_rows:
-                yield "valid", np.zeros(t.num_rows - k, dtype=np.intp), t.slice(k)
-            pos += t.num_rows
+                yield "valid", zeros(t.num_rows - k), t.slice(k)
+            seen += t.num_rows
+
+    def fit_day_rows(self) -> list[int]:
+        """Training rows per fit day as `fold_of_rows` needs them; with one fit day only its total matters."""
+        if len(self.days) >= 3:
+            raise ValueError("per-day folds need no row counts")
+        assert self.train_rows is not None
+        return [self.train_rows]
 
     @property
     def n_folds(self) -> int:
-        return len(self.days) - 1 if len(self.days) >= 2 else SINGLE_DAY_FOLDS
+        return len(self.days) - 1 if len(self.days) >= 3 else SINGLE_DAY_FOLDS
 
     @property
     def valid_days(self) -> str:
@@ -208,9 +237,9 @@ class Split:
 
 
 def fold_of_rows(day_rows: list[int]) -> np.ndarray:
-    """The fold of every training row, given the rows of each training day in order (the rule the local
-    path and the Spark job share): its day when there are two or more days, else one of
-    SINGLE_DAY_FOLDS contiguous blocks of the one day."""
+    """The fold of every training row, given the rows of each fit day in order (the rule the local path
+    and the Spark job share): its day when there are two or more fit days, else one of
+    SINGLE_DAY_FOLDS contiguous blocks of the one fit day (a one- or two-day range)."""
     if len(day_rows) >= 2:
         return np.repeat(np.arange(len(day_rows), dtype=np.intp), day_rows)
     n = day_rows[0] if day_rows else 0
@@ -352,6 +381,7 @@ def _vocabulary(split: Split, cfg: TrainConfig, spill: Path, staging: Path) -> t
     t0 = time.monotonic()
     days = split.days
     counter, rows, empty_ints = count_vocabulary(split, spill)
+    split.train_rows = rows["train"]
     if rows["train"] == 0 or rows["valid"] == 0:
         empty = _row_count_problems(split)
         raise TrainingError(

@@ -156,3 +156,19 @@ def test_training_matrix_matches_transform(staging: Path, tmp_path: Path) -> Non
     x = b.transform.transform_table(t)
     assert x.shape == (ROWS, len(INT_COLUMNS) + len(CAT_COLUMNS))
     np.testing.assert_array_equal(b.booster.predict(b.transform.derive(x)), b.predict_table(t))
+
+
+@pytest.mark.parametrize("days", [1, 2, 3])
+def test_out_of_fold_folds_per_day_or_in_blocks(staging: Path, days: int) -> None:
+    """Three or more days: a fold per fit day. One fit day (a one- or two-day range): 4 contiguous blocks,
+    so no training row's statistic is empty (with a single fold, "every other fold" would be nothing)."""
+    from ctr.training.trainer import plan_split
+
+    split = plan_split(staging, _cfg(end=DAY0 + dt.timedelta(days=days - 1)))
+    split.train_rows = sum(t.num_rows for role, t in split.chunks() if role == "train")
+    folds = np.concatenate([f for role, f, _ in split.folded_chunks() if role == "train"])
+    assert len(folds) == split.train_rows
+    if days == 3:
+        np.testing.assert_array_equal(folds, np.repeat([0, 1], ROWS))
+    else:
+        assert split.n_folds == 4 and list(np.unique(folds)) == [0, 1, 2, 3] and np.all(np.diff(folds) >= 0)
