@@ -15,7 +15,7 @@ score day 6, and report AUC and logloss for
 
 Goal (issue 16): (a) AUC >= (b) + 0.004 and logloss <= (b) - 0.002 on every seed; the JSON says
 whether each seed met it. A last small run (seed 1, --guard-rows rows a day, (a) only) is recorded
-as `guard`: tests/unit/training/test_model_behaviour.py re-runs it and checks its AUC (a regression
+as `guard`: tests/integration/test_model_behaviour.py re-runs it and checks its AUC (a regression
 guard on the default model, cheap enough for CI).
 
 Generated data lives in a temporary directory and is deleted afterwards.

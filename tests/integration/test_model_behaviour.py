@@ -27,6 +27,8 @@ from ctr.validation.metrics import auc, ece
 
 from tests.conftest import END_DAY, REPO
 
+pytestmark = pytest.mark.integration  # two of these train real models (~17 s each on 2 cores)
+
 GUARD_MARGIN = 0.003  # AUC: LightGBM and numpy builds may round differently; a model change moves it more
 ECE_MAX = 0.02
 
