@@ -541,7 +541,8 @@ def run_job(spark, a: JobArgs) -> dict[str, Any]:
             booster, best, valid_auc, valid_logloss, trees, served = train_lightgbm(train_t, valid_t, transform, cfg,
                                                                                    day_rows)
             if cfg.derived:  # the bundle's tables: Spark's aggregation, which must equal the driver's counts
-                transform = code_stats(train_good if cfg.refit else train_df, transform, cfg)
+                # the rows the driver trained on (sampled ones when sample_fraction < 1)
+                transform = code_stats(train_df.unionByName(valid_df) if cfg.refit else train_df, transform, cfg)
                 if transform.code_stats != served.code_stats:
                     raise TrainingError("the Spark aggregation of the derived features' rows/clicks per code differs "
                                         "from the driver's count of the same rows; refusing an inconsistent bundle")
