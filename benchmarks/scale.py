@@ -1,6 +1,10 @@
 """Full Criteo scale on one machine: the DAG's task path on 45,840,617 rows, timed stage by stage.
 
     flock /tmp/ctr-bench.lock .venv/bin/python benchmarks/scale.py [--rows 45840617] [--work DIR] [--out FILE]
+        [--speed-tuned]
+
+By default the train task gets the DAG's own defaults (`lgb_params` {}: the model users get, derived
+features and refit included); `--speed-tuned` passes SCALE_LGB_PARAMS instead (the earlier runs).
 
 1. Generates the landing zone if WORK/landing does not already hold it: `--rows` rows over 7 days
    ending 2026-07-07 (`ctr generate --rows`; generation is timed but not part of the DAG total).
@@ -49,7 +53,7 @@ TASKS = ["check_data", "train_local", "evaluate", "gate", "register", "build_ima
 UPSTREAM = {"train_local": None, "evaluate": "train_local", "gate": "evaluate", "register": "evaluate",
             "build_image": "register", "rollout": "build_image", "verify": "rollout", "promote": "verify"}
 
-# Chosen for 2 cores and one hour (docs/scale.md): a 20% bag per tree, 127 leaves, a larger learning
+# `--speed-tuned` only. Chosen for 2 cores and one hour (docs/scale.md): a 20% bag per tree, 127 leaves, a larger learning
 # rate and fewer trees than the small-data defaults, 63 bins for the integer features, and 1,000
 # values per categorical vocabulary (the split search over 10,000-category histograms per leaf cost
 # twice the time per tree for the same validation logloss on the tenth-size data).
@@ -66,7 +70,7 @@ SCALE_LGB_PARAMS: dict[str, Any] = {
     "max_vocab": 1000,
 }
 DAG_PARAMS: dict[str, Any] = {  # the DAG's defaults (dags/ctr_retrain.py) with train_days=6
-    "train_days": 6, "compute": "local", "seed": 42, "sample_fraction": 1.0, "lgb_params": SCALE_LGB_PARAMS,
+    "train_days": 6, "compute": "local", "seed": 42, "sample_fraction": 1.0, "lgb_params": {},
     "max_bad_fraction": 0.001, "min_auc": 0.70, "max_auc_drop": 0.005, "max_logloss_rise": 0.005, "max_ece": 0.05,
     "force_deploy": False, "verify_rows": 100, "fail_verify": False, "image_builder": "local", "deploy_target": "local",
 }
@@ -276,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None,
                     help="result JSON (default benchmarks/results/scale.json; scale_ROWS.json for other sizes)")
     ap.add_argument("--no-raw", action="store_true", help="skip the raw lightgbm.train comparison")
+    ap.add_argument("--speed-tuned", action="store_true", help="train with SCALE_LGB_PARAMS instead of the DAG's defaults")
     ap.add_argument("--delete-data", action="store_true", help="remove WORK (landing zone included) at the end")
     ap.add_argument("--task", help=argparse.SUPPRESS)
     ap.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
@@ -313,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         poller.stage = name
         spec = home / "logs" / f"{name}.spec.json"
         result = home / "logs" / f"{name}.result.json"
-        spec.write_text(json.dumps({"run_id": run_id, "params": DAG_PARAMS, "upstream": upstream,
+        dag_params = {**DAG_PARAMS, "lgb_params": SCALE_LGB_PARAMS if a.speed_tuned else {}}
+        spec.write_text(json.dumps({"run_id": run_id, "params": dag_params, "upstream": upstream,
                                     "work": str(work), "result": str(result)}, default=str))
         cmd = [sys.executable, str(Path(__file__).resolve()), "--task", name, "--spec", str(spec)]
         print(f"scale: {name} ...", flush=True)
@@ -371,8 +377,11 @@ def main(argv: list[str] | None = None) -> int:
             params = dict(md["params"])
             params.pop("metric", None)
             print("scale: raw lightgbm.train on the same binned Dataset ...", flush=True)
+            # the job builds trees_built trees with early stopping, then (refit) refit.trees on training +
+            # validation rows: raw builds as many on the saved training bins
+            raw_trees = md["trees_built"] + md.get("refit", {}).get("trees", 0)
             wall, rss, rc = run_child([sys.executable, "-c", RAW_CHILD, str(dataset_bin), json.dumps(params),
-                                       str(md["trees_built"])], env, home / "logs" / "raw_lightgbm.log")
+                                       str(raw_trees)], env, home / "logs" / "raw_lightgbm.log")
             if rc != 0:
                 raise RuntimeError("raw lightgbm.train failed: " + (home / "logs" / "raw_lightgbm.log").read_text()[-2000:])
             r = json.loads((home / "logs" / "raw_lightgbm.log").read_text().strip().splitlines()[-1])
@@ -382,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
                    "ratio_lightgbm_train_in_job_vs_raw": round(inner["lightgbm_train_secs"] / r["secs"], 3)
                    if inner["lightgbm_train_secs"] else None,
                    "what": "raw = lightgbm.train on the Dataset the train job built (saved with save_binary, loaded "
-                           "untimed), the job's parameters, the number of trees the job built, no validation set; "
+                           "untimed), the job's parameters, the trees the job built (early stopping + refit), no validation set; "
                            "train stage = the whole train task (read, count, encode, bin, train with early stopping "
                            "on the validation day, write the bundle)"}
     finally:
@@ -415,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
                   "valid_auc": md["valid_auc"], "train_rows": md["rows"]["train"], "valid_rows": md["rows"]["valid"],
                   "trees_built": md["trees_built"], "best_iteration": md["best_iteration"], "vocab_sizes": md["vocab_sizes"]},
         "lgb_params": {**md["params"], "rounds": md["rounds"], "early_stopping": md["early_stopping"]},
+        "lgb_params_source": "SCALE_LGB_PARAMS (--speed-tuned)" if a.speed_tuned else "the DAG's defaults",
+        "refit": md.get("refit"),
         "registered_version": results["register"]["result"]["version"],
         "served": {"url": results["verify"]["result"].get("url"), "version": results["verify"]["result"].get("version")},
         "machine": {**machine, "loadavg_at_end": os.getloadavg()},

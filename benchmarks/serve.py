@@ -272,7 +272,7 @@ def rank_scenario(url: str, bundle: Any, rows: list[dict[str, Any]], a: argparse
         got = post(url + "/v1/rank", body, "application/json")
         assert [i["id"] for i in got["items"]] == [i["id"] for i in want["items"]]
         assert max(abs(g["probability"] - w["probability"]) for g, w in zip(got["items"], want["items"], strict=True)) <= 1e-12
-        x = bundle.transform.rows_matrix(merged)
+        x = bundle.transform.derive(bundle.transform.rows_matrix(merged))  # the model input, derived features included
         log(f"rank ({kind}): /v1/rank {n} candidates ...")
         wrk(url + "/v1/rank", body, "application/json", a.connections, 3, work, tag="-rank")  # warm-up
         served = wrk(url + "/v1/rank", body, "application/json", a.connections, a.duration, work, tag="-rank")
@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     cost = metrics_cost(bundle_dir, single, want_single, env, a, work, batch_tsv)
 
     # ---- 2. batch baseline: in-process Booster.predict on pre-encoded numpy ----------------------
-    x = bundle.transform.transform_table(table.slice(0, a.batch_rows))
+    x = bundle.transform.derive(bundle.transform.transform_table(table.slice(0, a.batch_rows)))  # codes + derived
     log("in-process Booster.predict ...")
     base_default = in_process_rows_per_s(bundle.booster, x, a.duration)
     base_one = in_process_rows_per_s(bundle.booster, x, a.duration, num_threads=1)

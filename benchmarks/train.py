@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
                 transform = FeatureTransform.load(out / "features.json")
                 train_days = days[:-1]
                 tables = [t for d in train_days for t in read_staged(staging, d)]
-                x = np.concatenate([transform.transform_table(t) for t in tables])
+                # the model input: codes + derived features (the served tables; same width and work as the job's)
+                x = np.concatenate([transform.derive(transform.transform_table(t)) for t in tables])
                 y = np.concatenate([t.column(LABEL).to_numpy().astype(np.float64) for t in tables])
                 np.save(work / "x.npy", x)
                 np.save(work / "y.npy", y)
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             params = dict(md["params"])
             params.pop("metric", None)
             raw_cmd = [sys.executable, "-c", RAW_CHILD, str(work / "x.npy"), str(work / "y.npy"), json.dumps(params),
-                       str(md["trees_built"]), json.dumps(CAT_INDEX)]
+                       str(md["trees_built"] + md.get("refit", {}).get("trees", 0)), json.dumps(CAT_INDEX)]
             raw_wall, raw_rss, rres = run_timed(raw_cmd, env)
             if rres.returncode != 0:
                 raise RuntimeError(f"raw lightgbm.train failed: {rres.stderr[-2000:]}")

@@ -67,10 +67,11 @@ def _records(table: pa.Table) -> list[dict]:
 
 
 def _reference(bundle_dir: Path, table: pa.Table) -> np.ndarray:
-    """Booster.predict on the vectorised transform, built from the files alone."""
+    """Booster.predict on the vectorised transform and its derived features, built from the files alone."""
     booster = lgb.Booster(model_file=str(bundle_dir / "model.txt"))
     transform = FeatureTransform.load(bundle_dir / "features.json")
-    return booster.predict(transform.transform_table(table))
+    assert transform.derived, "the default bundle carries derived features (counts, click rates per code)"
+    return booster.predict(transform.derive(transform.transform_table(table)))
 
 
 def _to_tsv(table: pa.Table, path: Path) -> None:

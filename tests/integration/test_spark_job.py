@@ -66,6 +66,11 @@ def test_cli_spark_and_lightgbm_engines_agree(small_landing: Path, tmp_path: Pat
 
     local_features = (tmp_path / "local" / "features.json").read_bytes()
     assert (tmp_path / "spark" / "features.json").read_bytes() == local_features
+    # ... including the derived features' tables (rows and clicks per code, counted by Spark on every training row)
+    doc_features = json.loads(local_features)
+    assert doc_features["derived"] == ["count", "target"]
+    stats = doc_features["code_stats"]
+    assert sum(stats["rows"]["C1"]) == sum(stats["rows"]["C26"]) > 0 and sum(stats["clicks"]["C1"]) > 0
 
     staging = tmp_path / "home" / "staging"
     stage_day(str(small_landing), staging, tmp_path / "home" / "quarantine", HOLDOUT)

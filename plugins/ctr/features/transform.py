@@ -11,6 +11,14 @@ Feature vector (float64, 39 wide, in FEATURE_COLUMNS order):
 
 `transform_table` (vectorised, Arrow) and `FeatureTransform.row` (one dict, pure Python)
 produce bit-identical vectors; tests prove it.
+
+Derived features (the model's input past the 39 codes): with `code_stats` (per column and code,
+the training rows and clicks: codes 0..V-1, rare V, missing V+1, integers), `derive` appends per
+categorical column its training count and its smoothed click rate
+`(clicks + smoothing * prior) / (rows + smoothing)`. They are lookups from the codes, applied in one
+place after encoding (`derive` on a matrix, one gather; `derive_row` on a vector), so every encoder
+of codes gets them the same way. Training applies out-of-fold tables instead (`oof_tables`: a row's
+own fold never counts towards its statistic); serving applies the stored full tables.
 """
 
 from __future__ import annotations
@@ -28,9 +36,15 @@ import pyarrow.compute as pc
 
 from ctr.schema import CAT_COLUMNS, FEATURE_COLUMNS, INT_COLUMNS
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2                 # 2: optional code_stats (derived features); 1 still loads
+READABLE_SCHEMA_VERSIONS = (1, 2)
+DERIVED_KINDS = ("count", "target")  # the derived blocks, in feature order
+DEFAULT_DERIVED: tuple[str, ...] = ("count", "target")
+DEFAULT_SMOOTHING = 20.0
 N_FEATURES = len(FEATURE_COLUMNS)
 CAT_INDEX = [FEATURE_COLUMNS.index(c) for c in CAT_COLUMNS]  # positions of categorical features
+N_INT = len(INT_COLUMNS)
+assert CAT_INDEX == list(range(N_INT, N_FEATURES))  # derive() reads the codes as one slice
 
 
 class VocabCounter:
@@ -137,12 +151,24 @@ class FeatureTransform:
     max_vocab: int = 10_000
     notes: list[str] = field(default_factory=list)
     missing: str = "nan"
+    # per column, per code slot (0..V-1, rare V, missing V+1): training rows and clicks; None = no derived features
+    code_stats: dict[str, dict[str, list[int]]] | None = None
+    derived: tuple[str, ...] = ()
+    smoothing: float = DEFAULT_SMOOTHING
     _index: dict[str, dict[str, int]] = field(init=False, repr=False)
     _arrays: dict[str, pa.Array] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.missing not in MISSING_MODES:
             raise ValueError(f"missing={self.missing!r} is not one of {', '.join(MISSING_MODES)}")
+        self.derived = tuple(self.derived)
+        if any(k not in DERIVED_KINDS for k in self.derived) or len(set(self.derived)) != len(self.derived):
+            raise ValueError(f"derived={list(self.derived)!r}: each must be one of {', '.join(DERIVED_KINDS)}, once")
+        if self.derived and self.code_stats is None:
+            raise ValueError(f"derived features {list(self.derived)} need code_stats")
+        if not (math.isfinite(self.smoothing) and self.smoothing > 0):
+            raise ValueError(f"smoothing={self.smoothing!r} must be a positive number")
+        self._init_derived()
         self._index = {c: {v: i for i, v in enumerate(self.vocab[c])} for c in CAT_COLUMNS}
         self._arrays = {c: pa.array(self.vocab[c], type=pa.string()) for c in CAT_COLUMNS}
         # per categorical column: (index, rare code, missing code) for the single-row path
@@ -156,10 +182,151 @@ class FeatureTransform:
     def vocab_sizes(self) -> dict[str, int]:
         return {c: len(self.vocab[c]) for c in CAT_COLUMNS}
 
+    # ---- derived features (lookups from the codes) -------------------------------------
+    def _init_derived(self) -> None:
+        sizes = np.array([len(self.vocab[c]) + 2 for c in CAT_COLUMNS], dtype=np.intp)  # slots 0..V+1
+        self._slot_offset = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.intp)
+        self._missing_slot = (sizes - 1).astype(np.float64)  # V+1: where NaN (missing) codes look up
+        self._missing_slots = [int(v) for v in sizes - 1]
+        self._table = np.empty(0)
+        self._row_tables: list[list[float]] = []
+        if not self.derived:
+            return
+        assert self.code_stats is not None
+        for part in ("rows", "clicks"):
+            got = self.code_stats.get(part)
+            if not isinstance(got, dict):
+                raise ValueError(f"code_stats lacks {part!r}")
+            for c, size in zip(CAT_COLUMNS, sizes, strict=True):
+                if len(got.get(c, ())) != size:
+                    raise ValueError(f"code_stats {part} of {c} has {len(got.get(c, ()))} slots, expected {size} "
+                                     "(vocabulary size + rare + missing)")
+        rows = self._stat_array("rows")
+        clicks = self._stat_array("clicks")
+        self._table = self.tables(rows, clicks)
+        # the single-row path: per block, per column, the column's slots as a Python list
+        self._row_tables = [self._table[b, o:o + n].tolist() for b in range(len(self.derived))
+                            for o, n in zip(self._slot_offset, sizes, strict=True)]
+
+    def _stat_array(self, part: str) -> np.ndarray:
+        assert self.code_stats is not None
+        return np.concatenate([np.asarray(self.code_stats[part][c], dtype=np.int64) for c in CAT_COLUMNS])
+
+    def tables(self, rows: np.ndarray, clicks: np.ndarray, prior: float | None = None) -> np.ndarray:
+        """(len(derived), slots) float64 lookup tables from flat per-slot rows and clicks.
+
+        `prior` defaults to the click rate of the stored statistics, so out-of-fold tables shrink
+        towards the same prior as the served one."""
+        if prior is None:
+            prior = self.prior
+        out = np.empty((len(self.derived), len(rows)), dtype=np.float64)
+        for b, kind in enumerate(self.derived):
+            if kind == "count":
+                out[b] = rows.astype(np.float64)
+            else:
+                out[b] = (clicks + self.smoothing * prior) / (rows + self.smoothing)
+        return out
+
+    @property
+    def prior(self) -> float:
+        """The click rate of the training rows the statistics count (0.0 without statistics)."""
+        if self.code_stats is None:
+            return 0.0
+        c0 = CAT_COLUMNS[0]  # every row is in exactly one slot of every column
+        n = sum(self.code_stats["rows"][c0])
+        return sum(self.code_stats["clicks"][c0]) / n if n else 0.0
+
+    @property
+    def n_features(self) -> int:
+        """Width of the model's input: the 39 codes plus 26 per derived block."""
+        return N_FEATURES + len(self.derived) * len(CAT_COLUMNS)
+
+    @property
+    def feature_names(self) -> list[str]:
+        return FEATURE_COLUMNS + [f"{c}_{kind}" for kind in self.derived for c in CAT_COLUMNS]
+
+    def slots(self, x: np.ndarray) -> np.ndarray:
+        """Codes matrix (n, 39) -> flat table slot of every categorical (n, 26): NaN -> the missing slot."""
+        codes = x[:, N_INT:N_FEATURES]  # a view: the categoricals follow the integers (CAT_INDEX)
+        nan = np.isnan(codes)
+        if nan.any():
+            codes = np.where(nan, self._missing_slot, codes)
+        return codes.astype(np.intp) + self._slot_offset
+
+    def derive(self, x: np.ndarray, tables: np.ndarray | None = None, folds: np.ndarray | None = None) -> np.ndarray:
+        """Codes matrix (n, 39) -> the model's input (n, n_features): the codes, then the derived lookups.
+
+        Without derived features it returns `x` itself. `tables` (and per-row `folds`, indexing its first
+        axis) replace the stored tables: training's out-of-fold statistics (`oof_tables`)."""
+        if not self.derived:
+            return x
+        if x.ndim != 2 or x.shape[1] != N_FEATURES:
+            raise ValueError(f"codes matrix has shape {x.shape}, expected (n, {N_FEATURES})")
+        n, k = len(x), len(CAT_COLUMNS)
+        out = np.empty((n, self.n_features), dtype=np.float64)
+        out[:, :N_FEATURES] = x
+        slots = self.slots(x)
+        for b in range(len(self.derived)):
+            if tables is None:
+                table = self._table[b]
+                out[:, N_FEATURES + b * k:N_FEATURES + (b + 1) * k] = table[slots]
+            else:
+                assert folds is not None
+                out[:, N_FEATURES + b * k:N_FEATURES + (b + 1) * k] = tables[folds[:, None], b, slots]
+        return out
+
+    def derive_row(self, vec: list[float]) -> list[float]:
+        """One codes vector (39) -> the model's input; bit-identical to `derive` (pure Python)."""
+        if not self.derived:
+            return vec
+        slot = [m if v != v else int(v) for v, m in zip(vec[N_INT:], self._missing_slots, strict=True)]
+        return vec + list(map(list.__getitem__, self._row_tables, slot * len(self.derived)))
+
+    def count_slots(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows and clicks per flat slot of a codes matrix and its labels (int64; add them up per fold)."""
+        total = int(self._slot_offset[-1] + self._missing_slot[-1] + 1)
+        slots = self.slots(x).ravel()
+        yy = np.repeat(np.asarray(y, dtype=np.int64), len(CAT_COLUMNS))
+        rows = np.bincount(slots, minlength=total).astype(np.int64)
+        clicks = np.bincount(slots[yy == 1], minlength=total).astype(np.int64)
+        return rows, clicks
+
+    def with_stats(self, rows: np.ndarray, clicks: np.ndarray, derived: tuple[str, ...] = DEFAULT_DERIVED,
+                   smoothing: float = DEFAULT_SMOOTHING) -> FeatureTransform:
+        """This transform with derived features from flat per-slot rows and clicks (`count_slots`)."""
+        stats: dict[str, dict[str, list[int]]] = {"rows": {}, "clicks": {}}
+        for j, c in enumerate(CAT_COLUMNS):
+            o, n = int(self._slot_offset[j]), len(self.vocab[c]) + 2
+            stats["rows"][c] = [int(v) for v in rows[o:o + n]]
+            stats["clicks"][c] = [int(v) for v in clicks[o:o + n]]
+        return FeatureTransform(vocab=self.vocab, min_count=self.min_count, max_vocab=self.max_vocab, notes=self.notes,
+                                missing=self.missing, code_stats=stats, derived=derived, smoothing=smoothing)
+
+    def without_stats(self) -> FeatureTransform:
+        """The codes-only transform (the vocabulary and settings, no derived features)."""
+        return FeatureTransform(vocab=self.vocab, min_count=self.min_count, max_vocab=self.max_vocab, notes=self.notes,
+                                missing=self.missing)
+
+    def oof_tables(self, fold_rows: np.ndarray, fold_clicks: np.ndarray) -> np.ndarray:
+        """(folds, len(derived), slots) tables: fold f's statistics count every fold but f (the counts
+        count every row: they use no label). `fold_rows`/`fold_clicks` are (folds, slots)."""
+        total_rows, total_clicks = fold_rows.sum(axis=0), fold_clicks.sum(axis=0)
+        out = np.empty((len(fold_rows), len(self.derived), len(total_rows)), dtype=np.float64)
+        for f in range(len(fold_rows)):
+            out[f] = self.tables(total_rows - fold_rows[f], total_clicks - fold_clicks[f])
+            for b, kind in enumerate(self.derived):
+                if kind == "count":
+                    out[f, b] = total_rows.astype(np.float64)
+        return out
+
     # ---- persistence -------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if self.derived:
+            extra = {"derived": list(self.derived), "smoothing": self.smoothing, "code_stats": self.code_stats}
         return {
-            "schema_version": SCHEMA_VERSION,
+            **extra,
+            "schema_version": SCHEMA_VERSION if self.derived else 1,
             "int_columns": INT_COLUMNS,
             "cat_columns": CAT_COLUMNS,
             "missing": self.missing,
@@ -184,13 +351,15 @@ class FeatureTransform:
         """The transform from its parsed JSON document (ValueError naming `source` if unusable)."""
         if not isinstance(d, dict):
             raise ValueError(f"{source}: not a JSON object")
-        if d.get("schema_version") != SCHEMA_VERSION:
-            raise ValueError(f"{source}: features schema_version {d.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+        if d.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
+            raise ValueError(f"{source}: features schema_version {d.get('schema_version')!r}, expected one of "
+                             f"{list(READABLE_SCHEMA_VERSIONS)}")
         missing = [c for c in CAT_COLUMNS if c not in d.get("vocab", {})]
         if missing:
             raise ValueError(f"{source}: vocabulary lacks columns {missing}")
         return cls(vocab=d["vocab"], min_count=d["min_count"], max_vocab=d["max_vocab"], notes=d.get("notes", []),
-                   missing=d.get("missing", "nan"))
+                   missing=d.get("missing", "nan"), code_stats=d.get("code_stats"), derived=tuple(d.get("derived", ())),
+                   smoothing=float(d.get("smoothing", DEFAULT_SMOOTHING)))
 
     @classmethod
     def fit(cls, tables: Iterable[pa.Table], min_count: int = 10, max_vocab: int = 10_000,

@@ -233,8 +233,9 @@ class Bundle:
             if not isinstance(reg, dict) or "version" not in reg:
                 raise BundleError(f"{p / 'registry.json'} needs a version")
             metadata = {**metadata, "model_version": str(reg["version"]), "model_name": reg.get("name")}
-        if booster.num_feature() != len(INT_COLUMNS) + len(CAT_COLUMNS):
-            raise BundleError(f"{p / 'model.txt'} expects {booster.num_feature()} features, not 39")
+        if booster.num_feature() != transform.n_features:
+            raise BundleError(f"{p / 'model.txt'} expects {booster.num_feature()} features, but features.json gives "
+                              f"{transform.n_features} (39 codes + {transform.n_features - 39} derived)")
         digest = _digest_of(files["model.txt"], files["features.json"])
         raw_version = metadata.get("model_version")
         version = check_version(str(raw_version), str(p / "metadata.json")) if raw_version else digest[:12]
@@ -252,9 +253,11 @@ class Bundle:
 
     # ---- prediction ------------------------------------------------------------------
     def predict_matrix(self, x: np.ndarray, num_threads: int = 0) -> np.ndarray:
+        """Codes matrix (n, 39; every encoder's output) -> probabilities; the derived features are
+        added here (`FeatureTransform.derive`), the one place between the codes and the booster."""
         if len(x) == 0:
             return np.empty(0, dtype=np.float64)
-        return self.booster.predict(x, num_threads=num_threads)
+        return self.booster.predict(self.transform.derive(x), num_threads=num_threads)
 
     def predict_table(self, table: pa.Table) -> np.ndarray:
         return self.predict_matrix(self.transform.transform_table(table))

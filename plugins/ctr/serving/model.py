@@ -72,7 +72,8 @@ class ServedModel:
     # ---- scoring (the numbers are the Bundle's; see predictors.py and encoders.py) ------------------------------
     def predict_rows(self, rows: list[dict[str, Any]]) -> np.ndarray:
         if len(rows) == 1 and self.single is not None:
-            return np.array([self.single.predict(self.bundle.transform.row(rows[0]))])
+            t = self.bundle.transform
+            return np.array([self.single.predict(t.derive_row(t.row(rows[0])))])
         return self.bundle.predict_rows(rows)
 
     def encode_tsv(self, body: bytes) -> np.ndarray | None:
@@ -91,16 +92,18 @@ class ServedModel:
         return self.bundle.transform.rows_matrix(check_rows(rows)) if x is None else x
 
     def predict_matrix(self, x: np.ndarray) -> np.ndarray:
-        """One thread per call: the service runs two calls at once rather than one on two threads."""
+        """Codes matrix -> probabilities, one thread per call: the service runs two calls at once rather
+        than one on two threads. The derived features are added here (`FeatureTransform.derive`)."""
         if self.batch is not None:
-            return self.batch.predict(x)
+            return self.batch.predict(self.bundle.transform.derive(x))
         return self.bundle.predict_matrix(x, num_threads=1)
 
 
 def _verified_single(bundle: Bundle, rows: list[dict[str, Any]], want: np.ndarray) -> SingleRowPredictor | None:
     try:
-        single = SingleRowPredictor(bundle.booster)
-        got = np.array([single.predict(bundle.transform.row(r)) for r in rows])
+        t = bundle.transform
+        single = SingleRowPredictor(bundle.booster, t.n_features)
+        got = np.array([single.predict(t.derive_row(t.row(r))) for r in rows])
     except Exception as e:  # the fast path is an optimisation; the Bundle's own path always works
         log.warning("single-row fast path off for %s: %s", bundle.path, e)
         return None
@@ -112,9 +115,9 @@ def _verified_single(bundle: Bundle, rows: list[dict[str, Any]], want: np.ndarra
 
 def _verified_batch(bundle: Bundle, rows: list[dict[str, Any]], want: np.ndarray) -> BatchPredictor | None:
     try:
-        batch = BatchPredictor(bundle.booster)
+        batch = BatchPredictor(bundle.booster, bundle.transform.n_features)
         x = bundle.transform.rows_matrix(rows)
-        got = batch.predict(x)
+        got = batch.predict(bundle.transform.derive(x))
         ref = bundle.predict_matrix(x, num_threads=1)
     except Exception as e:
         log.warning("batch fast path off for %s: %s", bundle.path, e)

@@ -12,7 +12,7 @@ one chunk, never a matrix of all rows.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import lightgbm as lgb
@@ -33,16 +33,20 @@ class EncodedChunks:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.sizes: list[int] = []
         self._labels: list[np.ndarray] = []
+        self._folds: list[np.ndarray] = []
         self._cached: tuple[int, np.ndarray] | None = None
+        # codes (n x 39) + each row's fold -> the model's input (FeatureTransform.derive); None = the codes
+        self.derive: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
 
-    def append(self, x: np.ndarray, y: np.ndarray) -> None:
-        """Store one encoded chunk (float64, n x 39) and its labels."""
+    def append(self, x: np.ndarray, y: np.ndarray, folds: np.ndarray | None = None) -> None:
+        """Store one encoded chunk (float64, n x 39), its labels and its rows' folds (for out-of-fold statistics)."""
         i = len(self.sizes)
         with open(self.dir / f"chunk-{i:06d}.bin", "wb") as f:
             np.ascontiguousarray(x[:, :N_INT]).tofile(f)
             x[:, N_INT:].astype(np.float32).tofile(f)
         self.sizes.append(len(x))
         self._labels.append(np.asarray(y, dtype=np.float32))
+        self._folds.append(np.zeros(len(x), dtype=np.intp) if folds is None else np.asarray(folds, dtype=np.intp))
 
     @property
     def rows(self) -> int:
@@ -55,7 +59,8 @@ class EncodedChunks:
         return np.concatenate(self._labels) if self._labels else np.empty(0, dtype=np.float32)
 
     def load(self, i: int) -> np.ndarray:
-        """Chunk i as the float64 matrix the transform produced (cached: LightGBM reads in order)."""
+        """Chunk i as the float64 matrix the transform produced, derived features appended by `derive`
+        (cached: LightGBM reads in order)."""
         if self._cached is not None and self._cached[0] == i:
             return self._cached[1]
         n = self.sizes[i]
@@ -65,6 +70,8 @@ class EncodedChunks:
         x = np.empty((n, N_INT + N_CAT), dtype=np.float64)
         x[:, :N_INT] = ints
         x[:, N_INT:] = cats
+        if self.derive is not None:
+            x = self.derive(x, self._folds[i])
         self._cached = (i, x)
         return x
 

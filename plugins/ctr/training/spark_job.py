@@ -7,7 +7,9 @@ path's rule rather than re-implementing it:
   * validation: `ctr.data.reader.parse_lines` on every partition (mapInArrow), so bad-row reasons
     and counts equal `check_data`'s; day checks are `ctr.data.checks.problems`;
   * vocabularies: value counts aggregated by Spark, then `ctr.features.transform.select_vocabulary` and
-    `FeatureTransform(...).save`, so features.json is byte-identical to the local path's;
+    `FeatureTransform(...).save`, so features.json is byte-identical to the local path's; the derived
+    features' rows and clicks per code are a Spark aggregation too (`code_stats`), over the rows the
+    local path counts them on (`spark` engine only; `synapseml` trains on the codes alone);
   * training: engine `lightgbm` (driver-side LightGBM over Arrow batches, params from
     `ctr.training.trainer.TrainConfig`) or `synapseml` (see ctr.training.synapseml);
   * evaluation on the holdout day: scored on the executors, `ctr.validation.metrics.compare` +
@@ -39,7 +41,7 @@ import ctr
 from ctr.data.landing import DATA_SUFFIXES, DayReport, FileStamp, LandingZoneError, daterange, files_digest
 from ctr.data.reader import Layout, parse_lines
 from ctr.features.transform import CAT_INDEX, FeatureTransform, VocabCounter
-from ctr.schema import ALL_COLUMNS, ARROW_SCHEMA, CAT_COLUMNS, FEATURE_COLUMNS, LABEL
+from ctr.schema import ALL_COLUMNS, ARROW_SCHEMA, CAT_COLUMNS, LABEL
 from ctr.settings import Settings
 from ctr.training.trainer import TrainConfig, TrainingError
 
@@ -267,6 +269,40 @@ def fit_vocabulary(fit_df, min_count: int, max_vocab: int) -> FeatureTransform:
     return FeatureTransform(vocab=vocab, min_count=min_count, max_vocab=max_vocab, notes=counter.notes(vocab))
 
 
+def code_stats(stats_df, transform: FeatureTransform, cfg: TrainConfig) -> FeatureTransform:
+    """The transform with its derived features from a Spark aggregation of `stats_df`: per column and
+    code the rows and clicks (vocabulary values joined to their codes; rare = the column's non-missing
+    rest, missing = its nulls), the integers `FeatureTransform.with_stats` takes from the local path."""
+    from pyspark.sql import functions as F
+
+    spark = stats_df.sparkSession
+    vocab_rows = [(c, v, i) for c in CAT_COLUMNS for i, v in enumerate(transform.vocab[c])]
+    vdf = spark.createDataFrame(vocab_rows, "col string, value string, code int")
+    kv = F.explode(F.array(*[F.struct(F.lit(c).alias("col"), F.col(c).alias("value")) for c in CAT_COLUMNS]))
+    label = F.col(LABEL).cast("long")
+    pairs = stats_df.select(label.alias("y"), kv.alias("kv")).select("y", "kv.col", "kv.value")
+    per_code = (pairs.join(F.broadcast(vdf), ["col", "value"]).groupBy("col", "code")
+                .agg(F.count(F.lit(1)).alias("n"), F.sum("y").alias("clicks")).collect())
+    tot = stats_df.agg(F.count(F.lit(1)).alias("rows"), F.sum(label).alias("clicks"),
+                       *[F.sum(F.col(c).isNull().cast("long")).alias(f"{c}_null") for c in CAT_COLUMNS],
+                       *[F.sum(F.when(F.col(c).isNull(), label).otherwise(0)).alias(f"{c}_null_clicks")
+                         for c in CAT_COLUMNS]).collect()[0]
+    sizes = [len(transform.vocab[c]) + 2 for c in CAT_COLUMNS]
+    offset = dict(zip(CAT_COLUMNS, np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist(), strict=True))
+    rows, clicks = np.zeros(sum(sizes), np.int64), np.zeros(sum(sizes), np.int64)
+    for r in per_code:
+        rows[offset[r["col"]] + r["code"]] = int(r["n"])
+        clicks[offset[r["col"]] + r["code"]] = int(r["clicks"] or 0)
+    n, k = int(tot["rows"]), int(tot["clicks"] or 0)
+    for c, size in zip(CAT_COLUMNS, sizes, strict=True):
+        o, v = offset[c], size - 2
+        null, null_clicks = int(tot[f"{c}_null"] or 0), int(tot[f"{c}_null_clicks"] or 0)
+        rows[o + v + 1], clicks[o + v + 1] = null, null_clicks
+        rows[o + v] = n - null - int(rows[o:o + v].sum())
+        clicks[o + v] = k - null_clicks - int(clicks[o:o + v].sum())
+    return transform.with_stats(rows, clicks, cfg.derived, cfg.target_smoothing)
+
+
 # ---- train/validation split (ctr.training.trainer.split_validation's rule, in Spark) ---------------------
 def split_train_valid(good, days: list[dt.date], cfg: TrainConfig):
     """(train_df, valid_df): the last day validates; one day splits at its last tenth (file/line order)."""
@@ -302,9 +338,15 @@ def to_arrow(df) -> pa.Table:
 
 
 # ---- engines -----------------------------------------------------------------------------------
-def train_lightgbm(train_t: pa.Table, valid_t: pa.Table, transform: FeatureTransform, cfg: TrainConfig):
-    """Driver-side LightGBM with ctr.training.trainer's parameters; returns (booster, best_iteration, valid AUC, logloss)."""
+def train_lightgbm(train_t: pa.Table, valid_t: pa.Table, transform: FeatureTransform, cfg: TrainConfig,
+                   day_rows: list[int] | None = None):
+    """Driver-side LightGBM with ctr.training.trainer's parameters, derived features (out-of-fold on the
+    training rows, folds by `ctr.training.trainer.fold_of_rows` of `day_rows`, the training rows per day)
+    and refit as the local path does; returns (booster, best_iteration, valid AUC, logloss, trees, served
+    transform)."""
     import lightgbm as lgb
+
+    from ctr.training.trainer import SINGLE_DAY_FOLDS, FoldStats, fold_of_rows
 
     x_tr = transform.transform_table(train_t)
     y_tr = train_t.column(LABEL).to_numpy().astype(np.float64)
@@ -312,8 +354,26 @@ def train_lightgbm(train_t: pa.Table, valid_t: pa.Table, transform: FeatureTrans
     y_va = valid_t.column(LABEL).to_numpy().astype(np.float64)
     if len(np.unique(y_tr)) < 2:
         raise TrainingError(f"training rows of {cfg.start}..{cfg.end} hold a single class; cannot train a click model")
-    dtrain = lgb.Dataset(x_tr, y_tr, feature_name=FEATURE_COLUMNS, categorical_feature=CAT_INDEX, free_raw_data=True)
-    dvalid = lgb.Dataset(x_va, y_va, reference=dtrain)
+    day_rows = day_rows or [len(y_tr)]
+    n_folds = len(day_rows) if len(day_rows) >= 2 else SINGLE_DAY_FOLDS
+    f_tr, f_va = fold_of_rows(day_rows), np.full(len(y_va), n_folds, dtype=np.intp)
+    stats = FoldStats.empty(n_folds + 1, transform)
+    stats.add(transform, x_tr, y_tr.astype(np.int64), f_tr)
+    stats.add(transform, x_va, y_va.astype(np.int64), f_va)
+
+    def derived(n: int) -> tuple[FeatureTransform, np.ndarray]:
+        if not cfg.derived:
+            return transform, np.empty(0)
+        rows, clicks = stats.rows[:n], stats.clicks[:n]
+        full = transform.with_stats(rows.sum(axis=0), clicks.sum(axis=0), cfg.derived, cfg.target_smoothing)
+        return full, full.oof_tables(rows, clicks)
+
+    served, oof = derived(n_folds)
+    d_tr = served.derive(x_tr, oof, f_tr) if cfg.derived else x_tr
+    d_va = served.derive(x_va)
+    names = served.feature_names
+    dtrain = lgb.Dataset(d_tr, y_tr, feature_name=names, categorical_feature=CAT_INDEX, free_raw_data=True)
+    dvalid = lgb.Dataset(d_va, y_va, reference=dtrain)
     evals: dict[str, Any] = {}
     booster = lgb.train(cfg.lgb_params(), dtrain, num_boost_round=cfg.rounds, valid_sets=[dvalid], valid_names=["valid"],
                         callbacks=[lgb.early_stopping(cfg.early_stopping, first_metric_only=True, verbose=False),
@@ -322,7 +382,18 @@ def train_lightgbm(train_t: pa.Table, valid_t: pa.Table, transform: FeatureTrans
     valid = evals.get("valid", {})
     valid_auc = valid.get("auc", [None] * best)[best - 1]
     valid_logloss = valid.get("binary_logloss", [None] * best)[best - 1]
-    return booster, int(best), valid_auc, valid_logloss
+    trees = best
+    if cfg.refit:  # the local path's refit: every row, the validation rows one more fold, trees scaled by rows
+        served, oof = derived(n_folds + 1)
+        x_all = np.vstack([x_tr, x_va])
+        f_all = np.concatenate([f_tr, f_va])
+        d_all = served.derive(x_all, oof, f_all) if cfg.derived else x_all
+        trees = max(1, round(best * (len(y_tr) + len(y_va)) / len(y_tr)))
+        params = {k: v for k, v in cfg.lgb_params().items() if k != "metric"}
+        booster = lgb.train(params, lgb.Dataset(d_all, np.concatenate([y_tr, y_va]), feature_name=names,
+                                                categorical_feature=CAT_INDEX, free_raw_data=True),
+                            num_boost_round=trees)
+    return booster, int(best), valid_auc, valid_logloss, int(trees), served
 
 
 # ---- scoring on the executors --------------------------------------------------------------------
@@ -332,8 +403,7 @@ def _scorer(model_str: str, features: dict[str, Any]):
 
         from ctr.model.bundle import Bundle
 
-        transform = FeatureTransform(vocab=features["vocab"], min_count=features["min_count"],
-                                     max_vocab=features["max_vocab"], notes=features.get("notes", []))
+        transform = FeatureTransform.from_json(features)  # with its derived-feature tables
         b = Bundle(path=Path("."), booster=lgb.Booster(model_str=model_str), transform=transform, metadata={}, digest="")
         for rb in batches:
             t = pa.Table.from_batches([rb])
@@ -460,19 +530,36 @@ def run_job(spark, a: JobArgs) -> dict[str, Any]:
         bundle = work / "model"
         bundle.mkdir()
         t2 = time.monotonic()
+        refit_info: dict[str, Any] = {}
         if a.engine == "lightgbm":
             train_t, valid_t = to_arrow(train_df), to_arrow(valid_df)
             if train_t.num_rows == 0:
                 raise TrainingError(f"no rows to train on in days {a.start}..{a.end} under {a.data}")
             log.info("train rows=%d valid rows=%d (driver-side LightGBM over Arrow)", train_t.num_rows, valid_t.num_rows)
-            booster, best, valid_auc, valid_logloss = train_lightgbm(train_t, valid_t, transform, cfg)
+            day_rows = [int(r["count"]) for r in train_df.groupBy("day").count().orderBy("day").collect()] \
+                if len(train_days) >= 2 else [train_t.num_rows]
+            booster, best, valid_auc, valid_logloss, trees, served = train_lightgbm(train_t, valid_t, transform, cfg,
+                                                                                   day_rows)
+            if cfg.derived:  # the bundle's tables: Spark's aggregation, which must equal the driver's counts
+                # the rows the driver trained on (sampled ones when sample_fraction < 1)
+                transform = code_stats(train_df.unionByName(valid_df) if cfg.refit else train_df, transform, cfg)
+                if transform.code_stats != served.code_stats:
+                    raise TrainingError("the Spark aggregation of the derived features' rows/clicks per code differs "
+                                        "from the driver's count of the same rows; refusing an inconsistent bundle")
             trees_built = booster.current_iteration()
-            booster.save_model(str(bundle / "model.txt"), num_iteration=best)
+            if cfg.refit:
+                refit_info = {"refit": {"rows": train_t.num_rows + valid_t.num_rows, "trees": trees,
+                                        "rule": "best_iteration x (training + validation rows) / training rows"}}
+            booster.save_model(str(bundle / "model.txt"), num_iteration=trees)
             n_train, n_valid, sample = train_t.num_rows, valid_t.num_rows, valid_t
             click_rate = float(np.concatenate([train_t.column(LABEL).to_numpy(), valid_t.column(LABEL).to_numpy()]).mean())
             params: dict[str, Any] = cfg.lgb_params()
         else:
             from ctr.training.synapseml import train_synapseml
+
+            if cfg.derived or cfg.refit:
+                log.warning("engine synapseml trains on the 39 codes alone: no derived features (%s) and no refit; "
+                            "--engine spark or lightgbm train the default model", ", ".join(cfg.derived) or "none")
 
             cores = a.executor_cores or executor_cores(spark)
             res = train_synapseml(spark, train_df, valid_df, transform, cfg, cores, f"{a.out.rstrip('/')}/_synapseml")
@@ -494,7 +581,7 @@ def run_job(spark, a: JobArgs) -> dict[str, Any]:
                 "ctr_location": str(Path(ctr.__file__).parent), "spark_master": spark.sparkContext.master,
                 "data_report": {r.day: {"rows_in": r.rows_in, "rows_ok": r.rows_ok} for r in reports},
                 **({"holdout_fingerprint": {a.holdout.isoformat(): fingerprints[a.holdout.isoformat()]}} if a.holdout else {}),
-                **a.metadata})
+                **refit_info, **a.metadata})
         finalize_bundle(bundle, sample, metadata)
 
         # 4. evaluate on the holdout day, on the executors

@@ -27,20 +27,27 @@ import numpy as np
 import pyarrow as pa
 
 from ctr.data.landing import daterange, read_staged, staged_fingerprints
-from ctr.features.transform import CAT_INDEX, FeatureTransform
+from ctr.features.transform import (
+    CAT_INDEX,
+    DEFAULT_DERIVED,
+    DEFAULT_SMOOTHING,
+    DERIVED_KINDS,
+    FeatureTransform,
+)
 from ctr.features.vocab_spill import SpillingVocabCounter
 from ctr.model.bundle import bundle_metadata, finalize_bundle
-from ctr.schema import FEATURE_COLUMNS, INT_COLUMNS, LABEL
+from ctr.schema import INT_COLUMNS, LABEL
 
 if TYPE_CHECKING:
     from ctr.training.chunks import EncodedChunks
 
 log = logging.getLogger(__name__)
 
-# Measured on generated data (docs/training.md): LightGBM's own categorical defaults
-# (min_data_per_group=100, max_cat_threshold=32, no bagging, no L2 on leaves) with 64 leaves,
-# small leaves and a slower learning rate beat the earlier tighter settings (AUC 0.7642 vs 0.7556
-# on 4 x 200k rows); `lgb_params` from the DAG overrides any of these.
+# Measured on generated data (docs/training.md, issue 16): with the derived features (count and
+# smoothed click rate per code) carrying the per-value signal, heavy regularisation of LightGBM's own
+# categorical splits (at most 4 categories on a side, cat_smooth 200, 1,000 rows per group) beat its
+# defaults (32 / 10 / 100) by about 0.02 AUC on 4 x 100k rows; 64 leaves, small leaves, no bagging,
+# no L2 on leaves. `lgb_params` from the DAG overrides any of these.
 DEFAULT_PARAMS: dict[str, Any] = {
     "objective": "binary",
     "metric": ["binary_logloss", "auc"],  # the first one drives early stopping
@@ -50,18 +57,19 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "feature_fraction": 0.8,
     "lambda_l2": 0.0,
     "max_bin": 255,
-    "cat_smooth": 10.0,
+    "cat_smooth": 200.0,
     "cat_l2": 10.0,
-    "max_cat_threshold": 32,
-    "min_data_per_group": 100,
+    "max_cat_threshold": 4,
+    "min_data_per_group": 1000,
     "deterministic": True,
     "force_row_wise": True,
     "verbosity": -1,
 }
-DEFAULT_ROUNDS = 400
+DEFAULT_ROUNDS = 1000  # a ceiling: early stopping ends training (~450 trees on 4 x 100k rows)
 EARLY_STOPPING = 30
 DEFAULT_MIN_COUNT = 10
 DEFAULT_MAX_VOCAB = 10_000
+SINGLE_DAY_FOLDS = 4  # a one-day range's training rows: out-of-fold statistics over 4 contiguous blocks
 PROGRESS_EVERY = 25  # trees between progress log lines
 ROUNDS_ALIASES = ("num_iterations", "num_iteration", "n_iter", "num_tree", "num_trees", "num_round", "num_rounds",
                   "nrounds", "num_boost_round", "n_estimators", "max_iter")
@@ -89,12 +97,16 @@ class TrainConfig:
     min_count: int = DEFAULT_MIN_COUNT
     max_vocab: int = DEFAULT_MAX_VOCAB
     missing: str = "nan"              # categorical missing: NaN or its own code (ctr.features.transform)
+    refit: bool = True                # after early stopping, retrain on training + validation rows
+    derived: tuple[str, ...] = DEFAULT_DERIVED  # derived features per categorical (count, target); () = none
+    target_smoothing: float = DEFAULT_SMOOTHING  # prior weight of the smoothed click rate per code
     params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         """The DAG passes one object of training overrides (`lgb_params`); besides LightGBM's own
         parameters it may set the number of trees (`num_iterations` or an alias -> `rounds`), early
-        stopping (`early_stopping_round` -> `early_stopping`) and the vocabulary (`max_vocab`, `min_count`)."""
+        stopping (`early_stopping_round` -> `early_stopping`), the vocabulary (`max_vocab`, `min_count`) and
+        the derived features (`derived`: a list of "count"/"target", `target_smoothing`) and `refit`."""
         params = dict(self.params)
         for key in ROUNDS_ALIASES:
             if key in params:
@@ -105,6 +117,13 @@ class TrainConfig:
         for key in ("max_vocab", "min_count"):
             if key in params:
                 setattr(self, key, int(params.pop(key)))
+        if "derived" in params:
+            self.derived = tuple(params.pop("derived") or ())
+        if "refit" in params:
+            self.refit = bool(params.pop("refit"))
+        if "target_smoothing" in params:
+            self.target_smoothing = float(params.pop("target_smoothing"))
+        self.derived = tuple(self.derived)
         self.params = params
 
     def lgb_params(self) -> dict[str, Any]:
@@ -120,6 +139,10 @@ class TrainConfig:
             raise TrainingError(f"sample_fraction={self.sample_fraction} must be in (0, 1]")
         if self.rounds < 1:
             raise TrainingError(f"rounds={self.rounds} must be at least 1")
+        if any(k not in DERIVED_KINDS for k in self.derived) or len(set(self.derived)) != len(self.derived):
+            raise TrainingError(f"derived={list(self.derived)!r}: each must be one of {', '.join(DERIVED_KINDS)}, once")
+        if not self.target_smoothing > 0:
+            raise TrainingError(f"target_smoothing={self.target_smoothing} must be > 0")
         if self.min_count < 1 or self.max_vocab < 0:
             raise TrainingError(f"min_count={self.min_count} must be >= 1 and max_vocab={self.max_vocab} >= 0")
         for key in ("seed", "num_threads", "deterministic"):
@@ -150,28 +173,77 @@ class Split:
     fraction: float
     seed: int
     single_day_cut: int | None = None   # one-day range: rows before this index train
+    train_rows: int | None = None       # training rows (pass 1 counts them; one-fit-day folds need it)
 
     def chunks(self) -> Iterator[tuple[str, pa.Table]]:
+        for role, _, t in self._chunks(folds=False):
+            yield role, t
+
+    def folded_chunks(self) -> Iterator[tuple[str, np.ndarray, pa.Table]]:
+        """(role, each row's fold, chunk), for the out-of-fold statistics of the derived features: the
+        training rows' folds by `fold_of_rows` (needs `train_rows`, which pass 1 sets); validation rows
+        are fold 0 here (the caller numbers them)."""
+        if self.train_rows is None:
+            raise RuntimeError("Split.train_rows is unknown: count the rows (pass 1) before asking for folds")
+        for role, folds, t in self._chunks(folds=True):
+            assert folds is not None
+            yield role, folds, t
+
+    def _chunks(self, folds: bool) -> Iterator[tuple[str, np.ndarray | None, pa.Table]]:
+        fold_ids = fold_of_rows(self.fit_day_rows()) if folds and len(self.days) < 3 else None
+        pos = 0
+
+        def train_folds(i: int, k: int) -> np.ndarray | None:
+            if not folds:
+                return None
+            return np.full(k, i, dtype=np.intp) if fold_ids is None else fold_ids[pos:pos + k]
+
+        def zeros(k: int) -> np.ndarray | None:
+            return np.zeros(k, dtype=np.intp) if folds else None
+
         if len(self.days) >= 2:
-            for d in self.days[:-1]:
+            for i, d in enumerate(self.days[:-1]):
                 for t in day_chunks(self.staging, d, self.fraction, self.seed):
-                    yield "train", t
+                    yield "train", train_folds(i, t.num_rows), t
+                    pos += t.num_rows
             for t in day_chunks(self.staging, self.days[-1], self.fraction, self.seed):
-                yield "valid", t
+                yield "valid", zeros(t.num_rows), t
             return
         assert self.single_day_cut is not None
-        pos = 0
+        seen = 0
         for t in day_chunks(self.staging, self.days[0], self.fraction, self.seed):
-            k = max(0, min(t.num_rows, self.single_day_cut - pos))
+            k = max(0, min(t.num_rows, self.single_day_cut - seen))
             if k:
-                yield "train", t.slice(0, k)
+                yield "train", train_folds(0, k), t.slice(0, k)
+                pos += k
             if k < t.num_rows:
-                yield "valid", t.slice(k)
-            pos += t.num_rows
+                yield "valid", zeros(t.num_rows - k), t.slice(k)
+            seen += t.num_rows
+
+    def fit_day_rows(self) -> list[int]:
+        """Training rows per fit day as `fold_of_rows` needs them; with one fit day only its total matters."""
+        if len(self.days) >= 3:
+            raise ValueError("per-day folds need no row counts")
+        assert self.train_rows is not None
+        return [self.train_rows]
+
+    @property
+    def n_folds(self) -> int:
+        return len(self.days) - 1 if len(self.days) >= 3 else SINGLE_DAY_FOLDS
 
     @property
     def valid_days(self) -> str:
         return f"{self.days[-1]}" + (" (last tenth)" if len(self.days) == 1 else "")
+
+
+def fold_of_rows(day_rows: list[int]) -> np.ndarray:
+    """The fold of every training row, given the rows of each fit day in order (the rule the local path
+    and the Spark job share): its day when there are two or more fit days, else one of
+    SINGLE_DAY_FOLDS contiguous blocks of the one fit day (a one- or two-day range)."""
+    if len(day_rows) >= 2:
+        return np.repeat(np.arange(len(day_rows), dtype=np.intp), day_rows)
+    n = day_rows[0] if day_rows else 0
+    return (np.arange(n, dtype=np.int64) * SINGLE_DAY_FOLDS // max(n, 1)).astype(np.intp)
 
 
 def plan_split(staging: Path, cfg: TrainConfig) -> Split:
@@ -204,20 +276,65 @@ def count_vocabulary(split: Split, spill: Path | None = None) -> tuple[SpillingV
     return counter, rows, empty_ints
 
 
-def encode(split: Split, transform: FeatureTransform, spill: Path) -> tuple[dict[str, EncodedChunks], pa.Table | None]:
+@dataclass
+class FoldStats:
+    """Rows and clicks per fold and flat code slot (FeatureTransform.count_slots); shared by the local
+    path and the Spark job's driver-side training."""
+
+    rows: np.ndarray    # (folds, slots) int64
+    clicks: np.ndarray  # (folds, slots) int64
+
+    @classmethod
+    def empty(cls, folds: int, transform: FeatureTransform) -> FoldStats:
+        slots = sum(len(transform.vocab[c]) + 2 for c in transform.vocab)
+        return cls(np.zeros((folds, slots), np.int64), np.zeros((folds, slots), np.int64))
+
+    def add(self, transform: FeatureTransform, x: np.ndarray, y: np.ndarray, folds: np.ndarray) -> None:
+        """Count a codes matrix's rows and clicks into their folds."""
+        for f in np.unique(folds):
+            rows, clicks = transform.count_slots(x[folds == f], y[folds == f])
+            self.rows[f] += rows
+            self.clicks[f] += clicks
+
+
+def encode(split: Split, transform: FeatureTransform, spill: Path) -> tuple[dict[str, EncodedChunks], pa.Table | None, FoldStats]:
     """Pass 2: each chunk -> the serving transform -> a spill file under `spill`; the first
-    validation rows are kept (raw) for the bundle's probe."""
+    validation rows are kept (raw) for the bundle's probe; the codes are counted per fold for the
+    derived features (training folds 0..n_folds-1, the validation rows fold n_folds)."""
     from ctr.training.chunks import EncodedChunks
 
     out = {role: EncodedChunks(spill / role) for role in ("train", "valid")}
     head = None
-    for role, t in split.chunks():
+    stats = FoldStats.empty(split.n_folds + 1, transform)
+    for role, folds, t in split.folded_chunks():
         if t.num_rows == 0:
             continue
         if role == "valid" and head is None:
             head = t.slice(0, 16)
-        out[role].append(transform.transform_table(t), t.column(LABEL).to_numpy())
-    return out, head
+        x, y = transform.transform_table(t), t.column(LABEL).to_numpy()
+        if role == "valid":
+            folds = folds + split.n_folds  # the validation rows are one more fold (the refit's)
+        out[role].append(x, y, folds)
+        stats.add(transform, x, y, folds)
+    return out, head, stats
+
+
+def add_derived(transform: FeatureTransform, stats: FoldStats, enc: dict[str, EncodedChunks],
+                cfg: TrainConfig, refit: bool = False) -> FeatureTransform:
+    """The transform with its derived-feature tables, and the chunks' lookups set.
+
+    Early stopping (`refit=False`): tables of the training rows; training rows get their out-of-fold
+    statistics, validation rows the tables (as tomorrow's rows will). The refit: tables of all rows,
+    every row (the validation day is one more fold) its out-of-fold statistics."""
+    if not cfg.derived:
+        return transform
+    n = len(stats.rows) if refit else len(stats.rows) - 1
+    rows, clicks = stats.rows[:n], stats.clicks[:n]
+    full = transform.with_stats(rows.sum(axis=0), clicks.sum(axis=0), cfg.derived, cfg.target_smoothing)
+    oof = full.oof_tables(rows, clicks)
+    enc["train"].derive = lambda x, folds: full.derive(x, oof, folds)
+    enc["valid"].derive = (lambda x, folds: full.derive(x, oof, folds)) if refit else (lambda x, folds: full.derive(x))
+    return full
 
 
 def _progress(every: int, built: list[int]) -> Callable[[Any], None]:
@@ -264,6 +381,7 @@ def _vocabulary(split: Split, cfg: TrainConfig, spill: Path, staging: Path) -> t
     t0 = time.monotonic()
     days = split.days
     counter, rows, empty_ints = count_vocabulary(split, spill)
+    split.train_rows = rows["train"]
     if rows["train"] == 0 or rows["valid"] == 0:
         empty = _row_count_problems(split)
         raise TrainingError(
@@ -282,15 +400,16 @@ def _vocabulary(split: Split, cfg: TrainConfig, spill: Path, staging: Path) -> t
     return transform, notes
 
 
-def _datasets(enc: dict[str, EncodedChunks], y_tr: np.ndarray, y_va: np.ndarray, params: dict[str, Any]) -> tuple[Any, Any]:
+def _datasets(enc: dict[str, EncodedChunks], y_tr: np.ndarray, y_va: np.ndarray, params: dict[str, Any],
+              names: list[str]) -> tuple[Any, Any]:
     """LightGBM's binned train/valid Datasets from the spilled chunks (in memory when small, else Sequences)."""
     import lightgbm as lgb
 
-    in_memory = (len(y_tr) + len(y_va)) * len(FEATURE_COLUMNS) * 8 <= int(os.environ.get(IN_MEMORY_ENV, IN_MEMORY_MAX_BYTES))
+    in_memory = (len(y_tr) + len(y_va)) * len(names) * 8 <= int(os.environ.get(IN_MEMORY_ENV, IN_MEMORY_MAX_BYTES))
     source = (lambda c: list(c.matrices())) if in_memory else (lambda c: c.sequences())
-    dtrain = lgb.Dataset(source(enc["train"]), y_tr, feature_name=FEATURE_COLUMNS, categorical_feature=CAT_INDEX,
+    dtrain = lgb.Dataset(source(enc["train"]), y_tr, feature_name=names, categorical_feature=CAT_INDEX,
                          free_raw_data=True, params=params)
-    dvalid = lgb.Dataset(source(enc["valid"]), y_va, reference=dtrain, feature_name=FEATURE_COLUMNS,
+    dvalid = lgb.Dataset(source(enc["valid"]), y_va, reference=dtrain, feature_name=names,
                          categorical_feature=CAT_INDEX, params=params)
     t_ds = time.monotonic()
     dtrain.construct()
@@ -322,31 +441,62 @@ def _fit(params: dict[str, Any], dtrain: Any, dvalid: Any, cfg: TrainConfig) -> 
     return booster, built_box[0], best, evals, time.monotonic() - t1
 
 
+def _refit(params: dict[str, Any], enc: dict[str, EncodedChunks], y_tr: np.ndarray, y_va: np.ndarray,
+           names: list[str], best: int) -> tuple[Any, int, float]:
+    """Retrain on the training and validation rows, without early stopping, for `best` trees scaled by
+    the rows: (booster, trees, seconds). The validation day is the most recent: tomorrow looks most like it."""
+    import lightgbm as lgb
+
+    trees = max(1, round(best * (len(y_tr) + len(y_va)) / len(y_tr)))
+    in_memory = (len(y_tr) + len(y_va)) * len(names) * 8 <= int(os.environ.get(IN_MEMORY_ENV, IN_MEMORY_MAX_BYTES))
+    source = [*enc["train"].matrices(), *enc["valid"].matrices()] if in_memory \
+        else [*enc["train"].sequences(), *enc["valid"].sequences()]
+    t1 = time.monotonic()
+    data = lgb.Dataset(source, np.concatenate([y_tr, y_va]), feature_name=names, categorical_feature=CAT_INDEX,
+                       free_raw_data=True, params=params)
+    booster = lgb.train({k: v for k, v in params.items() if k != "metric"}, data, num_boost_round=trees,
+                        callbacks=[_progress(PROGRESS_EVERY, [0])])
+    secs = time.monotonic() - t1
+    log.info("refit on training + validation rows=%d trees=%d (best_iteration %d scaled by rows) secs=%.1f",
+             len(y_tr) + len(y_va), trees, best, secs)
+    return booster, trees, secs
+
+
 def _train(staging: Path, out_dir: Path, cfg: TrainConfig, spill: Path, extra_metadata: dict[str, Any] | None) -> Path:
     t0 = time.monotonic()
     split = plan_split(staging, cfg)
     days = split.days
     fingerprints = staged_fingerprints(staging, days)  # lineage: the landing files each day was staged from
     transform, notes = _vocabulary(split, cfg, spill, staging)
-    enc, probe_rows = encode(split, transform, spill)  # pass 2: encoded chunks spilled to disk
+    enc, probe_rows, stats = encode(split, transform, spill)  # pass 2: encoded chunks spilled to disk
+    transform = add_derived(transform, stats, enc, cfg)
     y_tr, y_va = enc["train"].y(), enc["valid"].y()
     if len(np.unique(y_tr)) < 2:
         raise TrainingError(f"training rows of {days[0]}..{days[-1]} hold a single class; cannot train a click model")
     log.info("train rows=%d valid rows=%d (validation day %s) features=%d chunks=%d read_secs=%.1f",
-             len(y_tr), len(y_va), split.valid_days, len(FEATURE_COLUMNS), len(enc["train"]), time.monotonic() - t0)
+             len(y_tr), len(y_va), split.valid_days, transform.n_features, len(enc["train"]), time.monotonic() - t0)
     params = _per_tree_metrics(cfg.lgb_params())
     # the Datasets are never bound here, so they are freed as soon as _fit returns
-    booster, built, best, evals, train_secs = _fit(params, *_datasets(enc, y_tr, y_va, params), cfg)
+    booster, built, best, evals, train_secs = _fit(params, *_datasets(enc, y_tr, y_va, params, transform.feature_names), cfg)
     valid_metrics = {m: float(v[best - 1]) for m, v in evals.get("valid", {}).items()}
     if "auc" not in valid_metrics:
         from ctr.validation.metrics import auc
 
         p_valid = np.concatenate([booster.predict(m, num_iteration=best) for m in enc["valid"].matrices()])
         valid_metrics["auc"] = auc(y_va, p_valid)
-    del enc
     log.info("trees built=%d best_iteration=%d valid=%s train_secs=%.1f", built, best, valid_metrics, train_secs)
     if best == cfg.rounds:
         log.warning("best_iteration=%d equals rounds: the model may be undertrained; raise rounds", best)
+    refit_info: dict[str, Any] = {}
+    trees = best
+    if cfg.refit:
+        del booster
+        transform = add_derived(transform.without_stats(), stats, enc, cfg, refit=True)
+        booster, trees, refit_secs = _refit(params, enc, y_tr, y_va, transform.feature_names, best)
+        train_secs += refit_secs
+        refit_info = {"refit": {"rows": int(len(y_tr) + len(y_va)), "trees": trees, "secs": round(refit_secs, 1),
+                                "rule": "best_iteration x (training + validation rows) / training rows"}}
+    del enc
 
     now = staged_fingerprints(staging, days)
     if now != fingerprints:  # the passes above read the days more than once: all must have read one copy
@@ -355,14 +505,15 @@ def _train(staging: Path, out_dir: Path, cfg: TrainConfig, spill: Path, extra_me
                             "them; re-run the training")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    booster.save_model(str(out_dir / "model.txt"), num_iteration=best)
+    booster.save_model(str(out_dir / "model.txt"), num_iteration=trees)
     transform.save(out_dir / "features.json")
     metadata = bundle_metadata(
         cfg, engine="lightgbm", validation=split.valid_days, rows_train=len(y_tr), rows_valid=len(y_va),
         click_rate=(y_tr.sum() + y_va.sum()) / (len(y_tr) + len(y_va)), transform=transform, feature_notes=notes,
         params=params, trees_built=built, best_iteration=best, valid_auc=valid_metrics.get("auc"),
-        valid_logloss=valid_metrics.get("binary_logloss"), data_fingerprints=fingerprints, extra=extra_metadata)
+        valid_logloss=valid_metrics.get("binary_logloss"), data_fingerprints=fingerprints,
+        extra={**refit_info, **(extra_metadata or {})})
     finalize_bundle(out_dir, probe_rows, metadata)
-    log.info("bundle written path=%s trees=%d train_secs=%.1f total_secs=%.1f", out_dir, best, train_secs,
+    log.info("bundle written path=%s trees=%d train_secs=%.1f total_secs=%.1f", out_dir, trees, train_secs,
              time.monotonic() - t0)
     return out_dir

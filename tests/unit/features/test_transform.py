@@ -141,3 +141,64 @@ def test_degenerate_columns_are_reported() -> None:
     assert any(n.startswith("C4: every value is unique (400)") for n in ft.notes)
     x = ft.transform_table(t)
     assert np.isnan(x[:, CAT_INDEX[2]]).all() and (x[:, CAT_INDEX[3]] == 0.0).all()
+
+
+def _with_stats(seed: int = 0, missing: str = "nan") -> tuple[FeatureTransform, np.ndarray, np.ndarray]:
+    tables = [_table(400, seed + s) for s in range(3)]
+    t = FeatureTransform.fit(tables, min_count=5, missing=missing)
+    x = np.vstack([t.transform_table(tb) for tb in tables])
+    y = np.random.default_rng(seed).integers(0, 2, len(x))
+    rows, clicks = t.count_slots(x, y)
+    return t.with_stats(rows, clicks), x, y
+
+
+@pytest.mark.parametrize("missing", ["nan", "code"])
+def test_derived_features_are_lookups_identical_on_both_paths(missing: str) -> None:
+    full, x, y = _with_stats(3, missing)
+    assert full.n_features == N_FEATURES + 2 * len(CAT_COLUMNS) and len(full.feature_names) == full.n_features
+    d = full.derive(x)
+    np.testing.assert_array_equal(d[:, :N_FEATURES], x)
+    rows = np.array([full.derive_row(v) for v in x.tolist()])
+    assert np.array_equal(d, rows, equal_nan=True) and np.isfinite(d[:, N_FEATURES:]).all()
+    # by hand for one column: count and smoothed click rate of each row's code (missing rows: their own slot)
+    j = CAT_INDEX[4]
+    codes = np.where(np.isnan(x[:, j]), len(full.vocab["C5"]) + 1, x[:, j]).astype(int)
+    n = np.bincount(codes, minlength=len(full.vocab["C5"]) + 2)
+    k = np.bincount(codes, weights=y, minlength=len(full.vocab["C5"]) + 2)
+    prior = y.mean()
+    np.testing.assert_array_equal(d[:, N_FEATURES + 4], n[codes].astype(float))
+    np.testing.assert_allclose(d[:, N_FEATURES + 26 + 4], ((k + full.smoothing * prior) / (n + full.smoothing))[codes],
+                               rtol=1e-12)
+
+
+def test_out_of_fold_statistics_leave_a_rows_own_fold_out() -> None:
+    t = FeatureTransform(vocab={c: ["0000000a"] for c in CAT_COLUMNS})
+    x = t.transform_table(pa.table({**{c: pa.array([1, 2, 3, 4], pa.int64()) for c in INT_COLUMNS},
+                                    **{c: pa.array(["0000000a"] * 4) for c in CAT_COLUMNS}}))
+    y, folds = np.array([1, 1, 0, 0]), np.array([0, 0, 1, 1])
+    rows, clicks = zip(*(t.count_slots(x[folds == f], y[folds == f]) for f in (0, 1)), strict=True)
+    full = t.with_stats(sum(rows), sum(clicks), smoothing=2.0)
+    oof = full.oof_tables(np.array(rows), np.array(clicks))
+    d = full.derive(x, oof, folds)
+    te = d[:, N_FEATURES + 26]  # C1's click rate: fold 0 sees only fold 1's clicks (0 of 2), and vice versa
+    np.testing.assert_allclose(te, [(0 + 2 * 0.5) / (2 + 2)] * 2 + [(2 + 2 * 0.5) / (2 + 2)] * 2)
+    assert (d[:, N_FEATURES] == 4).all()  # counts use no label: every row counts
+    np.testing.assert_allclose(full.derive(x)[:, N_FEATURES + 26], (2 + 1) / (4 + 2))  # served: all rows
+
+
+def test_derived_tables_round_trip_and_old_files_load(tmp_path: Path) -> None:
+    full, x, _ = _with_stats(5)
+    full.save(tmp_path / "f.json")
+    again = FeatureTransform.load(tmp_path / "f.json")
+    assert again.derived == ("count", "target") and json.loads((tmp_path / "f.json").read_text())["schema_version"] == 2
+    np.testing.assert_array_equal(again.derive(x), full.derive(x))
+    full.save(tmp_path / "g.json")
+    assert (tmp_path / "f.json").read_bytes() == (tmp_path / "g.json").read_bytes()
+    plain = full.without_stats()  # a codes-only transform writes schema 1, as before
+    plain.save(tmp_path / "p.json")
+    assert json.loads((tmp_path / "p.json").read_text())["schema_version"] == 1
+    assert FeatureTransform.load(tmp_path / "p.json").derive(x) is x  # no derived features: the codes as they are
+    bad = json.loads((tmp_path / "f.json").read_text())
+    bad["code_stats"]["rows"]["C3"] = bad["code_stats"]["rows"]["C3"][:-1]
+    with pytest.raises(ValueError, match="C3 has .* slots"):
+        FeatureTransform.from_json(bad)

@@ -80,7 +80,11 @@ def test_bundle_metadata_and_validation_split(staging: Path, tmp_path: Path) -> 
     assert 1 <= md["best_iteration"] <= md["trees_built"] <= 25
     assert set(md["vocab_sizes"]) == set(CAT_COLUMNS)
     b = Bundle.load(out)  # checks probe.json
-    assert b.booster.current_iteration() == md["best_iteration"]
+    # refit (the default) on training + validation rows: best_iteration scaled by the rows (3 days / 2)
+    assert md["refit"]["rows"] == 3 * ROWS and md["refit"]["trees"] == round(md["best_iteration"] * 3 / 2)
+    assert b.booster.current_iteration() == md["refit"]["trees"]
+    plain = Bundle.load(train(staging, tmp_path / "n", _cfg(params={"num_leaves": 7, "refit": False})))
+    assert plain.booster.current_iteration() == plain.metadata["best_iteration"] and "refit" not in plain.metadata
     assert "import pickle" not in (out / "MLmodel").read_text() and not list(out.glob("*.pkl"))
 
 
@@ -151,4 +155,20 @@ def test_training_matrix_matches_transform(staging: Path, tmp_path: Path) -> Non
     t = pq.read_table(staging / "day=2026-03-03" / "part-00000.parquet")
     x = b.transform.transform_table(t)
     assert x.shape == (ROWS, len(INT_COLUMNS) + len(CAT_COLUMNS))
-    np.testing.assert_array_equal(b.booster.predict(x), b.predict_table(t))
+    np.testing.assert_array_equal(b.booster.predict(b.transform.derive(x)), b.predict_table(t))
+
+
+@pytest.mark.parametrize("days", [1, 2, 3])
+def test_out_of_fold_folds_per_day_or_in_blocks(staging: Path, days: int) -> None:
+    """Three or more days: a fold per fit day. One fit day (a one- or two-day range): 4 contiguous blocks,
+    so no training row's statistic is empty (with a single fold, "every other fold" would be nothing)."""
+    from ctr.training.trainer import plan_split
+
+    split = plan_split(staging, _cfg(end=DAY0 + dt.timedelta(days=days - 1)))
+    split.train_rows = sum(t.num_rows for role, t in split.chunks() if role == "train")
+    folds = np.concatenate([f for role, f, _ in split.folded_chunks() if role == "train"])
+    assert len(folds) == split.train_rows
+    if days == 3:
+        np.testing.assert_array_equal(folds, np.repeat([0, 1], ROWS))
+    else:
+        assert split.n_folds == 4 and list(np.unique(folds)) == [0, 1, 2, 3] and np.all(np.diff(folds) >= 0)
