@@ -16,6 +16,7 @@ from airflow.sdk import DAG, CronDataIntervalTimetable, Param, TaskGroup, task
 from ctr.airflow.databricks import CtrDatabricksSubmitRunOperator
 from ctr.airflow.links import mlflow_model_task, mlflow_run_task
 from ctr.airflow.notify import on_task_failure
+from ctr.airflow.waiting import CheckDataOperator
 from ctr.settings import dag_settings
 
 DAG_SETTINGS = dag_settings()  # CTR_IO_RETRIES, CTR_DATABRICKS_POLLING_SECONDS (environment only: parse time)
@@ -40,6 +41,10 @@ with DAG(
         "sample_fraction": Param(1.0, type="number", exclusiveMinimum=0, maximum=1,
                                  description="train on this fraction of rows (below 1 only for drills)"),
         "lgb_params": Param({}, type="object", description="LightGBM parameter overrides"),
+        "data_wait_timeout": Param(4 * 3600, type="integer", minimum=0,
+                                   description="seconds check_data waits (deferred) for late landing days; 0 = fail at once"),
+        "completion_marker": Param("_SUCCESS", type="string",
+                                   description="a day is complete with this file in it, 'parts:N' data files, or '' any data"),
         "max_bad_fraction": Param(0.001, type="number", minimum=0, maximum=1, description="max malformed-line fraction per day"),
         "min_auc": Param(0.70, type="number", description="gate: candidate AUC floor"),
         "max_auc_drop": Param(0.005, type="number", description="gate: lower 95% CI bound of AUC diff must be >= -this"),
@@ -54,19 +59,14 @@ with DAG(
     doc_md=__doc__,
 ) as dag:
 
-    @task(**IO_RETRIES)
-    def check_data(**context):
-        from ctr.airflow import tasks
-
-        return tasks.check_data(context)
-
     @task
     def train(checked, **context):
         from ctr.airflow import tasks
 
         return tasks.train_local(context)
 
-    checked = check_data()
+    # waits deferred (no worker slot) up to data_wait_timeout for the days' completion markers, then validates and stages
+    checked = CheckDataOperator(task_id="check_data", **IO_RETRIES).output
 
     # ---- compute = databricks: the compute choice, then ship code, submit the Spark job, fetch its bundle
     # (docs/databricks.md). One group, so the grid shows the pipeline's stages, not four skipped peers.

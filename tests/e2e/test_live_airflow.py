@@ -10,12 +10,14 @@ D0-3 .. D0-1, the alert drill D0-5.
   c. the same backfill with --reprocess-behavior completed -> re-runs, no new registry version
   d. the scheduler's next run is the timetable's: 02:00 UTC, the day after D0's interval
   e. a rollback and the failed verify task reach the webhook of `ctr_alerts` (fail_verify drill)
+  f. a late day: check_data defers to the triggerer, then fails naming the day (earliest landing day)
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 
 import pytest
 from ctr.registry import Registry
@@ -188,3 +190,24 @@ def test_e_rollback_and_failed_task_reach_the_webhook(live, first):
     assert receiver.received[-1]["path"] == "/hooks/ctr"
     assert _registry(stack).champion().version == champion  # the champion pointer never moved
     assert str(httpx.get(live_url, timeout=5).json()["model_version"]) == str(serving)  # serving what it served
+
+
+def test_f_a_late_day_defers_check_data_then_fails_naming_it(live):
+    """check_data waits in the triggerer (state `deferred`, no worker slot) for days that never land, then fails
+    with the landing zone's message. (The wait ending because the day landed: tests/unit/airflow/test_waiting.py.)"""
+    stack, _ = live
+    day = dt.date.fromisoformat(min(p.name for p in stack.landing.glob("day=*"))[4:])  # its 7 training days are absent
+    logical = dt.datetime.combine(day, dt.time(2), dt.UTC)
+    r = stack.trigger(logical, (logical, logical + DAY), {**la.LENIENT, "data_wait_timeout": 5}, run_id=f"late__{day}")
+    seen, deadline = set(), time.monotonic() + 120
+    while (state := stack.task_instances(r["dag_run_id"]).get("check_data", {}).get("state")) not in ("failed", "success"):
+        seen.add(state)
+        stack._check_alive()
+        assert time.monotonic() < deadline, f"check_data still {state} after 120 s"
+        time.sleep(0.5)
+    assert state == "failed" and "deferred" in seen, seen
+    assert stack.wait_run(r["dag_run_id"], timeout=60)["state"] == "failed"
+    text = stack.task_log(r["dag_run_id"], "check_data")
+    first_absent = day - 7 * DAY
+    assert "check_data failed after waiting 5 s" in text, text[-3000:]
+    assert f"landing zone day={first_absent} has 0 files under {stack.landing}/day={first_absent}; is the export late?" in text
