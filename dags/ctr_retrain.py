@@ -13,6 +13,7 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import DAG, CronDataIntervalTimetable, Param, TaskGroup, task
+from ctr.airflow.assets import CHAMPION, LANDING
 from ctr.airflow.databricks import CtrDatabricksSubmitRunOperator
 from ctr.airflow.links import mlflow_model_task, mlflow_run_task
 from ctr.airflow.notify import on_task_failure
@@ -66,7 +67,7 @@ with DAG(
         return tasks.train_local(context)
 
     # waits deferred (no worker slot) up to data_wait_timeout for the days' completion markers, then validates and stages
-    checked = CheckDataOperator(task_id="check_data", **IO_RETRIES).output
+    checked = CheckDataOperator(task_id="check_data", inlets=[LANDING], **IO_RETRIES).output
 
     # ---- compute = databricks: the compute choice, then ship code, submit the Spark job, fetch its bundle
     # (docs/databricks.md). One group, so the grid shows the pipeline's stages, not four skipped peers.
@@ -150,7 +151,7 @@ with DAG(
 
         return tasks.verify(context, rolled)
 
-    @task(**IO_RETRIES)
+    @task(outlets=[CHAMPION], **IO_RETRIES)  # its event schedules ctr_batch_score
     def promote(verified, **context):
         from ctr.airflow import tasks
 

@@ -11,6 +11,7 @@ D0-3 .. D0-1, the alert drill D0-5.
   d. the scheduler's next run is the timetable's: 02:00 UTC, the day after D0's interval
   e. a rollback and the failed verify task reach the webhook of `ctr_alerts` (fail_verify drill)
   f. a late day: check_data defers to the triggerer, then fails naming the day (earliest landing day)
+  g. promote's champion asset event schedules ctr_batch_score, which scores a request folder with that version
 """
 
 from __future__ import annotations
@@ -211,3 +212,43 @@ def test_f_a_late_day_defers_check_data_then_fails_naming_it(live):
     first_absent = day - 7 * DAY
     assert "check_data failed after waiting 5 s" in text, text[-3000:]
     assert f"landing zone day={first_absent} has 0 files under {stack.landing}/day={first_absent}; is the export late?" in text
+
+
+def test_g_promotion_triggers_ctr_batch_score_with_the_champion_version(live, first):
+    """promote's asset event (extras: version, AUC, logical date, image) schedules ctr_batch_score, which scores the
+    request folder with that version. The API run's promote is cleared and runs again: one event, one batch run."""
+    stack, _ = live
+    run_id = first["run"]["dag_run_id"]
+    champion = _registry(stack).champion()
+    requests = stack.ctr_home / "batch" / "requests"
+    requests.mkdir(parents=True, exist_ok=True)
+    lines = (la.REPO / "tests" / "data" / "criteo_raw_sample_100.tsv").read_text().splitlines()
+    (requests / "requests-1.tsv").write_text("\n".join(lines[:40]) + "\n")
+    deadline = time.monotonic() + 60  # parsed with ctr_retrain, by the same dag-processor
+    while stack.api("GET", "/api/v2/dags/ctr_batch_score", check=False).status_code == 404:
+        assert time.monotonic() < deadline, "ctr_batch_score not parsed"
+        time.sleep(1.0)
+    assert stack.api("PATCH", "/api/v2/dags/ctr_batch_score", json={"is_paused": False}).json()["is_paused"] is False
+    stack.api("POST", f"/api/v2/dags/{la.DAG_ID}/clearTaskInstances",
+              json={"dry_run": False, "dag_run_id": run_id, "task_ids": ["promote"], "only_failed": False})
+    assert stack.wait_run(run_id, timeout=120)["state"] == "success"
+    deadline = time.monotonic() + 180
+    while not (runs := stack.api("GET", "/api/v2/dags/ctr_batch_score/dagRuns").json()["dag_runs"]) \
+            or runs[-1]["state"] not in la.TERMINAL:
+        assert time.monotonic() < deadline, f"ctr_batch_score did not finish: {runs}"
+        stack._check_alive()
+        time.sleep(1.0)
+    (batch,) = runs
+    assert batch["state"] == "success" and batch["run_type"] == "asset_triggered", batch
+    base = f"/api/v2/dags/ctr_batch_score/dagRuns/{batch['dag_run_id']}"
+    (event,) = stack.api("GET", f"{base}/upstreamAssetEvents").json()["asset_events"]
+    assert event["uri"] == "ctr://models/ctr-lightgbm/champion" and event["source_run_id"] == run_id, event
+    extra = event["extra"]
+    assert (extra["version"], extra["logical_date"], extra["champion_changed"]) == (champion.version, _d0(first).isoformat(), True)
+    assert extra["auc"] > 0.6 and extra["image"].startswith(f"ctr-scorer:{champion.version}-"), extra
+    log = stack.api("GET", f"{base}/taskInstances/score/logs/1", params={"full_content": True},
+                    headers={"Accept": "text/plain"}).text
+    assert f"score: version {champion.version} scored 40 rows of 1 file(s)" in log, log[-3000:]
+    manifest = json.loads((stack.ctr_home / "batch" / "scores" / champion.version / "manifest.json").read_text())
+    assert manifest["version"] == champion.version and manifest["source"]["run_id"] == run_id
+    assert manifest["files"][0]["rows_scored"] == 40

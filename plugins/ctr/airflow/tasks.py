@@ -318,7 +318,18 @@ def verify(context: dict[str, Any], rolled: dict[str, Any]) -> dict[str, Any]:
 
 
 def promote(context: dict[str, Any], verified: dict[str, Any]) -> dict[str, Any]:
+    """Move the champion pointer; the asset event on `CHAMPION` (ctr.airflow.assets) says who is champion now."""
+    from ctr.airflow.assets import CHAMPION, champion_extra
+
     s = settings(context)
-    champ = _registry(s).promote(verified["version"])
-    return {"champion": champ.version, "url": verified["url"]}
+    reg = _registry(s)
+    champ = reg.promote(verified["version"])
+    built = context["ti"].xcom_pull(task_ids="build_image") or {}
+    image = built.get("image") or built.get("tag")
+    if champ.version == str(verified["version"]) and image:
+        reg.set_tags(champ.version, {"ctr.image": image})  # the image a later event names while this stays champion
+    extra = champion_extra(champ, verified["version"], image, s.model_name)
+    context["outlet_events"][CHAMPION].extra = extra
+    log.info("promote: asset event %s %s", CHAMPION.uri, json.dumps(extra, sort_keys=True))
+    return {"champion": champ.version, "url": verified["url"], "asset_extra": extra}
 
