@@ -17,6 +17,7 @@ from ctr.airflow.assets import CHAMPION, LANDING
 from ctr.airflow.databricks import CtrDatabricksSubmitRunOperator
 from ctr.airflow.links import mlflow_model_task, mlflow_run_task
 from ctr.airflow.notify import on_task_failure
+from ctr.airflow.review import CandidateReviewOperator
 from ctr.airflow.waiting import CheckDataOperator
 from ctr.settings import dag_settings
 
@@ -51,6 +52,10 @@ with DAG(
         "max_auc_drop": Param(0.005, type="number", description="gate: lower 95% CI bound of AUC diff must be >= -this"),
         "max_logloss_rise": Param(0.005, type="number", description="gate: max logloss increase over the champion"),
         "max_ece": Param(0.05, type="number", description="gate: max expected calibration error"),
+        "review_band": Param(2, type="number", minimum=1, description="borderline: lower CI bound >= -this x max_auc_drop "
+                             "asks a person (review) instead of rejecting; 1 = never"),
+        "review_timeout": Param(4 * 3600, type="integer", minimum=0, description="seconds review waits; then Reject"),
+        "approvers": Param([], type="array", items={"type": "string"}, description="user ids who may answer review; [] = any"),
         "force_deploy": Param(False, type="boolean", description="deploy even if the gate fails (recorded in tags)"),
         "verify_rows": Param(100, type="integer", minimum=1, description="holdout rows compared live vs offline"),
         "fail_verify": Param(False, type="boolean", description="drill: make verify fail to exercise the rollback"),
@@ -157,9 +162,12 @@ with DAG(
 
         return tasks.promote(context, verified)
 
+    # a borderline candidate waits here for Approve / Reject (Required Actions); others pass straight through
+    review = CandidateReviewOperator(task_id="review")
+
     local_bundle = train(checked)
     branch >> local_bundle
     evaluated = evaluate(trained(local_bundle, remote_bundle))
     registered = register(evaluated)
-    gate(evaluated) >> registered
+    gate(evaluated) >> review >> registered
     promote(verify(rollout(build_image(registered))))

@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import REPO
 
-TASKS = ["check_data", "train", "evaluate", "gate", "register", "build_image", "rollout", "verify", "promote"]
+TASKS = ["check_data", "train", "evaluate", "gate", "review", "register", "build_image", "rollout", "verify", "promote"]
 
 
 @pytest.fixture(scope="module")

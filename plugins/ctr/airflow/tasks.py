@@ -192,12 +192,21 @@ def evaluate(context: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]
 
 
 def gate(context: dict[str, Any], evaluated: dict[str, Any]) -> bool:
+    """Pass, reject (deploy tasks skipped), or hand a borderline candidate to `review` (ctr.airflow.review)."""
+    from ctr.airflow import review
+
     g = evaluated["gate"]
+    doc = json.loads(Path(evaluated["metrics_path"]).read_text())
+    why = review.borderline(g, doc, context["params"])
     verdict = "PASSED (forced)" if g["forced"] else ("PASSED" if g["passed"] else "REJECTED")
-    log.info("gate: %s", verdict)
+    log.info("gate: %s%s", verdict, f"; borderline, a person decides in task review: {why}" if why else "")
     for r in g["reasons"]:
         (log.info if g["passed"] else log.warning)("gate: %s", r)
-    context["ti"].xcom_push(key="decision", value={"passed": g["passed"], "forced": g["forced"], "reasons": g["reasons"]})
+    req = review.request(holdout_day(context).isoformat(), doc, evaluated, why, context["params"]) if why else None
+    context["ti"].xcom_push(key="decision", value={"passed": g["passed"], "forced": g["forced"], "reasons": g["reasons"],
+                                                   "review": req})
+    if why:
+        return True
     if not g["passed"]:
         from ctr.airflow import notify
 
@@ -231,10 +240,17 @@ def register(context: dict[str, Any], evaluated: dict[str, Any]) -> dict[str, An
         "code_version": code_version(), "bundle_digest": bundle_digest(bundle),
         "data_fingerprints": doc.get("data_fingerprints") or {}, "landing_root": s.landing_root,
     }
+    from ctr.airflow.review import REVIEW_TASK_ID, review_tags
+
+    reviewed = review_tags(context["ti"].xcom_pull(task_ids=REVIEW_TASK_ID))  # who approved a borderline candidate
     metrics = {f"candidate_{k}": doc["candidate"][k] for k in ("auc", "logloss", "ece", "mean_pred")}
     reg = _registry(s)
     v = reg.register(bundle, run_key(context), tags, metrics, run_id=evaluated.get("mlflow_run_id"),
                      data_digest=doc.get("data_digest"))
+    if reviewed:  # also on a version found again (a re-run after the approval)
+        reg.set_tags(v.version, reviewed)
+        log.info("register: version %s approved by %s: %s", v.version, reviewed["ctr.review_by"],
+                 reviewed["ctr.review_comment"] or "(no comment)")
     links = ui_links(s.tracking_uri, s.mlflow_ui_url, reg.experiment_id(), v.run_id, s.model_name, v.version)
     push_links(context["ti"], links)
     if doc["gate"]["forced"]:
