@@ -12,16 +12,25 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import DAG, CronDataIntervalTimetable, Param, TaskGroup, task
+from airflow.sdk import (
+    DAG,
+    AsyncCallback,
+    CronDataIntervalTimetable,
+    DeadlineAlert,
+    DeadlineReference,
+    Param,
+    TaskGroup,
+    task,
+)
 from ctr.airflow.assets import CHAMPION, LANDING
 from ctr.airflow.databricks import CtrDatabricksSubmitRunOperator
 from ctr.airflow.links import mlflow_model_task, mlflow_run_task
-from ctr.airflow.notify import on_task_failure
+from ctr.airflow.notify import deadline_missed, on_task_failure
 from ctr.airflow.review import CandidateReviewOperator
 from ctr.airflow.waiting import CheckDataOperator
 from ctr.settings import dag_settings
 
-DAG_SETTINGS = dag_settings()  # CTR_IO_RETRIES, CTR_DATABRICKS_POLLING_SECONDS (environment only: parse time)
+DAG_SETTINGS = dag_settings()  # CTR_IO_RETRIES, CTR_DATABRICKS_POLLING_SECONDS, CTR_DEADLINE_HOURS (parse time)
 
 # I/O tasks retry with exponential backoff (a late export, a flaky registry); CTR_IO_RETRIES=0 for drills/tests.
 IO_RETRIES = {"retries": DAG_SETTINGS.io_retries, "retry_delay": timedelta(seconds=30), "retry_exponential_backoff": True,
@@ -35,6 +44,10 @@ with DAG(
     catchup=False,
     max_active_runs=1,
     default_args={"owner": "ml-platform", "retries": 0, "on_failure_callback": [on_task_failure()]},
+    # a run still running CTR_DEADLINE_HOURS after it was queued (a scheduled run: after its data interval ended)
+    # has neither promoted nor rejected: the deadline_missed alert, with the run's link (ctr.airflow.notify)
+    deadline=DeadlineAlert(reference=DeadlineReference.DAGRUN_QUEUED_AT, interval=timedelta(hours=DAG_SETTINGS.deadline_hours),
+                           callback=AsyncCallback(deadline_missed), name="ctr_promote_or_reject"),
     tags=["ctr", "ml"],
     params={
         "train_days": Param(7, type="integer", minimum=1, maximum=60, description="days before the holdout day to train on"),

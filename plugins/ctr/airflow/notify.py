@@ -116,6 +116,38 @@ def send(context: Any, event: str, message: str, **details: Any) -> None:
         log.error("notify: event=%s could not be sent: %s", event, e)
 
 
+async def deadline_missed(context: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    """The DAG's DeadlineAlert callback (an AsyncCallback: runs in the triggerer): post `deadline_missed` with the
+    run's link. `context` is what Airflow hands a deadline callback: {"dag_run": {...}, "deadline": {...}}."""
+    import asyncio
+    from types import SimpleNamespace
+
+    run = (context or {}).get("dag_run") or {}
+    deadline = (context or {}).get("deadline") or {}
+    dag_id, run_id = run.get("dag_id"), run.get("dag_run_id") or run.get("run_id")
+    link = run_link(dag_id, run_id)
+    message = (f"ctr: {dag_id} run {run_id} has neither promoted nor rejected a candidate by its deadline "
+               f"{deadline.get('deadline_time')} (state {run.get('state')}): {link}")
+    ctx = {"dag": SimpleNamespace(dag_id=dag_id), "run_id": run_id, "logical_date": run.get("logical_date")}
+    notifier = WebhookNotifier("deadline_missed", message=message,
+                               details={"url": link, "deadline": str(deadline.get("deadline_time")), "state": run.get("state"),
+                                        "data_interval_end": run.get("data_interval_end"), **kwargs})
+    await asyncio.to_thread(notifier.notify, ctx)  # the connection lookup and the POST are blocking
+
+
+def run_link(dag_id: str | None, run_id: str | None) -> str:
+    """The run's page in the Airflow UI ([api] base_url)."""
+    from urllib.parse import quote
+
+    try:
+        from airflow.configuration import conf
+
+        base = (conf.get("api", "base_url", fallback="") or "").rstrip("/")
+    except Exception:  # no Airflow configuration: a relative link
+        base = ""
+    return f"{base}/dags/{quote(str(dag_id))}/runs/{quote(str(run_id))}"
+
+
 def on_task_failure() -> WebhookNotifier:
     """The on_failure_callback for every task of the DAG."""
     return WebhookNotifier("task_failed")
