@@ -265,6 +265,11 @@ def test_g_a_borderline_candidate_waits_for_its_approver_and_its_promotion_trigg
         assert detail["subject"] == f"ctr: approve the {day} candidate to replace champion v{champion}?", detail
         assert "| AUC | 0." in detail["body"] and "Report: " in detail["body"] and "max_auc_drop" in detail["body"]
         assert [u["id"] for u in detail["assigned_users"]] == [stack.reviewer] and detail["options"] == ["Approve", "Reject"]
+        if n == 0:  # the pending action as the reviewer sees it in Browse -> Required Actions (a CI artifact)
+            from tests.e2e.ui import required_actions_screenshot
+
+            shot = required_actions_screenshot(stack, stack.reviewer, stack.reviewer_password, detail["subject"])
+            assert shot is None or shot.stat().st_size > 10_000
         body = {"chosen_options": [option], "params_input": {"comment": comment}}
         refused = stack.api("PATCH", hitl, json=body, check=False)  # the admin is no respondent of this review
         assert refused.status_code == 403 and f"User={stack.user} (id={stack.user}) is not a respondent" in refused.text
