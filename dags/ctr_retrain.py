@@ -4,7 +4,9 @@ The run with logical date D (the scheduled run for the interval [D 02:00, D+1 02
 at D+1 02:00 UTC) validates days D-train_days..D,
 trains on the train_days days before D, evaluates candidate and champion on day D, and deploys
 only a candidate that passes the gate. A rejected candidate ends the run successfully with the
-deploy tasks skipped.
+deploy tasks skipped. check_data waits deferred for late days (ctr.airflow.waiting); a borderline
+candidate waits in review for a person (ctr.airflow.review); promote's asset event schedules
+ctr_batch_score (ctr.airflow.assets); a DeadlineAlert reports a run that neither promoted nor rejected in time.
 """
 
 from __future__ import annotations
