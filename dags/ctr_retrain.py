@@ -14,20 +14,11 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import (
-    DAG,
-    AsyncCallback,
-    CronDataIntervalTimetable,
-    DeadlineAlert,
-    DeadlineReference,
-    Param,
-    TaskGroup,
-    task,
-)
+from airflow.sdk import DAG, CronDataIntervalTimetable, Param, TaskGroup, task
 from ctr.airflow.assets import CHAMPION, LANDING
 from ctr.airflow.databricks import CtrDatabricksSubmitRunOperator
 from ctr.airflow.links import mlflow_model_task, mlflow_run_task
-from ctr.airflow.notify import deadline_missed, on_task_failure
+from ctr.airflow.notify import deadline, on_task_failure
 from ctr.airflow.review import CandidateReviewOperator
 from ctr.airflow.waiting import CheckDataOperator
 from ctr.settings import dag_settings
@@ -48,8 +39,7 @@ with DAG(
     default_args={"owner": "ml-platform", "retries": 0, "on_failure_callback": [on_task_failure()]},
     # a run still running CTR_DEADLINE_HOURS after it was queued (a scheduled run: after its data interval ended)
     # has neither promoted nor rejected: the deadline_missed alert, with the run's link (ctr.airflow.notify)
-    deadline=DeadlineAlert(reference=DeadlineReference.DAGRUN_QUEUED_AT, interval=timedelta(hours=DAG_SETTINGS.deadline_hours),
-                           callback=AsyncCallback(deadline_missed), name="ctr_promote_or_reject"),
+    deadline=deadline(DAG_SETTINGS.deadline_hours),
     tags=["ctr", "ml"],
     params={
         "train_days": Param(7, type="integer", minimum=1, maximum=60, description="days before the holdout day to train on"),

@@ -195,7 +195,7 @@ def test_e_rollback_and_failed_task_reach_the_webhook(live, first):
     assert str(httpx.get(live_url, timeout=5).json()["model_version"]) == str(serving)  # serving what it served
 
 
-def test_f_a_late_day_defers_check_data_then_fails_naming_it(live):
+def test_f_a_late_day_defers_check_data_then_fails_naming_it(live, first):
     """check_data waits in the triggerer (state `deferred`, no worker slot) for days that never land, then fails
     with the landing zone's message. (The wait ending because the day landed: tests/unit/airflow/test_waiting.py.)"""
     stack, receiver = live
@@ -254,11 +254,16 @@ def test_g_a_borderline_candidate_waits_for_its_approver_and_its_promotion_trigg
     # any AUC drop of the weaker candidate is "small" here: max_auc_drop 1e-6, review band up to -1
     conf = {**la.LENIENT, "sample_fraction": 0.3, "max_auc_drop": 1e-6, "review_band": 1e6, "review_timeout": 600,
             "approvers": [stack.reviewer]}
-    logical = dt.datetime.combine(day, dt.time(2), dt.UTC)
+    interval = (dt.datetime.combine(day, dt.time(2), dt.UTC), dt.datetime.combine(day + DAY, dt.time(2), dt.UTC))
     answers = {}
     for n, (option, comment) in enumerate((("Reject", "not this one"), ("Approve", "fresher data; the drop is noise"))):
         run_id = f"review_{n}__{day}"
-        stack.trigger(logical, (logical, logical + DAY), conf, run_id=run_id)
+        # logical dates are unique per DAG: day D at 02:01 and 02:02 (the holdout day is the logical date's day)
+        logical = interval[0] + (n + 1) * dt.timedelta(minutes=1)
+        same_day = [(r["dag_run_id"], r["logical_date"], r["state"]) for r in stack.runs() if r["logical_date"]
+                    and _iso(r["logical_date"]).date() == day]
+        assert not same_day or n == 1, f"runs for {day} before the review runs: {same_day}"
+        stack.trigger(logical, interval, conf, run_id=run_id)
         _wait_ti(stack, run_id, "review", {"awaiting_input"})
         hitl = f"/api/v2/dags/{la.DAG_ID}/dagRuns/{run_id}/taskInstances/review/-1/hitlDetails"
         detail = stack.api("GET", hitl).json()

@@ -142,3 +142,6 @@ def test_the_dags_deadline_alert_posts_deadline_missed_with_the_runs_link(receiv
     assert ev["run_id"] == "scheduled__2026-11-20T02:00:00+00:00" and ev["details"]["url"] == link
     assert "has neither promoted nor rejected a candidate by its deadline 2026-11-21T08:00:00+00:00" in ev["text"]
     assert link in ev["text"] and ev["details"]["state"] == "running"
+    # `airflow dags test` (in-process) cannot run a DAG with deadline alerts in Airflow 3.3.2: none there
+    monkeypatch.setattr("sys.argv", ["airflow", "dags", "test", "ctr_retrain", "2026-11-20"])
+    assert notify.deadline(6) is None and runpy.run_path(str(REPO / "dags" / "ctr_retrain.py"))["dag"].deadline is None
