@@ -343,8 +343,8 @@ class LiveAirflow:
 
     def task_log(self, run_id: str, task_id: str, try_number: int = 1) -> str:
         r = self.api("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}",
-                     params={"full_content": True}, headers={"Accept": "text/plain"})
-        return r.text
+                     params={"full_content": True}, headers={"Accept": "application/json"})
+        return r.text  # the JSON document of the log's records (3.3 answers 406 to text/plain)
 
 
 # ---- one shared stack per pytest session ----------------------------------------------------

@@ -305,7 +305,7 @@ def test_g_a_borderline_candidate_waits_for_its_approver_and_its_promotion_trigg
     assert (extra["version"], extra["logical_date"], extra["champion_changed"]) == (mine.version, day.isoformat(), True)
     assert extra["auc"] > 0.6 and extra["image"].startswith(f"ctr-scorer:{mine.version}-"), extra
     log = stack.api("GET", f"{base}/taskInstances/score/logs/1", params={"full_content": True},
-                    headers={"Accept": "text/plain"}).text
+                    headers={"Accept": "application/json"}).text
     assert f"score: version {mine.version} scored 40 rows of 1 file(s)" in log, log[-3000:]
     manifest = json.loads((stack.ctr_home / "batch" / "scores" / mine.version / "manifest.json").read_text())
     assert (manifest["version"], manifest["source"]["run_id"], manifest["files"][0]["rows_scored"]) == (

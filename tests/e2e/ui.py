@@ -34,7 +34,7 @@ def signed_in_page(stack: Any, user: str, password: str) -> Iterator[Any]:
                 page.locator("input[name=username]").fill(user)
                 page.locator("input[name=password]").fill(password)
                 page.get_by_role("button", name="Sign in").click()
-                page.wait_for_url(f"{stack.url}/**")
+                page.wait_for_url(lambda url: "/auth/login" not in url)  # signed in: the UI has left the form
                 yield page
             finally:
                 ctx.close()
@@ -50,7 +50,8 @@ def required_actions_screenshot(stack: Any, user: str, password: str, expect_tex
             return None
         ARTIFACTS.mkdir(exist_ok=True)
         out = ARTIFACTS / "airflow-ui-required-actions.png"
-        page.goto(f"{stack.url}/required_actions")
+        page.wait_for_load_state("networkidle")
+        page.goto(f"{stack.url}/required_actions", wait_until="domcontentloaded")
         try:
             page.get_by_text(expect_text).first.wait_for()
         finally:
