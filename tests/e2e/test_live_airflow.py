@@ -299,7 +299,8 @@ def test_g_a_borderline_candidate_waits_for_its_approver_and_its_promotion_trigg
     (batch,) = runs
     assert batch["state"] == "success" and batch["run_type"] == "asset_triggered", batch
     base = f"/api/v2/dags/ctr_batch_score/dagRuns/{batch['dag_run_id']}"
-    (event,) = stack.api("GET", f"{base}/upstreamAssetEvents").json()["asset_events"]
+    # the consumer's first run lists every champion event since the asset appeared (earlier runs' too): the newest counts
+    event = max(stack.api("GET", f"{base}/upstreamAssetEvents").json()["asset_events"], key=lambda e: e["timestamp"])
     assert event["uri"] == "ctr://models/ctr-lightgbm/champion" and event["source_run_id"] == f"review_1__{day}", event
     extra = event["extra"]
     assert (extra["version"], extra["logical_date"], extra["champion_changed"]) == (mine.version, day.isoformat(), True)
