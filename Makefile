@@ -74,12 +74,16 @@ system-deps:
 # yesterday or the day before) and a run triggered from the UI (holding out today) both find their data.
 # ctr_retrain starts paused: tick "Unpause ctr_retrain on trigger" in the trigger dialog (docs/operations.md).
 AIRFLOW_ROWS ?= 20000
+# The metadata DB of `make airflow` is sqlite in $(AIRFLOW_HOME) (a laptop). Opt in to PostgreSQL, what production
+# runs, with its SQLAlchemy URL: make airflow AIRFLOW_DB=postgresql+psycopg2://airflow:airflow@127.0.0.1:5432/airflow
+AIRFLOW_DB ?=
+AIRFLOW_DB_ENV := $(if $(AIRFLOW_DB),AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=$(AIRFLOW_DB))
 airflow: venv
 	$(BIN)/python -c "import datetime as dt; from ctr.demo import ensure_landing; from ctr.settings import Settings; \
 	  ensure_landing(Settings.from_env(), dt.datetime.now(dt.UTC).date(), $(DAYS) + 3, $(AIRFLOW_ROWS))"
-	$(BIN)/airflow db migrate >/dev/null
-	@echo "Airflow UI on http://127.0.0.1:8080 (user admin; password in $(AIRFLOW_HOME)/simple_auth_manager_passwords.json.generated once it starts)"
-	$(BIN)/airflow standalone
+	$(AIRFLOW_DB_ENV) $(BIN)/airflow db migrate >/dev/null
+	@echo "Airflow UI on http://127.0.0.1:8080 (user admin; password in $(AIRFLOW_HOME)/simple_auth_manager_passwords.json.generated once it starts); metadata DB: $(if $(AIRFLOW_DB),PostgreSQL (AIRFLOW_DB),sqlite in $(AIRFLOW_HOME))"
+	$(AIRFLOW_DB_ENV) $(BIN)/airflow standalone
 
 stop: venv
 	$(BIN)/python -m ctr.demo --stop

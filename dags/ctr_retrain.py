@@ -4,7 +4,9 @@ The run with logical date D (the scheduled run for the interval [D 02:00, D+1 02
 at D+1 02:00 UTC) validates days D-train_days..D,
 trains on the train_days days before D, evaluates candidate and champion on day D, and deploys
 only a candidate that passes the gate. A rejected candidate ends the run successfully with the
-deploy tasks skipped.
+deploy tasks skipped. check_data waits deferred for late days (ctr.airflow.waiting); a borderline
+candidate waits in review for a person (ctr.airflow.review); promote's asset event schedules
+ctr_batch_score (ctr.airflow.assets); a DeadlineAlert reports a run that neither promoted nor rejected in time.
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import DAG, CronDataIntervalTimetable, Param, TaskGroup, task
+from ctr.airflow.assets import CHAMPION, LANDING
 from ctr.airflow.databricks import CtrDatabricksSubmitRunOperator
 from ctr.airflow.links import mlflow_model_task, mlflow_run_task
-from ctr.airflow.notify import on_task_failure
+from ctr.airflow.notify import deadline, on_task_failure
+from ctr.airflow.review import CandidateReviewOperator
+from ctr.airflow.waiting import CheckDataOperator
 from ctr.settings import dag_settings
 
-DAG_SETTINGS = dag_settings()  # CTR_IO_RETRIES, CTR_DATABRICKS_POLLING_SECONDS (environment only: parse time)
+DAG_SETTINGS = dag_settings()  # CTR_IO_RETRIES, CTR_DATABRICKS_POLLING_SECONDS, CTR_DEADLINE_HOURS (parse time)
 
 # I/O tasks retry with exponential backoff (a late export, a flaky registry); CTR_IO_RETRIES=0 for drills/tests.
 IO_RETRIES = {"retries": DAG_SETTINGS.io_retries, "retry_delay": timedelta(seconds=30), "retry_exponential_backoff": True,
@@ -32,6 +37,9 @@ with DAG(
     catchup=False,
     max_active_runs=1,
     default_args={"owner": "ml-platform", "retries": 0, "on_failure_callback": [on_task_failure()]},
+    # a run still running CTR_DEADLINE_HOURS after it was queued (a scheduled run: after its data interval ended)
+    # has neither promoted nor rejected: the deadline_missed alert, with the run's link (ctr.airflow.notify)
+    deadline=deadline(DAG_SETTINGS.deadline_hours),
     tags=["ctr", "ml"],
     params={
         "train_days": Param(7, type="integer", minimum=1, maximum=60, description="days before the holdout day to train on"),
@@ -40,11 +48,19 @@ with DAG(
         "sample_fraction": Param(1.0, type="number", exclusiveMinimum=0, maximum=1,
                                  description="train on this fraction of rows (below 1 only for drills)"),
         "lgb_params": Param({}, type="object", description="LightGBM parameter overrides"),
+        "data_wait_timeout": Param(4 * 3600, type="integer", minimum=0,
+                                   description="seconds check_data waits (deferred) for late landing days; 0 = fail at once"),
+        "completion_marker": Param("_SUCCESS", type="string",
+                                   description="a day is complete with this file in it, 'parts:N' data files, or '' any data"),
         "max_bad_fraction": Param(0.001, type="number", minimum=0, maximum=1, description="max malformed-line fraction per day"),
         "min_auc": Param(0.70, type="number", description="gate: candidate AUC floor"),
         "max_auc_drop": Param(0.005, type="number", description="gate: lower 95% CI bound of AUC diff must be >= -this"),
         "max_logloss_rise": Param(0.005, type="number", description="gate: max logloss increase over the champion"),
         "max_ece": Param(0.05, type="number", description="gate: max expected calibration error"),
+        "review_band": Param(2, type="number", minimum=1, description="borderline: lower CI bound >= -this x max_auc_drop "
+                             "asks a person (review) instead of rejecting; 1 = never"),
+        "review_timeout": Param(4 * 3600, type="integer", minimum=0, description="seconds review waits; then Reject"),
+        "approvers": Param([], type="array", items={"type": "string"}, description="user ids who may answer review; [] = any"),
         "force_deploy": Param(False, type="boolean", description="deploy even if the gate fails (recorded in tags)"),
         "verify_rows": Param(100, type="integer", minimum=1, description="holdout rows compared live vs offline"),
         "fail_verify": Param(False, type="boolean", description="drill: make verify fail to exercise the rollback"),
@@ -72,19 +88,14 @@ with DAG(
     doc_md=__doc__,
 ) as dag:
 
-    @task(**IO_RETRIES)
-    def check_data(**context):
-        from ctr.airflow import tasks
-
-        return tasks.check_data(context)
-
     @task
     def train(checked, **context):
         from ctr.airflow import tasks
 
         return tasks.train_local(context)
 
-    checked = check_data()
+    # waits deferred (no worker slot) up to data_wait_timeout for the days' completion markers, then validates and stages
+    checked = CheckDataOperator(task_id="check_data", inlets=[LANDING], **IO_RETRIES).output
 
     # ---- compute = databricks: the compute choice, then ship code, submit the Spark job, fetch its bundle
     # (docs/databricks.md). One group, so the grid shows the pipeline's stages, not four skipped peers.
@@ -168,15 +179,18 @@ with DAG(
 
         return tasks.verify(context, rolled)
 
-    @task(**IO_RETRIES)
+    @task(outlets=[CHAMPION], **IO_RETRIES)  # its event schedules ctr_batch_score
     def promote(verified, **context):
         from ctr.airflow import tasks
 
         return tasks.promote(context, verified)
 
+    # a borderline candidate waits here for Approve / Reject (Required Actions); others pass straight through
+    review = CandidateReviewOperator(task_id="review")
+
     local_bundle = train(checked)
     branch >> local_bundle
     evaluated = evaluate(trained(local_bundle, remote_bundle))
     registered = register(evaluated)
-    gate(evaluated) >> registered
+    gate(evaluated) >> review >> registered
     promote(verify(rollout(build_image(registered))))

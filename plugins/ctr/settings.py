@@ -29,7 +29,7 @@ def parse_env(cls: type[T], env: Mapping[str, str] | None = None, prefix: str = 
               error: type[Exception] = ValueError) -> T:
     """An instance of dataclass `cls` from `<prefix><FIELD>` variables (unset or empty: the default).
 
-    int fields must parse as integers and Path fields are expanded and resolved; a bad value raises
+    int fields must parse as integers, float fields as numbers, and Path fields are expanded and resolved; a bad value raises
     `error` naming the variable.
     """
     env = os.environ if env is None else env
@@ -44,6 +44,11 @@ def parse_env(cls: type[T], env: Mapping[str, str] | None = None, prefix: str = 
                 kw[f.name] = int(raw)
             except ValueError:
                 raise error(f"{name}={raw!r} is not an integer") from None
+        elif f.type in ("float", float):
+            try:
+                kw[f.name] = float(raw)
+            except ValueError:
+                raise error(f"{name}={raw!r} is not a number") from None
         elif f.type in ("Path", Path):
             kw[f.name] = Path(raw).expanduser().resolve()
         else:
@@ -178,6 +183,7 @@ class DagSettings:
 
     io_retries: int = 3
     databricks_polling_seconds: int = 30
+    deadline_hours: float = 6.0  # DeadlineAlert: hours after a run is queued (a scheduled run: its interval's end)
 
 
 def dag_settings(env: Mapping[str, str] | None = None) -> DagSettings:

@@ -99,9 +99,11 @@ class LiveAirflow:
     serve_port: int = field(default_factory=free_port)
     user: str = "admin"
     password: str = field(default_factory=lambda: secrets.token_urlsafe(12), repr=False)
+    reviewer: str = "reviewer"  # a second user (role "user"): the respondent of the review task's approvals
+    reviewer_password: str = field(default_factory=lambda: secrets.token_urlsafe(12), repr=False)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     db: Postgres | None = None
-    _token: str | None = None
+    _tokens: dict[str, str] = field(default_factory=dict, repr=False)
 
     # ---- configuration --------------------------------------------------------------------
     @property
@@ -129,7 +131,7 @@ class LiveAirflow:
             AIRFLOW__CORE__EXECUTOR="LocalExecutor",
             AIRFLOW__CORE__PARALLELISM="1",
             AIRFLOW__CORE__AUTH_MANAGER="airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
-            AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS=f"{self.user}:admin",
+            AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS=f"{self.user}:admin,{self.reviewer}:user",
             AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE=str(self.root / "passwords.json"),
             AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"{self.url}/execution/",
             AIRFLOW__API__HOST="127.0.0.1",
@@ -150,7 +152,8 @@ class LiveAirflow:
     def start(self, timeout: float = 180.0) -> LiveAirflow:
         self.root.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(exist_ok=True)
-        (self.root / "passwords.json").write_text(json.dumps({self.user: self.password}) + "\n")
+        (self.root / "passwords.json").write_text(json.dumps({self.user: self.password,
+                                                              self.reviewer: self.reviewer_password}) + "\n")
         try:
             self.db = Postgres().start()
             self._env = self.env()
@@ -253,15 +256,17 @@ class LiveAirflow:
         assert len(created) == 1, f"backfill create made {len(created)} backfills: {created}"
         return self.wait_backfill(created[0]["id"])
 
-    def token(self) -> str:
-        if self._token is None:
-            r = httpx.post(f"{self.url}/auth/token", json={"username": self.user, "password": self.password}, timeout=30)
+    def token(self, user: str | None = None) -> str:
+        user = user or self.user
+        if user not in self._tokens:
+            password = self.password if user == self.user else self.reviewer_password
+            r = httpx.post(f"{self.url}/auth/token", json={"username": user, "password": password}, timeout=30)
             assert r.status_code == 201, f"/auth/token answered {r.status_code}: {r.text[:300]}"
-            self._token = r.json()["access_token"]
-        return self._token
+            self._tokens[user] = r.json()["access_token"]
+        return self._tokens[user]
 
-    def api(self, method: str, path: str, check: bool = True, **kw: Any) -> httpx.Response:
-        headers = {"Authorization": f"Bearer {self.token()}", **kw.pop("headers", {})}
+    def api(self, method: str, path: str, check: bool = True, as_user: str | None = None, **kw: Any) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {self.token(as_user)}", **kw.pop("headers", {})}
         r = httpx.request(method, f"{self.url}{path}", headers=headers, timeout=30, **kw)
         if check and r.status_code >= 400:
             raise AssertionError(f"{method} {path} answered {r.status_code}: {r.text[:500]}")
@@ -338,8 +343,8 @@ class LiveAirflow:
 
     def task_log(self, run_id: str, task_id: str, try_number: int = 1) -> str:
         r = self.api("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}",
-                     params={"full_content": True}, headers={"Accept": "text/plain"})
-        return r.text
+                     params={"full_content": True}, headers={"Accept": "application/json"})
+        return r.text  # the JSON document of the log's records (3.3 answers 406 to text/plain)
 
 
 # ---- one shared stack per pytest session ----------------------------------------------------
@@ -354,7 +359,8 @@ def shared_stack(tmp_path_factory: Any, make_landing: Any) -> tuple[LiveAirflow,
         landing = make_landing(root / "landing")
         conn = json.dumps({"conn_type": "http", "host": "127.0.0.1", "port": receiver.port, "schema": "http",
                            "extra": {"endpoint": "/hooks/ctr"}})
-        stack = LiveAirflow(root, landing, extra_env={"AIRFLOW_CONN_CTR_ALERTS": conn})
+        # CTR_DEADLINE_HOURS: a 3.6 s DeadlineAlert, so a run that waits (test_f's late day) misses it for real
+        stack = LiveAirflow(root, landing, extra_env={"AIRFLOW_CONN_CTR_ALERTS": conn, "CTR_DEADLINE_HOURS": "0.001"})
         try:
             stack.start()
         except BaseException:

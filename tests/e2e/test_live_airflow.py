@@ -10,12 +10,17 @@ D0-3 .. D0-1, the alert drill D0-5.
   c. the same backfill with --reprocess-behavior completed -> re-runs, no new registry version
   d. the scheduler's next run is the timetable's: 02:00 UTC, the day after D0's interval
   e. a rollback and the failed verify task reach the webhook of `ctr_alerts` (fail_verify drill)
+  f. a late day: check_data defers to the triggerer, then fails naming the day (earliest landing day); the run
+     misses the stack's 3.6 s DeadlineAlert and deadline_missed reaches the webhook with the run's link
+  g. a borderline candidate waits in review: a non-respondent is refused, the reviewer rejects one run and approves
+     the next (REST); the approved one is promoted, and the champion asset event runs ctr_batch_score with it
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 
 import pytest
 from ctr.registry import Registry
@@ -188,3 +193,121 @@ def test_e_rollback_and_failed_task_reach_the_webhook(live, first):
     assert receiver.received[-1]["path"] == "/hooks/ctr"
     assert _registry(stack).champion().version == champion  # the champion pointer never moved
     assert str(httpx.get(live_url, timeout=5).json()["model_version"]) == str(serving)  # serving what it served
+
+
+def test_f_a_late_day_defers_check_data_then_fails_naming_it(live, first):
+    """check_data waits in the triggerer (state `deferred`, no worker slot) for days that never land, then fails
+    with the landing zone's message. (The wait ending because the day landed: tests/unit/airflow/test_waiting.py.)"""
+    stack, receiver = live
+    day = dt.date.fromisoformat(min(p.name for p in stack.landing.glob("day=*"))[4:])  # its 7 training days are absent
+    logical = dt.datetime.combine(day, dt.time(2), dt.UTC)
+    r = stack.trigger(logical, (logical, logical + DAY), {**la.LENIENT, "data_wait_timeout": 5}, run_id=f"late__{day}")
+    seen, deadline = set(), time.monotonic() + 120
+    while (state := stack.task_instances(r["dag_run_id"]).get("check_data", {}).get("state")) not in ("failed", "success"):
+        seen.add(state)
+        stack._check_alive()
+        assert time.monotonic() < deadline, f"check_data still {state} after 120 s"
+        time.sleep(0.5)
+    assert state == "failed" and "deferred" in seen, seen
+    assert stack.wait_run(r["dag_run_id"], timeout=60)["state"] == "failed"
+    text = stack.task_log(r["dag_run_id"], "check_data")
+    first_absent = day - 7 * DAY
+    assert "check_data failed after waiting 5 s" in text, text[-3000:]
+    assert f"landing zone day={first_absent} has 0 files under {stack.landing}/day={first_absent}; is the export late?" in text
+    # the stack's DeadlineAlert is 3.6 s after queueing (CTR_DEADLINE_HOURS): this waiting run missed it
+    missed = receiver.wait_for("deadline_missed", timeout=60, run_id=r["dag_run_id"])
+    assert missed["details"]["url"] == f"{stack.url}/dags/{la.DAG_ID}/runs/late__{day}", missed
+    assert "has neither promoted nor rejected a candidate by its deadline" in missed["text"]
+
+
+
+def _wait_ti(stack: la.LiveAirflow, run_id: str, task_id: str, states: set[str], timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while (ti := stack.task_instances(run_id).get(task_id, {})).get("state") not in states:
+        assert time.monotonic() < deadline, f"{task_id} of {run_id} not in {states} within {timeout}s: {ti.get('state')}"
+        stack._check_alive()
+        time.sleep(1.0)
+    return ti
+
+
+def test_g_a_borderline_candidate_waits_for_its_approver_and_its_promotion_triggers_ctr_batch_score(live, first):
+    """Day D0+1 lands; its candidate (30% of the rows) trails the champion a little: the gate hands it to `review`.
+    Run 1: the admin's answer is refused (not a respondent), the reviewer rejects -> deploy skipped. Run 2 (same
+    candidate): the reviewer approves -> registered with the approval in its tags, deployed, promoted; the champion
+    asset event schedules ctr_batch_score, which scores the request folder with that version."""
+    from ctr.data.generate import GeneratorConfig, write_day
+
+    stack, _ = live
+    d0 = _d0(first)
+    day = d0 + DAY
+    write_day(stack.landing, day, la.ROWS_PER_DAY, GeneratorConfig(seed=5))
+    requests = stack.ctr_home / "batch" / "requests"
+    requests.mkdir(parents=True, exist_ok=True)
+    lines = (la.REPO / "tests" / "data" / "criteo_raw_sample_100.tsv").read_text().splitlines()
+    (requests / "requests-1.tsv").write_text("\n".join(lines[:40]) + "\n")
+    deadline = time.monotonic() + 60  # parsed with ctr_retrain, by the same dag-processor
+    while stack.api("GET", "/api/v2/dags/ctr_batch_score", check=False).status_code == 404:
+        assert time.monotonic() < deadline, "ctr_batch_score not parsed"
+        time.sleep(1.0)
+    assert stack.api("PATCH", "/api/v2/dags/ctr_batch_score", json={"is_paused": False}).json()["is_paused"] is False
+    champion = _registry(stack).champion().version
+    # any AUC drop of the weaker candidate is "small" here: max_auc_drop 1e-6, review band up to -1
+    conf = {**la.LENIENT, "sample_fraction": 0.3, "max_auc_drop": 1e-6, "review_band": 1e6, "review_timeout": 600,
+            "approvers": [stack.reviewer]}
+    interval = (dt.datetime.combine(day, dt.time(2), dt.UTC), dt.datetime.combine(day + DAY, dt.time(2), dt.UTC))
+    answers = {}
+    for n, (option, comment) in enumerate((("Reject", "not this one"), ("Approve", "fresher data; the drop is noise"))):
+        run_id = f"review_{n}__{day}"
+        # logical dates are unique per DAG: day D at 02:01 and 02:02 (the holdout day is the logical date's day)
+        logical = interval[0] + (n + 1) * dt.timedelta(minutes=1)
+        same_day = [(r["dag_run_id"], r["logical_date"], r["state"]) for r in stack.runs() if r["logical_date"]
+                    and _iso(r["logical_date"]).date() == day]
+        assert not same_day or n == 1, f"runs for {day} before the review runs: {same_day}"
+        stack.trigger(logical, interval, conf, run_id=run_id)
+        _wait_ti(stack, run_id, "review", {"awaiting_input"})
+        hitl = f"/api/v2/dags/{la.DAG_ID}/dagRuns/{run_id}/taskInstances/review/-1/hitlDetails"
+        detail = stack.api("GET", hitl).json()
+        assert detail["subject"] == f"ctr: approve the {day} candidate to replace champion v{champion}?", detail
+        assert "| AUC | 0." in detail["body"] and "Report: " in detail["body"] and "max_auc_drop" in detail["body"]
+        assert [u["id"] for u in detail["assigned_users"]] == [stack.reviewer] and detail["options"] == ["Approve", "Reject"]
+        if n == 0:  # the pending action as the reviewer sees it in Browse -> Required Actions (a CI artifact)
+            from tests.e2e.ui import required_actions_screenshot
+
+            shot = required_actions_screenshot(stack, stack.reviewer, stack.reviewer_password, detail["subject"])
+            assert shot is None or shot.stat().st_size > 10_000
+        body = {"chosen_options": [option], "params_input": {"comment": comment}}
+        refused = stack.api("PATCH", hitl, json=body, check=False)  # the admin is no respondent of this review
+        assert refused.status_code == 403 and f"User={stack.user} (id={stack.user}) is not a respondent" in refused.text
+        answers[option] = stack.api("PATCH", hitl, json=body, as_user=stack.reviewer).json()
+        assert stack.wait_run(run_id, timeout=300)["state"] == "success"
+        states = {k: v["state"] for k, v in stack.task_instances(run_id).items()}
+        deploy = ("register", "build_image", "rollout", "verify", "promote")
+        assert states["gate"] == states["review"] == "success", states
+        assert {states[t] for t in deploy} == ({"skipped"} if option == "Reject" else {"success"}), states
+    assert answers["Approve"]["responded_by"]["id"] == stack.reviewer
+    mine = _registry(stack).find(f"ctr_retrain/{day.isoformat()}")
+    assert mine is not None and _registry(stack).champion().version == mine.version != champion
+    assert (mine.tags["ctr.review"], mine.tags["ctr.review_by"], mine.tags["ctr.review_comment"]) == (
+        "approved", stack.reviewer, "fresher data; the drop is noise")
+    # the promotion's asset event ran ctr_batch_score with the new champion
+    deadline = time.monotonic() + 180
+    while not (runs := stack.api("GET", "/api/v2/dags/ctr_batch_score/dagRuns").json()["dag_runs"]) \
+            or runs[-1]["state"] not in la.TERMINAL:
+        assert time.monotonic() < deadline, f"ctr_batch_score did not finish: {runs}"
+        stack._check_alive()
+        time.sleep(1.0)
+    (batch,) = runs
+    assert batch["state"] == "success" and batch["run_type"] == "asset_triggered", batch
+    base = f"/api/v2/dags/ctr_batch_score/dagRuns/{batch['dag_run_id']}"
+    # the consumer's first run lists every champion event since the asset appeared (earlier runs' too): the newest counts
+    event = max(stack.api("GET", f"{base}/upstreamAssetEvents").json()["asset_events"], key=lambda e: e["timestamp"])
+    assert event["uri"] == "ctr://models/ctr-lightgbm/champion" and event["source_run_id"] == f"review_1__{day}", event
+    extra = event["extra"]
+    assert (extra["version"], extra["logical_date"], extra["champion_changed"]) == (mine.version, day.isoformat(), True)
+    assert extra["auc"] > 0.6 and extra["image"].startswith(f"ctr-scorer:{mine.version}-"), extra
+    log = stack.api("GET", f"{base}/taskInstances/score/logs/1", params={"full_content": True},
+                    headers={"Accept": "application/json"}).text
+    assert f"score: version {mine.version} scored 40 rows of 1 file(s)" in log, log[-3000:]
+    manifest = json.loads((stack.ctr_home / "batch" / "scores" / mine.version / "manifest.json").read_text())
+    assert (manifest["version"], manifest["source"]["run_id"], manifest["files"][0]["rows_scored"]) == (
+        mine.version, f"review_1__{day}", 40)

@@ -115,3 +115,33 @@ def test_every_task_of_the_dag_alerts_on_failure():
     for task in dag.tasks:
         callbacks = task.on_failure_callback if isinstance(task.on_failure_callback, list) else [task.on_failure_callback]
         assert any(isinstance(c, notify.WebhookNotifier) and c.event == "task_failed" for c in callbacks), task.task_id
+
+
+def test_the_dags_deadline_alert_posts_deadline_missed_with_the_runs_link(receiver, monkeypatch):
+    """The DeadlineAlert of ctr_retrain: CTR_DEADLINE_HOURS after the run is queued, its AsyncCallback posts the run's
+    link (here called as the triggerer calls it, with the context the scheduler builds)."""
+    import asyncio
+    import runpy
+
+    from airflow.sdk import DeadlineReference
+
+    monkeypatch.setenv("CTR_DEADLINE_HOURS", "0.01")
+    dag = runpy.run_path(str(REPO / "dags" / "ctr_retrain.py"))["dag"]
+    (alert,) = dag.deadline
+    assert alert.reference == DeadlineReference.DAGRUN_QUEUED_AT and alert.interval == dt.timedelta(seconds=36)
+    assert alert.callback.path == "ctr.airflow.notify.deadline_missed"
+    _use_conn(monkeypatch, "ctr_alerts_t", {"conn_type": "http", "host": "127.0.0.1", "port": receiver.port,
+                                            "schema": "http", "extra": {"endpoint": "/hooks/ctr"}})
+    monkeypatch.setenv("AIRFLOW__API__BASE_URL", "http://airflow.example:8080")
+    ctx = {"dag_run": {"dag_id": "ctr_retrain", "dag_run_id": "scheduled__2026-11-20T02:00:00+00:00", "state": "running",
+                       "logical_date": "2026-11-20T02:00:00Z", "data_interval_end": "2026-11-21T02:00:00Z"},
+           "deadline": {"id": "d1", "deadline_time": "2026-11-21T08:00:00+00:00"}}
+    asyncio.run(notify.deadline_missed(context=ctx))
+    ev = receiver.wait_for("deadline_missed", timeout=10)
+    link = "http://airflow.example:8080/dags/ctr_retrain/runs/scheduled__2026-11-20T02%3A00%3A00%2B00%3A00"
+    assert ev["run_id"] == "scheduled__2026-11-20T02:00:00+00:00" and ev["details"]["url"] == link
+    assert "has neither promoted nor rejected a candidate by its deadline 2026-11-21T08:00:00+00:00" in ev["text"]
+    assert link in ev["text"] and ev["details"]["state"] == "running"
+    # `airflow dags test` (in-process) cannot run a DAG with deadline alerts in Airflow 3.3.2: none there
+    monkeypatch.setattr("sys.argv", ["airflow", "dags", "test", "ctr_retrain", "2026-11-20"])
+    assert notify.deadline(6) is None and runpy.run_path(str(REPO / "dags" / "ctr_retrain.py"))["dag"].deadline is None

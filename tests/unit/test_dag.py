@@ -8,16 +8,20 @@ import pytest
 
 from tests.conftest import REPO
 
-TASKS = ["check_data", "train", "evaluate", "gate", "register", "build_image", "rollout", "verify", "promote"]
+TASKS = ["check_data", "train", "evaluate", "gate", "review", "register", "build_image", "rollout", "verify", "promote"]
 
 
 @pytest.fixture(scope="module")
 def dag():
+    return _bag()["ctr_retrain"]
+
+
+def _bag():
     from airflow.dag_processing.dagbag import DagBag
 
     bag = DagBag(dag_folder=str(REPO / "dags"))
     assert not bag.import_errors, bag.import_errors
-    return bag.dags["ctr_retrain"]
+    return bag.dags
 
 
 DATABRICKS = ["databricks.choose_compute", "databricks.ship_to_databricks", "databricks.databricks_request",
@@ -117,3 +121,14 @@ def test_plugins_folder_does_not_load_ctr_modules_as_plugins():
 
     files = [f for f in find_path_from_directory(str(REPO / "plugins"), ".airflowignore", "glob") if f.endswith(".py")]
     assert not [f for f in files if "/ctr/" in f], files
+
+
+def test_promote_announces_the_champion_asset_that_schedules_ctr_batch_score(dag):
+    from airflow.sdk import Asset
+
+    champion = Asset(name="ctr_champion", uri="ctr://models/ctr-lightgbm/champion", group="model")
+    assert dag.get_task("promote").outlets == [champion]
+    assert [a.uri for a in dag.get_task("check_data").inlets] == ["ctr://landing/criteo-daily"]
+    batch = _bag()["ctr_batch_score"]
+    assert list(batch.timetable.asset_condition.objects) == [champion]
+    assert batch.task_ids == ["champion", "score"] and batch.get_task("score").upstream_task_ids == {"champion"}

@@ -1,7 +1,9 @@
 """Operator alerts: an Airflow notifier that POSTs a JSON message to a webhook taken from a connection.
 
 Events: `task_failed` (a task's on_failure_callback), `gate_rejected` (the gate task, on a rejected
-candidate) and `rollback` (verify rolled the live service back). The webhook is the HTTP connection
+candidate), `rollback` (verify rolled the live service back), `review_requested` (a borderline candidate
+waits for a person in task review) and `deadline_missed` (the DAG's DeadlineAlert: a run neither promoted
+nor rejected in time). The webhook is the HTTP connection
 `ctr_alerts` (override with CTR_ALERTS_CONN_ID); without that connection every notification is a
 logged no-op, so a laptop or a test installation needs no webhook. The connection is read by
 `ctr.airflow.hooks.WebhookHook`; this module only builds and posts the message.
@@ -32,7 +34,7 @@ __all__ = ["DEFAULT_CONN_ID", "EVENTS", "WebhookNotifier", "alerts_conn_id", "on
 log = logging.getLogger("ctr.airflow.notify")
 
 DEFAULT_CONN_ID = DEFAULT_ALERTS_CONN_ID
-EVENTS = ("task_failed", "gate_rejected", "rollback")
+EVENTS = ("task_failed", "gate_rejected", "rollback", "review_requested", "deadline_missed")
 
 
 def _field(context: Any, name: str) -> Any:
@@ -112,6 +114,55 @@ def send(context: Any, event: str, message: str, **details: Any) -> None:
         WebhookNotifier(event, message=message, details=details).notify(context)
     except Exception as e:
         log.error("notify: event=%s could not be sent: %s", event, e)
+
+
+async def deadline_missed(context: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    """The DAG's DeadlineAlert callback (an AsyncCallback: runs in the triggerer): post `deadline_missed` with the
+    run's link. `context` is what Airflow hands a deadline callback: {"dag_run": {...}, "deadline": {...}}."""
+    import asyncio
+    from types import SimpleNamespace
+
+    run = (context or {}).get("dag_run") or {}
+    deadline = (context or {}).get("deadline") or {}
+    dag_id, run_id = run.get("dag_id"), run.get("dag_run_id") or run.get("run_id")
+    link = run_link(dag_id, run_id)
+    message = (f"ctr: {dag_id} run {run_id} has neither promoted nor rejected a candidate by its deadline "
+               f"{deadline.get('deadline_time')} (state {run.get('state')}): {link}")
+    ctx = {"dag": SimpleNamespace(dag_id=dag_id), "run_id": run_id, "logical_date": run.get("logical_date")}
+    notifier = WebhookNotifier("deadline_missed", message=message,
+                               details={"url": link, "deadline": str(deadline.get("deadline_time")), "state": run.get("state"),
+                                        "data_interval_end": run.get("data_interval_end"), **kwargs})
+    await asyncio.to_thread(notifier.notify, ctx)  # the connection lookup and the POST are blocking
+
+
+def deadline(hours: float) -> Any:
+    """The DAG's DeadlineAlert: `deadline_missed` when a run is still unfinished `hours` after it was queued.
+
+    None inside `airflow dags test` (make demo, the `dags test` e2e tests): Airflow 3.3.2's in-process run
+    looks the DAG's deadline alerts up as database rows, which only the dag-processor writes, and fails the
+    run (`'dict' object has no attribute 'hex'`); a run in the foreground needs no deadline anyway."""
+    import sys
+    from datetime import timedelta
+
+    from airflow.sdk import AsyncCallback, DeadlineAlert, DeadlineReference
+
+    if sys.argv[1:3] == ["dags", "test"]:
+        return None
+    return DeadlineAlert(reference=DeadlineReference.DAGRUN_QUEUED_AT, interval=timedelta(hours=hours),
+                         callback=AsyncCallback(deadline_missed), name="ctr_promote_or_reject")
+
+
+def run_link(dag_id: str | None, run_id: str | None) -> str:
+    """The run's page in the Airflow UI ([api] base_url)."""
+    from urllib.parse import quote
+
+    try:
+        from airflow.configuration import conf
+
+        base = (conf.get("api", "base_url", fallback="") or "").rstrip("/")
+    except Exception:  # no Airflow configuration: a relative link
+        base = ""
+    return f"{base}/dags/{quote(str(dag_id))}/runs/{quote(str(run_id))}"
 
 
 def on_task_failure() -> WebhookNotifier:

@@ -192,12 +192,21 @@ def evaluate(context: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]
 
 
 def gate(context: dict[str, Any], evaluated: dict[str, Any]) -> bool:
+    """Pass, reject (deploy tasks skipped), or hand a borderline candidate to `review` (ctr.airflow.review)."""
+    from ctr.airflow import review
+
     g = evaluated["gate"]
+    doc = json.loads(Path(evaluated["metrics_path"]).read_text())
+    why = review.borderline(g, doc, context["params"])
     verdict = "PASSED (forced)" if g["forced"] else ("PASSED" if g["passed"] else "REJECTED")
-    log.info("gate: %s", verdict)
+    log.info("gate: %s%s", verdict, f"; borderline, a person decides in task review: {why}" if why else "")
     for r in g["reasons"]:
         (log.info if g["passed"] else log.warning)("gate: %s", r)
-    context["ti"].xcom_push(key="decision", value={"passed": g["passed"], "forced": g["forced"], "reasons": g["reasons"]})
+    req = review.request(holdout_day(context).isoformat(), doc, evaluated, why, context["params"]) if why else None
+    context["ti"].xcom_push(key="decision", value={"passed": g["passed"], "forced": g["forced"], "reasons": g["reasons"],
+                                                   "review": req})
+    if why:
+        return True
     if not g["passed"]:
         from ctr.airflow import notify
 
@@ -231,10 +240,17 @@ def register(context: dict[str, Any], evaluated: dict[str, Any]) -> dict[str, An
         "code_version": code_version(), "bundle_digest": bundle_digest(bundle),
         "data_fingerprints": doc.get("data_fingerprints") or {}, "landing_root": s.landing_root,
     }
+    from ctr.airflow.review import REVIEW_TASK_ID, review_tags
+
+    reviewed = review_tags(context["ti"].xcom_pull(task_ids=REVIEW_TASK_ID))  # who approved a borderline candidate
     metrics = {f"candidate_{k}": doc["candidate"][k] for k in ("auc", "logloss", "ece", "mean_pred")}
     reg = _registry(s)
     v = reg.register(bundle, run_key(context), tags, metrics, run_id=evaluated.get("mlflow_run_id"),
                      data_digest=doc.get("data_digest"))
+    if reviewed:  # also on a version found again (a re-run after the approval)
+        reg.set_tags(v.version, reviewed)
+        log.info("register: version %s approved by %s: %s", v.version, reviewed["ctr.review_by"],
+                 reviewed["ctr.review_comment"] or "(no comment)")
     links = ui_links(s.tracking_uri, s.mlflow_ui_url, reg.experiment_id(), v.run_id, s.model_name, v.version)
     push_links(context["ti"], links)
     if doc["gate"]["forced"]:
@@ -319,7 +335,18 @@ def verify(context: dict[str, Any], rolled: dict[str, Any]) -> dict[str, Any]:
 
 
 def promote(context: dict[str, Any], verified: dict[str, Any]) -> dict[str, Any]:
+    """Move the champion pointer; the asset event on `CHAMPION` (ctr.airflow.assets) says who is champion now."""
+    from ctr.airflow.assets import CHAMPION, champion_extra
+
     s = settings(context)
-    champ = _registry(s).promote(verified["version"])
-    return {"champion": champ.version, "url": verified["url"]}
+    reg = _registry(s)
+    champ = reg.promote(verified["version"])
+    built = context["ti"].xcom_pull(task_ids="build_image") or {}
+    image = built.get("image") or built.get("tag")
+    if champ.version == str(verified["version"]) and image:
+        reg.set_tags(champ.version, {"ctr.image": image})  # the image a later event names while this stays champion
+    extra = champion_extra(champ, verified["version"], image, s.model_name)
+    context["outlet_events"][CHAMPION].extra = extra
+    log.info("promote: asset event %s %s", CHAMPION.uri, json.dumps(extra, sort_keys=True))
+    return {"champion": champ.version, "url": verified["url"], "asset_extra": extra}
 

@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ctr.data.landing import COMPLETION_MARKER
 from ctr.data.tsv import to_tsv_bytes
 from ctr.schema import CAT_COLUMNS, INT_COLUMNS, REAL_CARDINALITY
 
@@ -215,7 +216,7 @@ def _gz_chunk(cfg: GeneratorConfig, day: dt.date, chunk: int, n: int) -> tuple[b
 
 
 def write_day(root: Path, day: dt.date, rows: int, cfg: GeneratorConfig) -> Path:
-    """Write `root/day=D/part-00000.tsv.gz` and `root/truth/day=D.parquet` (true p per row, same order).
+    """Write `root/day=D/part-00000.tsv.gz`, then `root/day=D/_SUCCESS`, and `root/truth/day=D.parquet` (true p per row, same order).
 
     Constant memory: chunks are generated and compressed (gzip level 1, one member per chunk) on
     worker threads and written in order; at most WORKERS + 1 chunks are alive at a time.
@@ -242,6 +243,7 @@ def write_day(root: Path, day: dt.date, rows: int, cfg: GeneratorConfig) -> Path
             _drain(inflight.popleft(), fh, writer)
     tmp.replace(out)
     truth_tmp.replace(truth)
+    (part_dir / COMPLETION_MARKER).touch()  # the day is complete, as an exporter says it (check_data waits for it)
     secs = time.monotonic() - t0
     log.info("generated day=%s rows=%d path=%s truth=%s rows_per_s=%.0f", day, rows, out, truth, rows / max(secs, 1e-9))
     return out

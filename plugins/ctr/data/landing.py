@@ -245,6 +245,36 @@ def _list_day(root: str, day: dt.date) -> tuple[list[str], DayFingerprint]:
             DayFingerprint(_canonical_root(root, base), stamps))
 
 
+COMPLETION_MARKER = "_SUCCESS"  # what an exporter writes into day=D/ after the day's last data file
+
+
+def day_incomplete(root: str, day: dt.date, marker: str = COMPLETION_MARKER) -> str | None:
+    """Why the day is not complete yet (None when it is), by the landing zone's completion rule `marker`:
+
+    a file name (`_SUCCESS`: the exporter writes it after the day's last part), `parts:N` (at least N
+    data files), or "" (any non-empty data file). The reason is the message `check_data` fails with when
+    the wait runs out (`landing zone day=D has 0 files under ...; is the export late?`). An unreachable
+    landing zone or a missing container raises (retried as an I/O error); it is no reason to wait.
+    """
+    fs, base = _fs(root)
+    _check_container(fs, root, base)  # an unreachable zone or a missing container raises: no late day
+    try:
+        files, _ = _list_day(root, day)
+    except LandingZoneError as e:  # absent or empty day
+        return str(e)
+    shown = day_dir(root, day)
+    if marker.startswith("parts:"):
+        want = int(marker.removeprefix("parts:"))
+        if len(files) < want:
+            return f"landing zone day={day.isoformat()} has {len(files)} of {want} data files under {shown}; is the export late?"
+        return None
+    if marker:
+        if not fs.exists(f"{day_dir(base, day)}/{marker}"):
+            return (f"landing zone day={day.isoformat()} has {len(files)} data file(s) but no {marker} marker under "
+                    f"{shown}; is the export late? (a landing zone without markers: completion_marker='')")
+    return None
+
+
 def _restat(path: str) -> FileStamp | None:
     """The stamp of one landing file now (None when it is gone), bypassing any listing cache."""
     fs, _ = _fs(path)
