@@ -45,6 +45,8 @@ with DAG(
         "max_auc_drop": Param(0.005, type="number", description="gate: lower 95% CI bound of AUC diff must be >= -this"),
         "max_logloss_rise": Param(0.005, type="number", description="gate: max logloss increase over the champion"),
         "max_ece": Param(0.05, type="number", description="gate: max expected calibration error"),
+        "max_feature_psi": Param(0.25, type="number", minimum=0, description="gate: max PSI of any feature, holdout vs training range"),
+        "warn_feature_psi": Param(0.1, type="number", minimum=0, description="gate: PSI from which a feature is named as a warning"),
         "force_deploy": Param(False, type="boolean", description="deploy even if the gate fails (recorded in tags)"),
         "verify_rows": Param(100, type="integer", minimum=1, description="holdout rows compared live vs offline"),
         "fail_verify": Param(False, type="boolean", description="drill: make verify fail to exercise the rollback"),

@@ -152,7 +152,7 @@ def evaluate(context: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]
     """Score candidate and champion freshly on the same holdout rows; write metrics.json and the report
     next to the bundle, log both to the DAG run's MLflow run, push the "MLflow run" link."""
     from ctr.airflow.links import push_links
-    from ctr.data.landing import data_digest
+    from ctr.data.landing import data_digest, daterange
     from ctr.registry import ui_links
     from ctr.validation.holdout import evaluate_day
 
@@ -164,7 +164,9 @@ def evaluate(context: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]
     champ, why = reg.baseline_for(day.isoformat())  # the champion, unless it trained on this day (backfills)
     log.info("evaluate: baseline for %s: %s", day, why)
     baseline = reg.download(champ.version) if champ else None
+    start, end = train_range(context)
     doc = evaluate_day(s.staging_dir, day, Path(trained["bundle"]), baseline, gate_params=context["params"],
+                       train_days=daterange(start, end),
                        report_dir=out / "report", title=f"{run_key(context)}: candidate vs champion "
                        f"{'v' + champ.version if champ else '(none)'} on {day.isoformat()}")
     doc["baseline_version"] = champ.version if champ else None
@@ -178,7 +180,8 @@ def evaluate(context: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]
     report = Path(doc["report"])
     rid = reg.ensure_run(run_key(context), {"dag_id": context["dag"].dag_id, "run_id": context["run_id"],
                                             "ctr.logical_date": day.isoformat()}, data_digest=doc["data_digest"])
-    reg.log_evaluation(rid, doc, [path, report, *sorted(report.parent.glob("*.png"))])
+    extra = [Path(doc["drift_reference"])] if doc.get("drift_reference") else []
+    reg.log_evaluation(rid, doc, [path, report, *sorted(report.parent.glob("*.png")), *extra])
     links = ui_links(s.tracking_uri, s.mlflow_ui_url, reg.experiment_id(), rid)
     push_links(context["ti"], links)
     c, b = doc["candidate"], doc["baseline"]
@@ -188,7 +191,8 @@ def evaluate(context: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]
              f" {links['run']}" if links["run"] else "")
     return {"metrics_path": str(path), "candidate_auc": c["auc"], "champion_auc": b["auc"] if b else None,
             "champion_version": champ.version if champ else None, "gate": doc["gate"], "bundle": trained["bundle"],
-            "report": str(report), "mlflow_run_id": rid, "mlflow_run_url": links["run"] or None}
+            "report": str(report), "mlflow_run_id": rid, "mlflow_run_url": links["run"] or None,
+            "drift_largest": (doc.get("drift") or {}).get("largest", [])}
 
 
 def gate(context: dict[str, Any], evaluated: dict[str, Any]) -> bool:
@@ -197,7 +201,10 @@ def gate(context: dict[str, Any], evaluated: dict[str, Any]) -> bool:
     log.info("gate: %s", verdict)
     for r in g["reasons"]:
         (log.info if g["passed"] else log.warning)("gate: %s", r)
-    context["ti"].xcom_push(key="decision", value={"passed": g["passed"], "forced": g["forced"], "reasons": g["reasons"]})
+    for w in g.get("warnings", []):
+        log.warning("gate: warning: %s", w)
+    context["ti"].xcom_push(key="decision", value={"passed": g["passed"], "forced": g["forced"], "reasons": g["reasons"],
+                                                   "warnings": g.get("warnings", []), "drifted": g.get("drifted", [])})
     if not g["passed"]:
         from ctr.airflow import notify
 
