@@ -29,6 +29,7 @@ from ctr.serving.metrics import CONTENT_TYPE as METRICS_TYPE
 from ctr.serving.metrics import Metrics, multiprocess_dir
 from ctr.serving.model import ModelHolder, ServedModel
 from ctr.serving.openapi import OPENAPI
+from ctr.serving.predlog import PredictionLog, prediction_log_from
 from ctr.serving.ranking import (
     DEFAULT_MAX_CANDIDATES,
     RANK_ROUTE,
@@ -38,6 +39,7 @@ from ctr.serving.ranking import (
     prepare,
 )
 from ctr.serving.validation import RequestError, parse_json
+from ctr.settings import Settings
 
 log = logging.getLogger("ctr.serving")
 
@@ -72,7 +74,7 @@ class ScoringApp:
                  lane_bytes: int = DEFAULT_LANE_BYTES, batch_workers: int = DEFAULT_BATCH_WORKERS,
                  lane_queue: int = DEFAULT_LANE_QUEUE, batch_nice: int = DEFAULT_BATCH_NICE,
                  lane_tsv_bytes: int = DEFAULT_LANE_TSV_BYTES,
-                 max_candidates: int = DEFAULT_MAX_CANDIDATES) -> None:
+                 max_candidates: int = DEFAULT_MAX_CANDIDATES, prediction_log: PredictionLog | None = None) -> None:
         self.holder = ModelHolder(model, load_timeout=load_timeout)
         self.token = token.encode()
         self.admin_token = admin_token.encode()
@@ -101,6 +103,8 @@ class ScoringApp:
         self.metrics = Metrics(self._routes, multiprocess_dir(), inflight=lambda: self.inflight)
         self._inflight_gauge = self.metrics.inflight_gauge  # None unless multiprocess mode
         self.metrics.set_model(model.version, model.loaded_at)
+        self.predlog = prediction_log or PredictionLog(Path("."), rate=0.0)  # off unless create_app gives one
+        self.predlog.bind_metrics(self.metrics)
 
     # ---- ASGI entry ------------------------------------------------------------------
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
@@ -136,6 +140,7 @@ class ScoringApp:
             elif msg["type"] == "lifespan.shutdown":
                 self.lane.shutdown()
                 self._threads.shutdown(wait=True)
+                self.predlog.close()
                 self.metrics.close()
                 log.info("scoring service stopped model_version=%s", self.holder.current.version)
                 await send({"type": "lifespan.shutdown.complete"})
@@ -214,6 +219,7 @@ class ScoringApp:
         else:
             probs, out = await self._on_lane(model, route, ctype, body, self.max_rows)
         self.metrics.observe_predictions(probs)
+        self.predlog.log(route, ctype, body, probs, model.version)
         await _send(send, 200, out, b"application/json", [(b"x-model-version", model.header)])
         return 200
 
@@ -233,6 +239,7 @@ class ScoringApp:
         else:
             probs, out = await self._on_lane(model, RANK_ROUTE, ctype, body, self.max_candidates)
         self.metrics.observe_predictions(probs)
+        self.predlog.log(RANK_ROUTE, ctype, body, probs, model.version)
         await _send(send, 200, out, b"application/json", [(b"x-model-version", model.header)])
         return 200
 
@@ -334,6 +341,7 @@ def create_app(model_dir: str | Path, token: str | None = None, admin_token: str
     the variable (the service does not start), never a service that answers 413 to everything."""
     limits = service_limits()
     multiprocess_dir()  # PROMETHEUS_MULTIPROC_DIR, when set, must be a directory (checked before the load too)
+    predlog = prediction_log_from(Settings.from_env())  # CTR_PREDICTION_LOG_* checked before the load too
     return ScoringApp(
         ServedModel.load(model_dir),
         token=os.environ.get("CTR_SERVE_TOKEN", "") if token is None else token,
@@ -343,6 +351,7 @@ def create_app(model_dir: str | Path, token: str | None = None, admin_token: str
         lane_bytes=limits["CTR_BATCH_LANE_BYTES"], batch_workers=limits["CTR_BATCH_WORKERS"],
         lane_queue=limits["CTR_BATCH_QUEUE"], batch_nice=limits["CTR_BATCH_NICE"],
         lane_tsv_bytes=limits["CTR_BATCH_LANE_TSV_BYTES"], max_candidates=limits["CTR_RANK_MAX_CANDIDATES"],
+        prediction_log=predlog,
     )
 
 
@@ -400,6 +409,7 @@ def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8765) -> N
     limits = service_limits()
     app = create_app(model_dir)
     app.lane.start()
+    app.predlog.start()
     gc.collect()
     gc.freeze()  # the loaded model is long-lived: keep it out of the collector's way (steadier p99)
     log.info("serving model_version=%s bundle=%s url=http://%s:%d auth=%s",

@@ -92,6 +92,11 @@ class Metrics:
                             registry=reg, multiprocess_mode="liveall")
         self.inflight = Gauge("ctr_inflight_requests", "Requests in flight.", registry=reg,
                               multiprocess_mode="livesum")
+        self.log_dropped = Counter("ctr_prediction_log_dropped", "Sampled prediction-log records not written, by reason "
+                                   "(queue_full: back-pressure; unparsable; write_error).", ["reason"], registry=reg)
+        self.log_written = Counter("ctr_prediction_log_records", "Prediction-log records written.", registry=reg)
+        for reason in ("queue_full", "unparsable", "write_error"):
+            self.log_dropped.labels(reason)  # present at 0 from the start: an alert can rate() it
         self.inflight_gauge: Gauge | None = None
         if multiproc or inflight is None:
             self.inflight_gauge = self.inflight
