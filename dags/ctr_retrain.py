@@ -70,6 +70,14 @@ with DAG(
 
     checked = check_data()
 
+    @task
+    def monitor(**context):  # yesterday's live traffic vs the serving model, before anything trains
+        from ctr.airflow import tasks
+
+        return tasks.monitor(context)
+
+    monitored = monitor()
+
     # ---- compute = databricks: the compute choice, then ship code, submit the Spark job, fetch its bundle
     # (docs/databricks.md). One group, so the grid shows the pipeline's stages, not four skipped peers.
     with TaskGroup("databricks", tooltip="compute choice, and training on Databricks when compute=databricks"):
@@ -160,6 +168,7 @@ with DAG(
 
     local_bundle = train(checked)
     branch >> local_bundle
+    monitored >> branch  # the monitor runs before training, on either compute
     evaluated = evaluate(trained(local_bundle, remote_bundle))
     registered = register(evaluated)
     gate(evaluated) >> registered

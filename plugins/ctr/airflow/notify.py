@@ -1,7 +1,8 @@
 """Operator alerts: an Airflow notifier that POSTs a JSON message to a webhook taken from a connection.
 
 Events: `task_failed` (a task's on_failure_callback), `gate_rejected` (the gate task, on a rejected
-candidate) and `rollback` (verify rolled the live service back). The webhook is the HTTP connection
+candidate), `rollback` (verify rolled the live service back) and `monitor_drift` (the monitor task:
+the live model's traffic crossed a drift threshold, or the monitor itself could not run). The webhook is the HTTP connection
 `ctr_alerts` (override with CTR_ALERTS_CONN_ID); without that connection every notification is a
 logged no-op, so a laptop or a test installation needs no webhook. The connection is read by
 `ctr.airflow.hooks.WebhookHook`; this module only builds and posts the message.
@@ -32,7 +33,7 @@ __all__ = ["DEFAULT_CONN_ID", "EVENTS", "WebhookNotifier", "alerts_conn_id", "on
 log = logging.getLogger("ctr.airflow.notify")
 
 DEFAULT_CONN_ID = DEFAULT_ALERTS_CONN_ID
-EVENTS = ("task_failed", "gate_rejected", "rollback")
+EVENTS = ("task_failed", "gate_rejected", "rollback", "monitor_drift")
 
 
 def _field(context: Any, name: str) -> Any:

@@ -88,6 +88,37 @@ def check_data(context: dict[str, Any]) -> dict[str, Any]:
     return {"days": summary, "rows_ok": sum(r.rows_ok for r in reports.values())}
 
 
+def monitor(context: dict[str, Any]) -> dict[str, Any]:
+    """Day D's prediction log vs the serving model's training range and holdout scores (`ctr monitor --day D`).
+
+    Never fails the run (a drifting world is exactly when retraining must go on): drift, or a monitor
+    that could not run, is logged, sent to the notifier (`monitor_drift`) and returned in the XCom."""
+    from ctr.airflow import notify
+    from ctr.monitoring.monitor import MonitorConfig, monitor_day
+
+    s = settings(context)
+    day = holdout_day(context)
+    p = context["params"]
+    cfg = MonitorConfig(max_feature_psi=float(p.get("max_feature_psi", 0.25)),
+                        max_score_psi=float(p.get("max_score_psi", 0.25)))
+    try:
+        doc = monitor_day(day, s.predictions_dir, run_dir(context, s) / "monitor", registry=_registry(s), cfg=cfg)
+    except Exception as e:
+        log.exception("monitor: day=%s could not run", day)
+        notify.send(context, "monitor_drift", f"ctr: monitor for {day} could not run: {e}", error=str(e)[:500])
+        return {"status": "error", "error": str(e)[:500], "alerts": []}
+    log.info("monitor: day=%s status=%s (%s) monitor.json at %s", day, doc["status"],
+             doc.get("reason") or f"{doc.get('rows', 0)} logged rows, versions {sorted(doc['versions'])}",
+             doc["outputs"]["json"])
+    for a in doc["alerts"]:
+        log.warning("monitor: %s", a)
+    if doc["alerts"]:
+        notify.send(context, "monitor_drift", f"ctr: the live model drifted on {day}: " + "; ".join(doc["alerts"]),
+                    alerts=doc["alerts"], monitor=doc["outputs"]["json"])
+    return {"status": doc["status"], "alerts": doc["alerts"], "reason": doc.get("reason"),
+            "rows": doc.get("rows", 0), "monitor_json": doc["outputs"]["json"], "monitor_html": doc["outputs"]["html"]}
+
+
 def train_spec(context: dict[str, Any], s: Settings) -> dict[str, Any]:
     from ctr.data.landing import daterange, staged_fingerprints
 
