@@ -218,7 +218,7 @@ class ScoringApp:
             out = response_body(model, key, probs)
         else:
             probs, out = await self._on_lane(model, route, ctype, body, self.max_rows)
-        self.metrics.observe_predictions(probs)
+        self.metrics.observe_predictions(probs, model.version)
         self.predlog.log(route, ctype, body, probs, model.version)
         await _send(send, 200, out, b"application/json", [(b"x-model-version", model.header)])
         return 200
@@ -238,7 +238,7 @@ class ScoringApp:
             out = answer_body(model, req, probs)
         else:
             probs, out = await self._on_lane(model, RANK_ROUTE, ctype, body, self.max_candidates)
-        self.metrics.observe_predictions(probs)
+        self.metrics.observe_predictions(probs, model.version)
         self.predlog.log(RANK_ROUTE, ctype, body, probs, model.version)
         await _send(send, 200, out, b"application/json", [(b"x-model-version", model.header)])
         return 200
