@@ -95,3 +95,38 @@ def test_reference_and_artifacts_through_the_registry(staged: Path, trained_bund
     names = {Path(a.path).name for a in reg.client.list_artifacts(rid, f"monitoring/{TODAY.isoformat()}")}
     assert names == {"monitor.json", "monitor.html"}
     assert np.isfinite(doc["versions"][v.version]["mean_probability"])
+
+
+def test_the_monitor_task_notifies_on_skew_and_never_fails(staged: Path, trained_bundle: Path, reference: Path,
+                                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The DAG's monitor task on today's log of a registered version: drift -> the `monitor_drift` event at a
+    real webhook receiver and the alerts in the XCom; without a log -> nothing to monitor, no event."""
+    from types import SimpleNamespace
+
+    from ctr.airflow import tasks as airflow_tasks
+    from ctr.registry import Registry
+    from ctr.settings import Settings
+
+    from tests.e2e.live_airflow import WebhookReceiver
+
+    monkeypatch.setenv("CTR_HOME", str(tmp_path))
+    monkeypatch.setenv("CTR_ALERTS_CONN_ID", "alerts_monitor")
+    ctx = {"params": {}, "dag": SimpleNamespace(dag_id="ctr_retrain"), "run_id": "test",
+           "logical_date": dt.datetime(TODAY.year, TODAY.month, TODAY.day, 2, tzinfo=dt.UTC),
+           "ti": SimpleNamespace(dag_id="ctr_retrain", task_id="monitor", run_id="test", try_number=1)}
+    with WebhookReceiver() as receiver:
+        monkeypatch.setenv("AIRFLOW_CONN_ALERTS_MONITOR", f"http://127.0.0.1:{receiver.port}/alerts")
+        out = airflow_tasks.monitor(ctx)
+        assert out["status"] == NOTHING and receiver.received == []
+        reg = Registry.from_settings(Settings.from_env())
+        rid = reg.ensure_run("ctr_retrain/2026-11-20", {"dag_id": "ctr_retrain"})
+        reg.client.log_artifact(rid, str(reference), artifact_path="evaluation")
+        v = reg.register(trained_bundle, "ctr_retrain/2026-11-20", {"dag_id": "ctr_retrain"}, {}, run_id=rid)
+        t = _holdout(staged, 1000)
+        t = t.set_column(t.schema.get_field_index("C6"), "C6", pa.array(["zz"] * t.num_rows))
+        _log(Settings.from_env().predictions_dir, t, Bundle.load(trained_bundle), v.version)
+        out = airflow_tasks.monitor(ctx)
+        assert out["status"] == "drift" and any("C6 PSI" in a for a in out["alerts"])
+        (got,) = receiver.received
+    assert got["json"]["event"] == "monitor_drift" and "C6 PSI" in got["json"]["text"]
+    assert Path(out["monitor_html"]).is_file()
