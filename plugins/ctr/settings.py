@@ -83,6 +83,7 @@ class Settings:
     prediction_log_queue: int = 10_000
     prediction_log_rotate_rows: int = 100_000
     prediction_log_rotate_s: int = 60
+    prediction_log_url: str = ""    # also upload closed files here: az://container/prefix (Blob; CTR_AZURE_* credentials)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

@@ -345,11 +345,35 @@ class PredictionLog:
                 log.error("prediction log: upload of %s failed: %s", final, e)
 
 
+def blob_uploader(url: str, env: dict[str, str] | None = None) -> Callable[[Path, str], None]:
+    """Upload closed files to `url` (`az://container/prefix`, `abfs://...`) as `<prefix>/date=D/<name>`, through
+    fsspec/adlfs with the landing zone's credentials (CTR_AZURE_*).
+    Blob has no rename, and needs none: one `put_file` commits the blob whole (a reader sees no blob or all
+    of it). The local file stays (`ctr monitor` reads it); a failed upload is logged, not retried."""
+    import fsspec
+
+    from ctr.data.azure_storage import is_azure_url, storage_options
+
+    if not is_azure_url(url):
+        raise ValueError(f"CTR_PREDICTION_LOG_URL={url[:100]!r} is not an az:// or abfs:// URL")
+    protocol, rest = url.split("://", 1)
+    fs = fsspec.filesystem(protocol, **storage_options(protocol, env))
+    base = rest.rstrip("/")
+
+    def upload(local: Path, key: str) -> None:
+        fs.put_file(str(local), f"{base}/{key}")
+        log.info("prediction log: uploaded %s to %s://%s/%s", local.name, protocol, base, key)
+
+    return upload
+
+
 def prediction_log_from(settings: Any) -> PredictionLog:
-    """The service's log from `Settings` (CTR_PREDICTION_LOG_RATE, _SEED, _QUEUE, _ROTATE_ROWS, _ROTATE_S; CTR_HOME)."""
+    """The service's log from `Settings` (CTR_PREDICTION_LOG_RATE, _SEED, _QUEUE, _ROTATE_ROWS, _ROTATE_S, _URL; CTR_HOME)."""
+    uploader = blob_uploader(settings.prediction_log_url) if settings.prediction_log_url and \
+        settings.prediction_log_rate > 0 else None
     return PredictionLog(settings.predictions_dir, rate=settings.prediction_log_rate, seed=settings.prediction_log_seed,
                          queue_size=settings.prediction_log_queue, rotate_rows=settings.prediction_log_rotate_rows,
-                         rotate_s=settings.prediction_log_rotate_s)
+                         rotate_s=settings.prediction_log_rotate_s, uploader=uploader)
 
 
 def read_log(root: Path, day: dt.date) -> Iterator[dict[str, Any]]:
