@@ -51,6 +51,7 @@ DEFAULT_QUEUE = 10_000
 DEFAULT_ROTATE_ROWS = 100_000
 DEFAULT_ROTATE_S = 60
 DROP_REASONS = ("queue_full", "unparsable", "write_error")
+BATCH_WAIT_S = 0.05  # the writer waits this long after a first record before draining the queue
 _TMP = re.compile(r"\.part-(?P<stamp>[0-9T]+)-(?P<pid>\d+)-(?P<seq>\d+)\.jsonl\.gz\.tmp")
 _STOP = object()
 
@@ -241,8 +242,10 @@ class PredictionLog:
                 if self._fh is not None and time.monotonic() - self._opened >= self.rotate_s:
                     self._close_file()
                 continue
+            if item is not _STOP and not isinstance(item, threading.Event):
+                time.sleep(BATCH_WAIT_S)  # let a batch gather: fewer, larger gzip members, less GIL churn
             batch = [item]
-            while len(batch) < 1000:
+            while len(batch) < 5000:
                 try:
                     batch.append(self._q.get_nowait())
                 except queue.Empty:
