@@ -3,7 +3,8 @@
 The request path calls `PredictionLog.log(route, ctype, body, probs, version)` once per scored
 batch. It only decides which rows are sampled (a seeded `numpy` generator, one draw per row in the
 order rows are scored, so the number of rows logged for N scored rows is a fixed function of the
-seed and N) and puts one tuple holding the request body (a reference, no copy) on a bounded queue;
+seed and N) and puts one tuple holding the request body (a reference, no copy) on a bounded queue (a
+`deque` with a length check: no lock on the request path);
 when the queue is full the sampled rows are dropped and counted (`ctr_prediction_log_dropped_total`
 by reason), never silently. The writer thread parses the sampled rows out of the body, writes one
 JSON object per row
@@ -31,12 +32,12 @@ import datetime as dt
 import gzip
 import logging
 import os
-import queue
 import re
 import threading
 import time
 import uuid
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,7 @@ DEFAULT_QUEUE = 10_000
 DEFAULT_ROTATE_ROWS = 100_000
 DEFAULT_ROTATE_S = 60
 DROP_REASONS = ("queue_full", "unparsable", "write_error")
-BATCH_WAIT_S = 0.05  # the writer waits this long after a first record before draining the queue
+BATCH_WAIT_S = 0.05  # the writer drains the queue this often
 _TMP = re.compile(r"\.part-(?P<stamp>[0-9T]+)-(?P<pid>\d+)-(?P<seq>\d+)\.jsonl\.gz\.tmp")
 _STOP = object()
 
@@ -124,8 +125,9 @@ class PredictionLog:
         self.rotate_rows = rotate_rows
         self.rotate_s = rotate_s
         self._rng = np.random.default_rng(seed)
-        self._lock = threading.Lock()
-        self._q: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._q: deque = deque()  # append/popleft are atomic: no lock, no condition on the request path
+        self._max = queue_size
+        self._wake = threading.Event()
         self._dropped = dropped or (lambda reason, n: None)
         self._written = written or (lambda n: None)
         self._uploader = uploader
@@ -154,28 +156,26 @@ class PredictionLog:
 
     # ---- the request path ---------------------------------------------------------------------
     def log(self, route: str, ctype: bytes, body: bytes, probs: np.ndarray, version: str) -> None:
-        """Sample rows of one answered batch; never blocks, never raises."""
+        """Sample rows of one answered batch; never blocks, never raises. Called from the event loop's
+        thread only (the draws' order is the answers' order)."""
         n = len(probs)
         if self.rate <= 0 or n == 0:
             return
-        with self._lock:
-            self.scored += n
-            if self.rate >= 1.0:
-                picked = None
-                k = n
-            else:
-                hit = self._rng.random(n) < self.rate
-                k = int(hit.sum())
-                if k == 0:
-                    return
-                picked = np.flatnonzero(hit)
-            self.sampled += k
-        item = (time.time(), route, ctype, body, probs if picked is None else probs[picked], picked, n, version,
-                uuid.uuid4().hex)
-        try:
-            self._q.put_nowait(item)
-        except queue.Full:
+        self.scored += n
+        if self.rate >= 1.0:
+            picked = None
+            k = n
+        else:
+            hit = self._rng.random(n) < self.rate
+            k = int(hit.sum())
+            if k == 0:
+                return
+            picked = np.flatnonzero(hit)
+        self.sampled += k
+        if len(self._q) >= self._max:
             self._drop("queue_full", k)
+            return
+        self._q.append((time.time(), route, ctype, body, probs if picked is None else probs[picked], picked, n, version))
 
     def _drop(self, reason: str, n: int) -> None:
         self.drops[reason] += n
@@ -196,14 +196,16 @@ class PredictionLog:
         """Write what is queued, close (rename) the open file, stop the thread."""
         if self._thread is None:
             return
-        self._q.put(_STOP)
+        self._q.append(_STOP)
+        self._wake.set()
         self._thread.join(timeout)
         self._thread = None
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until the queue is written and close the open file (tests, shutdown)."""
         done = threading.Event()
-        self._q.put(done)
+        self._q.append(done)
+        self._wake.set()
         done.wait(timeout)
 
     def salvage(self) -> list[Path]:
@@ -236,20 +238,17 @@ class PredictionLog:
 
     def _loop(self) -> None:
         while True:
-            try:
-                item = self._q.get(timeout=min(1.0, self.rotate_s))
-            except queue.Empty:
+            # wake every BATCH_WAIT_S (or at once for flush/stop): a batch gathers in the meantime, so a busy
+            # service writes a few large gzip members a second, not one per request
+            self._wake.wait(BATCH_WAIT_S)
+            self._wake.clear()
+            batch = []
+            while self._q and len(batch) < 5000:
+                batch.append(self._q.popleft())
+            if not batch:
                 if self._fh is not None and time.monotonic() - self._opened >= self.rotate_s:
                     self._close_file()
                 continue
-            if item is not _STOP and not isinstance(item, threading.Event):
-                time.sleep(BATCH_WAIT_S)  # let a batch gather: fewer, larger gzip members, less GIL churn
-            batch = [item]
-            while len(batch) < 5000:
-                try:
-                    batch.append(self._q.get_nowait())
-                except queue.Empty:
-                    break
             stop = False
             events = []
             records = []
@@ -273,7 +272,9 @@ class PredictionLog:
                 self._close_file()
 
     def _lines(self, records: list[tuple]) -> Iterator[tuple[str, bytes, int]]:
-        for ts, route, ctype, body, probs, picked, n, version, rid in records:
+        for ts, route, ctype, body, probs, picked, n, version in records:
+            time.sleep(0)  # hand the GIL to the event loop between records: it never waits a switch interval
+            rid = uuid.uuid4().hex
             when = dt.datetime.fromtimestamp(ts, dt.UTC)
             try:
                 rows = _rows_of(route, ctype, body, n)
