@@ -342,6 +342,46 @@ def metrics_cost(bundle_dir: Path, single: bytes, want: float, env: dict[str, st
             "drop_pct": round((1 - ratio) * 100, 2)}
 
 
+def log_cost(bundle_dir: Path, single: bytes, want: float, env: dict[str, str], a: argparse.Namespace,
+             work: Path) -> dict[str, Any]:
+    """Single-row p99 and req/s of `ctr serve` with the prediction log at rate 0 (off) vs 1.0 (every row), interleaved."""
+    import gzip as gz
+
+    from ctr.serving.process import free_port
+
+    rates = ("0", "1.0")
+    runs: dict[str, list[dict[str, Any]]] = {r: [] for r in rates}
+    for rnd in range(a.log_rounds):
+        for rate in (rates if rnd % 2 == 0 else rates[::-1]):
+            port = free_port()
+            home = work / f"home-{rate}-{rnd}"
+            log(f"prediction log cost: rate {rate} round {rnd + 1} on :{port}")
+            srv = Server([sys.executable, "-m", "ctr.cli", "serve", "--model", str(bundle_dir), "--port", str(port)],
+                         "/readyz", port, work / f"ctr-log-{rate}.log",
+                         {**env, "CTR_HOME": str(home), "CTR_PREDICTION_LOG_RATE": rate})
+            try:
+                got = post(srv.url + "/invocations", single, "application/json")["predictions"][0]
+                assert abs(got - want) <= 1e-12, (rate, got, want)
+                wrk(srv.url + "/invocations", single, "application/json", a.connections, 3, work)  # warm-up
+                res = wrk(srv.url + "/invocations", single, "application/json", a.connections, a.duration, work)
+                with urllib.request.urlopen(srv.url + "/metrics", timeout=10) as resp:
+                    text = resp.read().decode()
+                res["dropped"] = sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
+                                     if ln.startswith("ctr_prediction_log_dropped_total"))
+            finally:
+                srv.stop()
+            res["rows_logged"] = sum(len(gz.decompress(f.read_bytes()).splitlines())
+                                     for f in home.glob("predictions/date=*/part-*.jsonl.gz"))
+            runs[rate].append(res)
+    p99 = {r: round(sorted(x["p99_ms"] for x in v)[len(v) // 2], 3) for r, v in runs.items()}  # median round
+    rps = {r: round(sum(x["requests_per_s"] for x in v) / len(v), 1) for r, v in runs.items()}
+    rise = p99["1.0"] / p99["0"] - 1
+    return {"request": "POST /invocations dataframe_split, 1 row", "rounds": a.log_rounds,
+            "order": "alternating, each round restarts the service", "runs": runs, "median_p99_ms": p99,
+            "mean_requests_per_s": rps, "p99_rise_pct": round(rise * 100, 2),
+            "goal_p99_rise_le_10pct": rise <= 0.10}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, help="bundle directory (default: train one like make demo)")
@@ -359,6 +399,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="rounds of the metrics-cost scenario (each runs both variants, order alternating)")
     ap.add_argument("--only-metrics-cost", action="store_true",
                     help="run only the metrics-cost scenario and print its JSON (nothing written)")
+    ap.add_argument("--log-rounds", type=int, default=3,
+                    help="rounds of the prediction-log cost scenario (rate 0 and 1.0, order alternating)")
+    ap.add_argument("--only-log-cost", action="store_true",
+                    help="run only the prediction-log cost scenario; write benchmarks/results/serve_predlog.json")
     a = ap.parse_args(argv)
     if shutil.which("wrk") is None:
         print("bench serve: wrk not found; install it with `apt-get install wrk` (Debian package)", file=sys.stderr)
@@ -397,6 +441,16 @@ def main(argv: list[str] | None = None) -> int:
 
     if a.only == "rank":
         return only_rank(a, argv, bundle, bundle_dir, rank_rows, env, work, result)
+    if a.only_log_cost:
+        result["prediction_log"] = log_cost(bundle_dir, single, want_single, env, a, work)
+        result["machine"]["loadavg_end"] = os.getloadavg()
+        out = RESULTS.with_name("serve_predlog.json")
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        pl = result["prediction_log"]
+        log(f"prediction log: single-row p99 {pl['median_p99_ms']['1.0']} ms at rate 1.0 vs {pl['median_p99_ms']['0']} ms "
+            f"off ({pl['p99_rise_pct']:+.1f}%); req/s {pl['mean_requests_per_s']}; wrote {out}")
+        shutil.rmtree(work, ignore_errors=True)
+        return 0
     if a.only_metrics_cost:
         print(json.dumps(metrics_cost(bundle_dir, single, want_single, env, a, work, batch_tsv), indent=1))
         shutil.rmtree(work, ignore_errors=True)

@@ -61,6 +61,8 @@ with DAG(
                              "asks a person (review) instead of rejecting; 1 = never"),
         "review_timeout": Param(4 * 3600, type="integer", minimum=0, description="seconds review waits; then Reject"),
         "approvers": Param([], type="array", items={"type": "string"}, description="user ids who may answer review; [] = any"),
+        "max_feature_psi": Param(0.25, type="number", minimum=0, description="gate: max PSI of any feature, holdout vs training range"),
+        "warn_feature_psi": Param(0.1, type="number", minimum=0, description="gate: PSI from which a feature is named as a warning"),
         "force_deploy": Param(False, type="boolean", description="deploy even if the gate fails (recorded in tags)"),
         "verify_rows": Param(100, type="integer", minimum=1, description="holdout rows compared live vs offline"),
         "fail_verify": Param(False, type="boolean", description="drill: make verify fail to exercise the rollback"),
@@ -96,6 +98,14 @@ with DAG(
 
     # waits deferred (no worker slot) up to data_wait_timeout for the days' completion markers, then validates and stages
     checked = CheckDataOperator(task_id="check_data", inlets=[LANDING], **IO_RETRIES).output
+
+    @task
+    def monitor(**context):  # yesterday's live traffic vs the serving model, before anything trains
+        from ctr.airflow import tasks
+
+        return tasks.monitor(context)
+
+    monitored = monitor()
 
     # ---- compute = databricks: the compute choice, then ship code, submit the Spark job, fetch its bundle
     # (docs/databricks.md). One group, so the grid shows the pipeline's stages, not four skipped peers.
@@ -190,6 +200,7 @@ with DAG(
 
     local_bundle = train(checked)
     branch >> local_bundle
+    monitored >> branch  # the monitor runs before training, on either compute
     evaluated = evaluate(trained(local_bundle, remote_bundle))
     registered = register(evaluated)
     gate(evaluated) >> review >> registered

@@ -85,6 +85,16 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--host", default=None)
     v.add_argument("--port", type=_port, default=None)
 
+    mo = sub.add_parser("monitor", help="compare a day's prediction log with the serving model's training range "
+                                        "and holdout scores; prints JSON (monitor.json)")
+    mo.add_argument("--day", type=_date, required=True)
+    mo.add_argument("--predictions", type=Path, default=None, help="prediction log root (default: CTR_HOME/predictions)")
+    mo.add_argument("--out", type=Path, default=None, help="where monitor.json/.html go (default: CTR_HOME/monitor/DAY)")
+    mo.add_argument("--reference", type=Path, default=None,
+                    help="a drift_reference.json to compare with (default: each version's, from its MLflow run)")
+    mo.add_argument("--max-feature-psi", type=float, default=0.25)
+    mo.add_argument("--max-score-psi", type=float, default=0.25)
+
     b = sub.add_parser("bundle", help="bundle maintenance")
     bsub = b.add_subparsers(dest="bundle_cmd", required=True)
     f = bsub.add_parser("finalize", help="write manifest.json for a bundle made before manifests existed "
@@ -170,6 +180,22 @@ def cmd_serve(a: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_monitor(a: argparse.Namespace, settings: Settings) -> int:
+    from ctr.monitoring.monitor import MonitorConfig, monitor_day
+
+    registry = None
+    if a.reference is None:
+        from ctr.registry import Registry
+
+        registry = Registry.from_settings(settings)
+    doc = monitor_day(a.day, a.predictions or settings.predictions_dir, a.out or settings.home / "monitor" / a.day.isoformat(),
+                      registry=registry, reference=a.reference,
+                      cfg=MonitorConfig(max_feature_psi=a.max_feature_psi, max_score_psi=a.max_score_psi))
+    print(json.dumps(doc, indent=1, sort_keys=True))
+    print(f"monitor {a.day}: {doc['status']}" + (": " + "; ".join(doc["alerts"]) if doc["alerts"] else ""), file=sys.stderr)
+    return 0
+
+
 def cmd_bundle(a: argparse.Namespace, settings: Settings) -> int:
     from ctr.model.bundle import refinalize
 
@@ -179,7 +205,7 @@ def cmd_bundle(a: argparse.Namespace, settings: Settings) -> int:
 
 
 COMMANDS = {"generate": cmd_generate, "train": cmd_train, "evaluate": cmd_evaluate, "score": cmd_score, "rank": cmd_rank,
-            "serve": cmd_serve, "bundle": cmd_bundle}
+            "serve": cmd_serve, "monitor": cmd_monitor, "bundle": cmd_bundle}
 
 
 def main(argv: list[str] | None = None) -> int:

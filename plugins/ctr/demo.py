@@ -109,6 +109,49 @@ def rank_example(url: str, token: str = "", example: dict | None = None) -> list
     return [f"  curl -s {url}/v1/rank -H 'Content-Type: application/json'{token} \\", f"    -d '{body}'"]
 
 
+def send_traffic(s: Settings, day: dt.date, requests: int = 300) -> int:
+    """Score `requests` single rows of day `day` on the live endpoint, so the prediction log has something
+    for `ctr monitor`; returns how many were answered."""
+    import httpx
+
+    from ctr.data.landing import read_staged
+    from ctr.schema import FEATURE_COLUMNS
+
+    state_path = s.serving_dir / "state.json"
+    url = json.loads(state_path.read_text()).get("url") if state_path.exists() else None
+    if not url:
+        return 0
+    rows = []
+    for t in read_staged(s.staging_dir, day, columns=FEATURE_COLUMNS):
+        rows += t.slice(0, requests - len(rows)).to_pylist()
+        if len(rows) >= requests:
+            break
+    headers = {"Authorization": f"Bearer {s.serve_token}"} if s.serve_token else {}
+    ok = 0
+    with httpx.Client(base_url=url, timeout=10, headers=headers) as c:
+        for r in rows:
+            ok += c.post("/v1/score", json={"rows": [{k: v for k, v in r.items() if v is not None}]}).status_code == 200
+    return ok
+
+
+def monitor_now(s: Settings) -> dict:
+    """`ctr monitor --day <today>` on what the demo just sent (the log is partitioned by UTC date)."""
+    import time
+
+    from ctr.monitoring.monitor import monitor_day
+    from ctr.registry import Registry
+    from ctr.serving.predlog import log_files
+
+    today = dt.datetime.now(dt.UTC).date()
+    wait = min(s.prediction_log_rotate_s, 120) + 5  # the service closes its open file within CTR_PREDICTION_LOG_ROTATE_S
+    if not log_files(s.predictions_dir, today):
+        print(f"demo: waiting up to {wait} s for the service to close its prediction-log file ...")
+    end = time.monotonic() + wait
+    while not log_files(s.predictions_dir, today) and time.monotonic() < end:
+        time.sleep(1)
+    return monitor_day(today, s.predictions_dir, s.home / "monitor" / today.isoformat(), registry=Registry.from_settings(s))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--days", type=int, default=8)
@@ -129,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     existing = list_days(s.landing_root)
     day = a.date or (existing[-1] if existing else dt.date.today() - dt.timedelta(days=1))
     ensure_landing(s, day, a.days, a.rows_per_day)
+    # the demo's service logs every row (the production default is 0.01) and closes a file every 10 s,
+    # so `ctr monitor` has a few hundred rows a moment later
+    os.environ.setdefault("CTR_PREDICTION_LOG_RATE", "1.0")
+    os.environ.setdefault("CTR_PREDICTION_LOG_ROTATE_S", "10")
+    s = Settings.from_env()
     _airflow("db", "migrate")
     print(f"demo: airflow dags test ctr_retrain {day}  (AIRFLOW_HOME={os.environ.get('AIRFLOW_HOME')})")
     # the demo's days were just written in full: nothing to wait for, and a landing zone from before completion
@@ -136,6 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     conf = json.dumps({"data_wait_timeout": 0, "completion_marker": ""})
     r = _airflow("dags", "test", "ctr_retrain", day.isoformat(), "--conf", conf, check=False)
     rc = summary(s, day)
+    sent = send_traffic(s, day)
+    if sent:
+        doc = monitor_now(s)
+        print(f"demo: sent {sent} scoring requests; ctr monitor --day {doc['day']}: {doc['status']}"
+              + (f" ({doc.get('rows', 0)} logged rows)" if doc.get("rows") else f" ({doc.get('reason', '')})"))
+        for a in doc["alerts"]:
+            print(f"  - {a}")
+        print(f"monitor page: {doc['outputs']['html']}")
     return r.returncode or rc
 
 

@@ -204,6 +204,10 @@ class Registry:
             if k != "method":
                 flat[f"auc_diff_{k}"] = v
         flat["rows"] = doc["rows"]
+        drift = doc.get("drift")
+        if drift:  # the largest feature PSI and the score PSI; every feature's PSI is in metrics.json
+            flat["drift_max_feature_psi"] = max((v for v in drift["features"].values() if v == v), default=None)
+            flat["drift_score_psi"] = drift.get("score_psi")
         g = doc["gate"]
         tags = {"gate.decision": verdict(g),
                 "gate.passed": g["passed"], "gate.forced": g["forced"], "gate.reasons": g["reasons"],

@@ -56,7 +56,8 @@ def parse_env(cls: type[T], env: Mapping[str, str] | None = None, prefix: str = 
     return cls(**kw)
 
 
-_INT_RANGES = (("serve_port", 1, 65535), ("num_threads", 1, 1024))
+_INT_RANGES = (("serve_port", 1, 65535), ("num_threads", 1, 1024), ("prediction_log_queue", 1, 10_000_000),
+               ("prediction_log_rotate_rows", 1, 100_000_000), ("prediction_log_rotate_s", 1, 86_400))
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,14 @@ class Settings:
     admin_token: str = field(default="", repr=False)  # token for the local service's swap endpoint
     seed: int = 42
     num_threads: int = 2
+    # the scoring service's prediction log (ctr.serving.predlog): share of rows recorded, its sampling
+    # seed, queue bound, and when a file is closed (rows, seconds)
+    prediction_log_rate: float = 0.01
+    prediction_log_seed: int = 0
+    prediction_log_queue: int = 10_000
+    prediction_log_rotate_rows: int = 100_000
+    prediction_log_rotate_s: int = 60
+    prediction_log_url: str = ""    # also upload closed files here: az://container/prefix (Blob; CTR_AZURE_* credentials)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -83,6 +92,9 @@ class Settings:
             v = getattr(s, name)
             if not lo <= v <= hi:
                 raise ValueError(f"CTR_{name.upper()}={v} is out of range; it must be between {lo} and {hi}")
+        if not 0.0 <= s.prediction_log_rate <= 1.0:  # NaN fails too
+            raise ValueError(f"CTR_PREDICTION_LOG_RATE={s.prediction_log_rate} is out of range; it must be between 0 and 1 "
+                             "(0 = off, 1.0 = every row)")
         return s
 
     # Derived locations, all under `home` unless configured otherwise.
@@ -113,6 +125,11 @@ class Settings:
     @property
     def serving_dir(self) -> Path:
         return self.home / "serving"
+
+    @property
+    def predictions_dir(self) -> Path:
+        """The prediction log's root: date=YYYY-MM-DD/part-*.jsonl.gz."""
+        return self.home / "predictions"
 
     @property
     def serve_url(self) -> str:

@@ -189,3 +189,25 @@ def test_blob_fingerprint_has_etag_and_a_rewritten_blob_is_restaged(azure_env: s
     assert "day=2026-11-22 re-staged: part-00000.tsv changed (" in caplog.text and "ETag" in caplog.text
     assert again.fingerprint["files"][0]["etag"] != f["etag"] and again.rows_ok == 40
     assert fingerprint_day(root, day).digest == again.digest
+
+
+def test_prediction_log_files_are_uploaded_whole_to_blob(azure_env: str, tmp_path: Path) -> None:
+    """Closed prediction-log files go to the container as date=D/<name>, byte for byte the local file (issue 17)."""
+    import numpy as np
+    import orjson
+    from azure.storage.blob import BlobServiceClient
+    from ctr.serving.predlog import PredictionLog, blob_uploader, log_files
+
+    svc = BlobServiceClient.from_connection_string(azure_env)
+    container = svc.create_container("predictions")
+    plog = PredictionLog(tmp_path, rate=1.0, rotate_rows=5, uploader=blob_uploader("az://predictions/live")).start()
+    for i in range(3):
+        plog.log("/v1/score", b"application/json", orjson.dumps({"rows": [{"I1": i}] * 4}), np.full(4, 0.25), "v1")
+        plog.flush()
+    plog.close()
+    today = dt.datetime.now(dt.UTC).date()
+    local = {f.name: f.read_bytes() for f in log_files(tmp_path, today)}
+    blobs = {b.name: container.download_blob(b.name).readall() for b in container.list_blobs(name_starts_with="live/")}
+    assert len(local) >= 2 and blobs == {f"live/date={today.isoformat()}/{n}": data for n, data in local.items()}
+    with pytest.raises(ValueError, match="CTR_PREDICTION_LOG_URL"):
+        blob_uploader("/local/path")

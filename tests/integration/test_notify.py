@@ -97,7 +97,7 @@ def test_gate_task_sends_rejection(receiver, monkeypatch):
     evaluated = {"gate": {"passed": False, "forced": False, "reasons": reasons}, "candidate_auc": 0.71,
                  "champion_version": "3"}
     assert airflow_tasks.gate(ctx, evaluated) is False
-    assert pushed["decision"] == {"passed": False, "forced": False, "reasons": reasons}
+    assert pushed["decision"] == {"passed": False, "forced": False, "reasons": reasons, "warnings": [], "drifted": []}
     (got,) = receiver.received
     body = got["json"]
     assert body["event"] == "gate_rejected" and body["details"]["reasons"] == reasons

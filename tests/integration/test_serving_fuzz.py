@@ -27,13 +27,16 @@ MAX_BODY = 64 * 1024
 FUZZ_CASES = 1200
 RANK_CASES = 1100
 MAX_CANDIDATES = 20
+LOG_RATE, LOG_SEED = 0.5, 11  # the prediction log runs under the fuzz too
 
 
 @pytest.fixture(scope="module")
 def fuzz_server(trained_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    home = tmp_path_factory.mktemp("fuzz")
     env = {"CTR_MAX_ROWS": str(MAX_ROWS), "CTR_MAX_BODY_BYTES": str(MAX_BODY),
-           "CTR_RANK_MAX_CANDIDATES": str(MAX_CANDIDATES)}
-    with ServiceProcess(trained_bundle, env, tmp_path_factory.mktemp("fuzz") / "serve.log") as svc:
+           "CTR_RANK_MAX_CANDIDATES": str(MAX_CANDIDATES), "CTR_HOME": str(home),
+           "CTR_PREDICTION_LOG_RATE": str(LOG_RATE), "CTR_PREDICTION_LOG_SEED": str(LOG_SEED)}
+    with ServiceProcess(trained_bundle, env, home / "serve.log") as svc:
         yield svc
 
 
@@ -207,3 +210,23 @@ def test_after_fuzzing_the_service_is_alive_and_logged_no_5xx(client: httpx.Clie
     counted = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("ctr_requests_total"))
     assert counted >= FUZZ_CASES + RANK_CASES
     assert 'status="5' not in text
+
+
+def test_the_prediction_log_holds_exactly_what_the_seeded_sampling_chose(client: httpx.Client,
+                                                                         fuzz_server: ServiceProcess) -> None:
+    """Every row answered 200 during the fuzz drew once; the log (after a graceful stop) holds exactly the
+    rows whose draw was < rate, nothing dropped, no .tmp left, and every file reads whole."""
+    import gzip
+
+    import numpy as np
+    from ctr.serving.predlog import complete_members
+
+    text = client.get("/metrics").text
+    rows = int(float(next(ln for ln in text.splitlines() if ln.startswith("ctr_rows_scored_total")).split()[1]))
+    fuzz_server.stop()
+    home = Path(fuzz_server.env["CTR_HOME"]) / "predictions"
+    files = sorted(home.rglob("part-*.jsonl.gz"))
+    logged = sum(len(gzip.decompress(f.read_bytes()).splitlines()) for f in files)
+    want = int((np.random.default_rng(LOG_SEED).random(rows) < LOG_RATE).sum())
+    assert rows > 100 and 0 < logged == want < rows, (rows, logged, want)
+    assert not list(home.rglob("*.tmp")) and all(complete_members(f.read_bytes())[1] for f in files)

@@ -29,16 +29,16 @@ DATABRICKS = ["databricks.choose_compute", "databricks.ship_to_databricks", "dat
 
 
 def test_tasks_present(dag):
-    assert set(dag.task_ids) == set(TASKS) | set(DATABRICKS) | {"trained"}
+    assert set(dag.task_ids) == set(TASKS) | set(DATABRICKS) | {"trained", "monitor"}
 
 
 def test_the_compute_choice_and_databricks_tasks_are_one_group_between_check_data_and_trained(dag):
     group = dag.task_group.children["databricks"]
     assert sorted(group.children) == sorted(DATABRICKS)
     top = sorted(dag.task_group.children)  # what the grid shows at the top level
-    assert top == sorted([*TASKS, "trained", "databricks"])
+    assert top == sorted([*TASKS, "trained", "databricks", "monitor"])
     choose = dag.get_task("databricks.choose_compute")
-    assert choose.upstream_task_ids == {"check_data"}
+    assert choose.upstream_task_ids == {"check_data", "monitor"}
     assert choose.downstream_task_ids == {"train", "databricks.ship_to_databricks"}
     assert dag.get_task("trained").upstream_task_ids == {"train", "databricks.fetch_databricks_bundle"}
     assert dag.get_task("databricks.fetch_databricks_bundle").upstream_task_ids == {
@@ -132,3 +132,9 @@ def test_promote_announces_the_champion_asset_that_schedules_ctr_batch_score(dag
     batch = _bag()["ctr_batch_score"]
     assert list(batch.timetable.asset_condition.objects) == [champion]
     assert batch.task_ids == ["champion", "score"] and batch.get_task("score").upstream_task_ids == {"champion"}
+
+
+def test_the_monitor_runs_before_training_on_either_compute(dag) -> None:
+    assert dag.get_task("monitor").upstream_task_ids == set()
+    assert "monitor" in dag.get_task("databricks.choose_compute").upstream_task_ids
+    assert "databricks.choose_compute" in dag.get_task("train").upstream_task_ids

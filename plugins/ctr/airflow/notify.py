@@ -2,8 +2,9 @@
 
 Events: `task_failed` (a task's on_failure_callback), `gate_rejected` (the gate task, on a rejected
 candidate), `rollback` (verify rolled the live service back), `review_requested` (a borderline candidate
-waits for a person in task review) and `deadline_missed` (the DAG's DeadlineAlert: a run neither promoted
-nor rejected in time). The webhook is the HTTP connection
+waits for a person in task review), `deadline_missed` (the DAG's DeadlineAlert: a run neither promoted
+nor rejected in time) and `monitor_drift` (the monitor task: the live model's traffic crossed a drift
+threshold, or the monitor itself could not run). The webhook is the HTTP connection
 `ctr_alerts` (override with CTR_ALERTS_CONN_ID); without that connection every notification is a
 logged no-op, so a laptop or a test installation needs no webhook. The connection is read by
 `ctr.airflow.hooks.WebhookHook`; this module only builds and posts the message.
@@ -34,7 +35,7 @@ __all__ = ["DEFAULT_CONN_ID", "EVENTS", "WebhookNotifier", "alerts_conn_id", "on
 log = logging.getLogger("ctr.airflow.notify")
 
 DEFAULT_CONN_ID = DEFAULT_ALERTS_CONN_ID
-EVENTS = ("task_failed", "gate_rejected", "rollback", "review_requested", "deadline_missed")
+EVENTS = ("task_failed", "gate_rejected", "rollback", "review_requested", "deadline_missed", "monitor_drift")
 
 
 def _field(context: Any, name: str) -> Any:

@@ -88,6 +88,37 @@ def check_data(context: dict[str, Any]) -> dict[str, Any]:
     return {"days": summary, "rows_ok": sum(r.rows_ok for r in reports.values())}
 
 
+def monitor(context: dict[str, Any]) -> dict[str, Any]:
+    """Day D's prediction log vs the serving model's training range and holdout scores (`ctr monitor --day D`).
+
+    Never fails the run (a drifting world is exactly when retraining must go on): drift, or a monitor
+    that could not run, is logged, sent to the notifier (`monitor_drift`) and returned in the XCom."""
+    from ctr.airflow import notify
+    from ctr.monitoring.monitor import MonitorConfig, monitor_day
+
+    s = settings(context)
+    day = holdout_day(context)
+    p = context["params"]
+    cfg = MonitorConfig(max_feature_psi=float(p.get("max_feature_psi", 0.25)),
+                        max_score_psi=float(p.get("max_score_psi", 0.25)))
+    try:
+        doc = monitor_day(day, s.predictions_dir, run_dir(context, s) / "monitor", registry=_registry(s), cfg=cfg)
+    except Exception as e:
+        log.exception("monitor: day=%s could not run", day)
+        notify.send(context, "monitor_drift", f"ctr: monitor for {day} could not run: {e}", error=str(e)[:500])
+        return {"status": "error", "error": str(e)[:500], "alerts": []}
+    log.info("monitor: day=%s status=%s (%s) monitor.json at %s", day, doc["status"],
+             doc.get("reason") or f"{doc.get('rows', 0)} logged rows, versions {sorted(doc['versions'])}",
+             doc["outputs"]["json"])
+    for a in doc["alerts"]:
+        log.warning("monitor: %s", a)
+    if doc["alerts"]:
+        notify.send(context, "monitor_drift", f"ctr: the live model drifted on {day}: " + "; ".join(doc["alerts"]),
+                    alerts=doc["alerts"], monitor=doc["outputs"]["json"])
+    return {"status": doc["status"], "alerts": doc["alerts"], "reason": doc.get("reason"),
+            "rows": doc.get("rows", 0), "monitor_json": doc["outputs"]["json"], "monitor_html": doc["outputs"]["html"]}
+
+
 def train_spec(context: dict[str, Any], s: Settings) -> dict[str, Any]:
     from ctr.data.landing import daterange, staged_fingerprints
 
@@ -152,7 +183,7 @@ def evaluate(context: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]
     """Score candidate and champion freshly on the same holdout rows; write metrics.json and the report
     next to the bundle, log both to the DAG run's MLflow run, push the "MLflow run" link."""
     from ctr.airflow.links import push_links
-    from ctr.data.landing import data_digest
+    from ctr.data.landing import data_digest, daterange
     from ctr.registry import ui_links
     from ctr.validation.holdout import evaluate_day
 
@@ -164,7 +195,9 @@ def evaluate(context: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]
     champ, why = reg.baseline_for(day.isoformat())  # the champion, unless it trained on this day (backfills)
     log.info("evaluate: baseline for %s: %s", day, why)
     baseline = reg.download(champ.version) if champ else None
+    start, end = train_range(context)
     doc = evaluate_day(s.staging_dir, day, Path(trained["bundle"]), baseline, gate_params=context["params"],
+                       train_days=daterange(start, end),
                        report_dir=out / "report", title=f"{run_key(context)}: candidate vs champion "
                        f"{'v' + champ.version if champ else '(none)'} on {day.isoformat()}")
     doc["baseline_version"] = champ.version if champ else None
@@ -178,7 +211,8 @@ def evaluate(context: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]
     report = Path(doc["report"])
     rid = reg.ensure_run(run_key(context), {"dag_id": context["dag"].dag_id, "run_id": context["run_id"],
                                             "ctr.logical_date": day.isoformat()}, data_digest=doc["data_digest"])
-    reg.log_evaluation(rid, doc, [path, report, *sorted(report.parent.glob("*.png"))])
+    extra = [Path(doc["drift_reference"])] if doc.get("drift_reference") else []
+    reg.log_evaluation(rid, doc, [path, report, *sorted(report.parent.glob("*.png")), *extra])
     links = ui_links(s.tracking_uri, s.mlflow_ui_url, reg.experiment_id(), rid)
     push_links(context["ti"], links)
     c, b = doc["candidate"], doc["baseline"]
@@ -188,7 +222,8 @@ def evaluate(context: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]
              f" {links['run']}" if links["run"] else "")
     return {"metrics_path": str(path), "candidate_auc": c["auc"], "champion_auc": b["auc"] if b else None,
             "champion_version": champ.version if champ else None, "gate": doc["gate"], "bundle": trained["bundle"],
-            "report": str(report), "mlflow_run_id": rid, "mlflow_run_url": links["run"] or None}
+            "report": str(report), "mlflow_run_id": rid, "mlflow_run_url": links["run"] or None,
+            "drift_largest": (doc.get("drift") or {}).get("largest", [])}
 
 
 def gate(context: dict[str, Any], evaluated: dict[str, Any]) -> bool:
@@ -202,8 +237,11 @@ def gate(context: dict[str, Any], evaluated: dict[str, Any]) -> bool:
     log.info("gate: %s%s", verdict, f"; borderline, a person decides in task review: {why}" if why else "")
     for r in g["reasons"]:
         (log.info if g["passed"] else log.warning)("gate: %s", r)
+    for w in g.get("warnings", []):
+        log.warning("gate: warning: %s", w)
     req = review.request(holdout_day(context).isoformat(), doc, evaluated, why, context["params"]) if why else None
     context["ti"].xcom_push(key="decision", value={"passed": g["passed"], "forced": g["forced"], "reasons": g["reasons"],
+                                                   "warnings": g.get("warnings", []), "drifted": g.get("drifted", []),
                                                    "review": req})
     if why:
         return True

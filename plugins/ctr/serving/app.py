@@ -29,6 +29,7 @@ from ctr.serving.metrics import CONTENT_TYPE as METRICS_TYPE
 from ctr.serving.metrics import Metrics, multiprocess_dir
 from ctr.serving.model import ModelHolder, ServedModel
 from ctr.serving.openapi import OPENAPI
+from ctr.serving.predlog import PredictionLog, prediction_log_from
 from ctr.serving.ranking import (
     DEFAULT_MAX_CANDIDATES,
     RANK_ROUTE,
@@ -39,6 +40,7 @@ from ctr.serving.ranking import (
 )
 from ctr.serving.traffic import Traffic
 from ctr.serving.validation import RequestError, parse_json
+from ctr.settings import Settings
 
 log = logging.getLogger("ctr.serving")
 
@@ -73,7 +75,7 @@ class ScoringApp:
                  lane_bytes: int = DEFAULT_LANE_BYTES, batch_workers: int = DEFAULT_BATCH_WORKERS,
                  lane_queue: int = DEFAULT_LANE_QUEUE, batch_nice: int = DEFAULT_BATCH_NICE,
                  lane_tsv_bytes: int = DEFAULT_LANE_TSV_BYTES,
-                 max_candidates: int = DEFAULT_MAX_CANDIDATES) -> None:
+                 max_candidates: int = DEFAULT_MAX_CANDIDATES, prediction_log: PredictionLog | None = None) -> None:
         self.holder = ModelHolder(model, load_timeout=load_timeout)
         self.token = token.encode()
         self.admin_token = admin_token.encode()
@@ -106,6 +108,8 @@ class ScoringApp:
         self.metrics.set_model(model.version, model.loaded_at)
         self.traffic.bind(self.metrics.registry)
         self.traffic.on_promote = lambda m: self.metrics.set_model(m.version, m.loaded_at)
+        self.predlog = prediction_log or PredictionLog(Path("."), rate=0.0)  # off unless create_app gives one
+        self.predlog.bind_metrics(self.metrics)
 
     # ---- ASGI entry ------------------------------------------------------------------
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
@@ -142,6 +146,7 @@ class ScoringApp:
             elif msg["type"] == "lifespan.shutdown":
                 self.lane.shutdown()
                 self._threads.shutdown(wait=True)
+                self.predlog.close()
                 self.metrics.close()
                 log.info("scoring service stopped model_version=%s", self.holder.current.version)
                 await send({"type": "lifespan.shutdown.complete"})
@@ -220,7 +225,8 @@ class ScoringApp:
             out = response_body(model, key, probs)
         else:
             probs, out = await self._on_lane(model, route, ctype, body, self.max_rows)
-        self.metrics.observe_predictions(probs)
+        self.metrics.observe_predictions(probs, model.version)
+        self.predlog.log(route, ctype, body, probs, model.version)
         await _send(send, 200, out, b"application/json", [(b"x-model-version", model.header), *self.traffic.headers(scope)])
         self.traffic.after(route, ctype, body, self.max_rows, probs)  # a shadow scores it too, after the answer
         return 200
@@ -240,7 +246,8 @@ class ScoringApp:
             out = answer_body(model, req, probs)
         else:
             probs, out = await self._on_lane(model, RANK_ROUTE, ctype, body, self.max_candidates)
-        self.metrics.observe_predictions(probs)
+        self.metrics.observe_predictions(probs, model.version)
+        self.predlog.log(RANK_ROUTE, ctype, body, probs, model.version)
         await _send(send, 200, out, b"application/json", [(b"x-model-version", model.header), *self.traffic.headers(scope)])
         self.traffic.after(RANK_ROUTE, ctype, body, self.max_candidates, probs)
         return 200
@@ -343,6 +350,7 @@ def create_app(model_dir: str | Path, token: str | None = None, admin_token: str
     the variable (the service does not start), never a service that answers 413 to everything."""
     limits = service_limits()
     multiprocess_dir()  # PROMETHEUS_MULTIPROC_DIR, when set, must be a directory (checked before the load too)
+    predlog = prediction_log_from(Settings.from_env())  # CTR_PREDICTION_LOG_* checked before the load too
     return ScoringApp(
         ServedModel.load(model_dir),
         token=os.environ.get("CTR_SERVE_TOKEN", "") if token is None else token,
@@ -352,6 +360,7 @@ def create_app(model_dir: str | Path, token: str | None = None, admin_token: str
         lane_bytes=limits["CTR_BATCH_LANE_BYTES"], batch_workers=limits["CTR_BATCH_WORKERS"],
         lane_queue=limits["CTR_BATCH_QUEUE"], batch_nice=limits["CTR_BATCH_NICE"],
         lane_tsv_bytes=limits["CTR_BATCH_LANE_TSV_BYTES"], max_candidates=limits["CTR_RANK_MAX_CANDIDATES"],
+        prediction_log=predlog,
     )
 
 
@@ -409,6 +418,7 @@ def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8765) -> N
     limits = service_limits()
     app = create_app(model_dir)
     app.lane.start()
+    app.predlog.start()
     gc.collect()
     gc.freeze()  # the loaded model is long-lived: keep it out of the collector's way (steadier p99)
     log.info("serving model_version=%s bundle=%s url=http://%s:%d auth=%s",

@@ -86,12 +86,21 @@ class Metrics:
         self.rows = Counter("ctr_rows_scored", "Rows scored.", registry=reg)
         self.prob = BulkHistogram("ctr_predicted_probability", "Predicted click probabilities (drift watch).",
                                   buckets=PROB_BUCKETS, registry=reg)
+        # per model version: count (= _count), mean (= _sum / _count) and the distribution of its answers
+        self.version_prob = BulkHistogram("ctr_model_predicted_probability", "Predicted click probabilities by model "
+                                          "version (count, sum and buckets per version).", ["version"],
+                                          buckets=PROB_BUCKETS, registry=reg)
         self.model_info = Gauge("ctr_model_info", "The model version being served (1; 0 for one served before).",
                                 ["version"], registry=reg, multiprocess_mode="liveall")
         self.loaded = Gauge("ctr_model_loaded_timestamp_seconds", "When the served model was loaded.",
                             registry=reg, multiprocess_mode="liveall")
         self.inflight = Gauge("ctr_inflight_requests", "Requests in flight.", registry=reg,
                               multiprocess_mode="livesum")
+        self.log_dropped = Counter("ctr_prediction_log_dropped", "Sampled prediction-log records not written, by reason "
+                                   "(queue_full: back-pressure; unparsable; write_error).", ["reason"], registry=reg)
+        self.log_written = Counter("ctr_prediction_log_records", "Prediction-log records written.", registry=reg)
+        for reason in ("queue_full", "unparsable", "write_error"):
+            self.log_dropped.labels(reason)  # present at 0 from the start: an alert can rate() it
         self.inflight_gauge: Gauge | None = None
         if multiproc or inflight is None:
             self.inflight_gauge = self.inflight
@@ -102,6 +111,7 @@ class Metrics:
             PlatformCollector(registry=reg)
             GCCollector(registry=reg)
         self._children: dict[tuple[str, int], Counter] = {}
+        self._version_children: dict[str, BulkHistogram] = {}
         self._version: str | None = None
         self._observe_latency = self.latency.observe
 
@@ -113,15 +123,25 @@ class Metrics:
         child.inc()
         self._observe_latency(seconds)
 
-    def observe_predictions(self, p: np.ndarray) -> None:
+    def observe_predictions(self, p: np.ndarray, version: str | None = None) -> None:
         n = len(p)
         if n == 0:
             return
         self.rows.inc(n)
+        child = None
+        if version is not None:
+            child = self._version_children.get(version)
+            if child is None:
+                child = self._version_children[version] = self.version_prob.labels(version)
         if n == 1:
-            self.prob.observe(float(p[0]))
+            v = float(p[0])
+            self.prob.observe(v)
+            if child is not None:
+                child.observe(v)
         else:
             self.prob.observe_many(p)
+            if child is not None:
+                child.observe_many(p)
 
     def set_model(self, version: str, loaded_at: float) -> None:
         """The model now served (at start and after every swap)."""

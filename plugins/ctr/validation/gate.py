@@ -5,6 +5,8 @@ Rules (each threshold is a DAG param; defaults below):
   * candidate ECE <= max_ece                                     (always)
   * lower 95% CI bound of AUC(candidate) - AUC(champion) >= -max_auc_drop   (with a champion)
   * logloss(candidate) - logloss(champion) <= max_logloss_rise              (with a champion)
+  * every feature's PSI, holdout day vs training range, <= max_feature_psi  (when the document has
+    a `drift` section; features from `warn_feature_psi` up are named in `warnings`, not rejected)
 `force_deploy` passes a failing candidate, and says so in the reasons (and register records it in
 the version's tags). The first model (no champion) is held to the absolute floors only.
 """
@@ -22,6 +24,8 @@ class GateConfig:
     max_auc_drop: float = 0.005
     max_logloss_rise: float = 0.005
     max_ece: float = 0.05
+    max_feature_psi: float = 0.25
+    warn_feature_psi: float = 0.1
     force_deploy: bool = False
 
     @classmethod
@@ -66,6 +70,25 @@ def decide(metrics: dict[str, Any], cfg: GateConfig) -> dict[str, Any]:
     e = cand["ece"]
     check("max_ece", not math.isnan(e) and e <= cfg.max_ece, f"candidate ECE {e:.4f} vs limit {cfg.max_ece:.4f} "
           f"(mean predicted {cand.get('mean_pred', math.nan):.4f}, observed click rate {cand.get('ctr', math.nan):.4f})")
+    warnings: list[str] = []
+    drift = metrics.get("drift")
+    if drift is not None:
+        from ctr.monitoring.drift import describe, over
+
+        psi = drift["features"]
+        bad = over(psi, cfg.max_feature_psi)
+        check("max_feature_psi", not bad,
+              (f"{len(bad)} feature(s) drifted on the holdout day vs the training range: {describe(bad)} "
+               f"(limit {cfg.max_feature_psi:g})") if bad else
+              f"largest feature PSI {max(psi.values(), default=0.0):.3f} (limit {cfg.max_feature_psi:g})")
+        warn = [(c, v) for c, v in over(psi, cfg.warn_feature_psi) if v <= cfg.max_feature_psi]
+        if warn:
+            warnings.append(f"feature_psi: {describe(warn)} (warning from {cfg.warn_feature_psi:g}, "
+                            f"reject above {cfg.max_feature_psi:g})")
+        sp = drift.get("score_psi")
+        if sp is not None and sp > cfg.warn_feature_psi:
+            warnings.append(f"score_psi: candidate scores on the holdout vs the validation day PSI {sp:.3f} "
+                            f"(warning from {cfg.warn_feature_psi:g})")
     base = metrics.get("baseline")
     if base is not None:
         d = metrics["auc_diff"]
@@ -90,4 +113,6 @@ def decide(metrics: dict[str, Any], cfg: GateConfig) -> dict[str, Any]:
         reasons.append("force_deploy=true: deploying despite the failed rules above")
     if passed and not failed:
         reasons.append("all rules passed" + ("" if base is not None else " (first model: absolute floors only)"))
-    return {"passed": passed, "forced": forced, "reasons": reasons, "checks": checks, "config": asdict(cfg)}
+    return {"passed": passed, "forced": forced, "reasons": reasons, "checks": checks, "warnings": warnings,
+            "drifted": [c for c, _ in over(drift["features"], cfg.max_feature_psi)] if drift is not None else [],
+            "config": asdict(cfg)}

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 CANDIDATE_COLOR = "#d62728"  # red
 CHAMPION_COLOR = "#1f77b4"   # blue
 REPORT_NAME = "report.html"
-FIGURES = ("roc", "calibration", "scores")
+FIGURES = ("roc", "calibration", "scores")  # plus "psi" (feature drift) when the document has a drift section
 
 
 def _series(p_candidate: np.ndarray, p_baseline: np.ndarray | None) -> list[tuple[str, np.ndarray, str]]:
@@ -85,6 +85,46 @@ def scores_figure(y: np.ndarray, p_candidate: np.ndarray, p_baseline: np.ndarray
     return fig
 
 
+def psi_figure(drift: dict[str, Any], limit: float = 0.25, warn: float = 0.1,
+               title: str = "Feature drift: PSI, holdout day vs training range") -> Figure:
+    """One horizontal bar per feature (PSI), coloured by band, with the warning and reject lines."""
+    feats = list(drift["features"])
+    vals = [0.0 if v is None or math.isnan(v) else float(v) for v in drift["features"].values()]
+    fig = Figure(figsize=(7, 9), dpi=100)
+    ax = fig.add_subplot()
+    colors = ["#c62828" if v > limit else "#ef6c00" if v > warn else "#2e7d32" for v in vals]
+    ax.barh(range(len(feats)), vals, color=colors)
+    ax.set_yticks(range(len(feats)), feats, fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(warn, color="#ef6c00", ls="--", lw=0.9, label=f"warning {warn:g}")
+    ax.axvline(limit, color="#c62828", ls="--", lw=0.9, label=f"reject {limit:g}")
+    for m in drift.get("largest", [])[:3]:
+        i = feats.index(m["feature"])
+        ax.annotate(f"{m['feature']} {m['psi']:.3f}", (vals[i], i), xytext=(3, 0), textcoords="offset points",
+                    va="center", fontsize=8)
+    ax.set(xlabel="population stability index", title=title, xlim=(0, max(limit * 1.2, max(vals, default=0) * 1.25)))
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def drift_html(drift: dict[str, Any] | None, warnings: list[str] | None = None, limit: float = 0.25) -> str:
+    """The drift section: the largest movers named with their PSI, the score PSI, the warnings."""
+    if not drift:
+        return "<h2>Feature drift</h2><p id=\"drift\">No drift check (the training range was not staged).</p>"
+    movers = ", ".join(f"{html.escape(m['feature'])} PSI {m['psi']:.3f}" for m in drift.get("largest", []))
+    bad = [f"{html.escape(c)} PSI {v:.3f}" for c, v in drift["features"].items() if v is not None and v > limit]
+    sp = drift.get("score_psi")
+    warn = "".join(f"<li>{html.escape(w)}</li>" for w in warnings or [])
+    return (f'<h2>Feature drift</h2><div id="drift"><p>Against {html.escape(str(drift.get("reference", "")))}; '
+            f'{drift.get("rows", 0)} rows compared.</p>'
+            f"<p>Largest movers: <b>{movers}</b>.</p>"
+            + (f"<p class=\"bad\">Above the limit {limit:g}: <b>{', '.join(bad)}</b>.</p>" if bad else "")
+            + (f"<p>Score PSI ({html.escape(str(drift.get('score_reference', '')))} vs this day): "
+               f"<b>{sp:.3f}</b>.</p>" if sp is not None else "")
+            + (f"<ul id=\"warnings\">{warn}</ul>" if warn else "") + "</div>")
+
+
 def png_bytes(fig: Figure) -> bytes:
     buf = io.BytesIO()
     FigureCanvasAgg(fig).print_png(buf)
@@ -128,11 +168,12 @@ def render_html(doc: dict[str, Any], pngs: dict[str, bytes], title: str) -> str:
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:1.5em;max-width:1100px}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}figure{{display:inline-block;margin:.5em}}
-.gate{{color:{color};font-weight:bold}}</style></head>
+.gate{{color:{color};font-weight:bold}}.bad{{color:#c62828}}</style></head>
 <body><h1>{html.escape(title)}</h1>
 <p>{html.escape(json.dumps(meta, sort_keys=True))}</p>
 <h2>Gate: <span class="gate" id="gate">{word}</span></h2><ul id="reasons">{reasons}</ul>
 <h2>Metrics on the same holdout rows</h2>{_metrics_table(doc)}
+{drift_html(doc.get("drift"), g.get("warnings"), (g.get("config") or {}).get("max_feature_psi", 0.25))}
 <h2>Curves</h2>{imgs}
 </body></html>
 """
@@ -149,6 +190,10 @@ def write_report(out_dir: Path, y: np.ndarray, p_candidate: np.ndarray, p_baseli
     for name, make in figs.items():
         pngs[name] = png_bytes(make(y, p_candidate, p_baseline))
         (out_dir / f"{name}.png").write_bytes(pngs[name])
+    if doc.get("drift"):
+        cfg = (doc.get("gate") or {}).get("config") or {}
+        pngs["psi"] = png_bytes(psi_figure(doc["drift"], cfg.get("max_feature_psi", 0.25), cfg.get("warn_feature_psi", 0.1)))
+        (out_dir / "psi.png").write_bytes(pngs["psi"])
     path = out_dir / REPORT_NAME
     path.write_text(render_html(doc, pngs, title), encoding="utf-8")
     log.info("report: %s (rows=%d champion=%s)", path, len(y), "yes" if p_baseline is not None else "none")

@@ -1,0 +1,1 @@
+"""Monitoring: drift (PSI) of features and scores, the prediction log, the daily monitor."""

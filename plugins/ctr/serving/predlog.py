@@ -1,0 +1,394 @@
+"""The prediction log: a sampled share of scored rows, written off the request path to gzip JSON Lines.
+
+The request path calls `PredictionLog.log(route, ctype, body, probs, version)` once per scored
+batch. It only decides which rows are sampled (a seeded `numpy` generator, one draw per row in the
+order rows are scored, so the number of rows logged for N scored rows is a fixed function of the
+seed and N) and puts one tuple holding the request body (a reference, no copy) on a bounded queue (a
+`deque` with a length check: no lock on the request path);
+when the queue is full the sampled rows are dropped and counted (`ctr_prediction_log_dropped_total`
+by reason), never silently. The writer thread parses the sampled rows out of the body, writes one
+JSON object per row
+
+    {"request_id", "time", "model_version", "route", "row_index", "row", "probability"}
+
+(`row` is the request's row as sent: a JSON object, or the raw Criteo line of a TSV body under
+{"tsv": ...}; for /v1/rank the context merged with the candidate, its id as "item_id") and appends
+each drained batch to the open file as one complete gzip member, flushed. Files live under
+`<root>/date=YYYY-MM-DD/` (the record's UTC date); the open file is a dot-named `.tmp` that readers
+skip, renamed to `part-<UTC stamp>-<pid>-<seq>.jsonl.gz` when it reaches `rotate_rows` rows, is
+`rotate_s` seconds old, the date changes, or the service stops. So a reader never sees a half-written
+file. A crash (SIGKILL) leaves the `.tmp` holding every flushed member: the next start of any
+service on the same root salvages the complete members of a dead process's `.tmp` into a final file,
+so a crash loses at most what was still queued (plus a member cut mid-write).
+
+JSON Lines rather than Parquet: records are appended a few at a time from a thread, the raw rows
+have free-form shapes (JSON objects, raw TSV lines) and gzip members make every flushed batch
+recoverable after a crash; Parquet needs a footer written at close, so a crash loses the whole file.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import logging
+import os
+import re
+import threading
+import time
+import uuid
+import zlib
+from collections import deque
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+log = logging.getLogger("ctr.serving.predlog")
+
+DEFAULT_RATE = 0.01
+DEFAULT_QUEUE = 10_000
+DEFAULT_ROTATE_ROWS = 100_000
+DEFAULT_ROTATE_S = 60
+DROP_REASONS = ("queue_full", "unparsable", "write_error")
+BATCH_WAIT_S = 0.05  # the writer drains the queue this often
+_TMP = re.compile(r"\.part-(?P<stamp>[0-9T]+)-(?P<pid>\d+)-(?P<seq>\d+)\.jsonl\.gz\.tmp")
+_STOP = object()
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # at start nothing of ours is open: a .tmp with our pid is a reused pid's leftover
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def complete_members(data: bytes) -> tuple[bytes, bool]:
+    """The decompressed content of the complete gzip members at the start of `data`, and whether all were complete."""
+    out: list[bytes] = []
+    while data:
+        d = zlib.decompressobj(wbits=31)
+        try:
+            chunk = d.decompress(data)
+        except zlib.error:
+            return b"".join(out), False
+        if not d.eof:
+            return b"".join(out), False
+        out.append(chunk)
+        data = d.unused_data
+    return b"".join(out), True
+
+
+def _rows_of(route: str, ctype: bytes, body: bytes, n: int) -> list[Any]:
+    """The request's rows as sent, in scoring order (what the probabilities belong to)."""
+    from ctr.serving.validation import invocation_rows, parse_json, score_rows
+
+    if route == "/invocations":
+        return invocation_rows(parse_json(body))
+    if route == "/v1/rank":
+        payload = parse_json(body)
+        ctx = payload.get("context") or {}
+        rows = []
+        for c in payload["candidates"]:
+            row = {**ctx, **{k: v for k, v in c.items() if k != "id"}}
+            if "id" in c:
+                row["item_id"] = c["id"]
+            rows.append(row)
+        return rows
+    if ctype == b"application/json":
+        return score_rows(parse_json(body))
+    lines = [ln for ln in body.decode("utf-8", errors="replace").splitlines() if ln.strip(" \r")]
+    return [{"tsv": ln} for ln in lines[-n:]]  # a header line, if any, is the first
+
+
+class PredictionLog:
+    """Sampled rows of the service's answers -> rotating gzip JSON Lines files (see the module doc).
+
+    `dropped(reason, n)` and `written(n)` are the metrics hooks (prometheus counters in the service).
+    """
+
+    def __init__(self, root: Path, rate: float = DEFAULT_RATE, seed: int = 0, queue_size: int = DEFAULT_QUEUE,
+                 rotate_rows: int = DEFAULT_ROTATE_ROWS, rotate_s: float = DEFAULT_ROTATE_S,
+                 dropped: Callable[[str, int], None] | None = None, written: Callable[[int], None] | None = None,
+                 uploader: Callable[[Path, str], None] | None = None) -> None:
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"CTR_PREDICTION_LOG_RATE={rate} must be between 0 and 1")
+        self.root = Path(root)
+        self.rate = float(rate)
+        self.seed = seed
+        self.rotate_rows = rotate_rows
+        self.rotate_s = rotate_s
+        self._rng = np.random.default_rng(seed)
+        self._q: deque = deque()  # append/popleft are atomic: no lock, no condition on the request path
+        self._max = queue_size
+        self._wake = threading.Event()
+        self._dropped = dropped or (lambda reason, n: None)
+        self._written = written or (lambda n: None)
+        self._uploader = uploader
+        self.sampled = 0        # rows the sampling chose (logged + dropped)
+        self.scored = 0         # rows seen
+        self.drops: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
+        self.rows_written = 0
+        self.files: list[Path] = []
+        self._fh: Any = None
+        self._tmp: Path | None = None
+        self._date: str | None = None
+        self._opened = 0.0
+        self._rows_in_file = 0
+        self._seq = 0
+        self._thread: threading.Thread | None = None
+
+    def bind_metrics(self, metrics: Any) -> None:
+        """Count drops and writes in the service's /metrics (ctr.serving.metrics.Metrics)."""
+        children = {r: metrics.log_dropped.labels(r) for r in DROP_REASONS}
+        self._dropped = lambda reason, n: children[reason].inc(n)
+        self._written = metrics.log_written.inc
+
+    @property
+    def enabled(self) -> bool:
+        return self.rate > 0
+
+    # ---- the request path ---------------------------------------------------------------------
+    def log(self, route: str, ctype: bytes, body: bytes, probs: np.ndarray, version: str) -> None:
+        """Sample rows of one answered batch; never blocks, never raises. Called from the event loop's
+        thread only (the draws' order is the answers' order)."""
+        n = len(probs)
+        if self.rate <= 0 or n == 0:
+            return
+        self.scored += n
+        if self.rate >= 1.0:
+            picked = None
+            k = n
+        else:
+            hit = self._rng.random(n) < self.rate
+            k = int(hit.sum())
+            if k == 0:
+                return
+            picked = np.flatnonzero(hit)
+        self.sampled += k
+        if len(self._q) >= self._max:
+            self._drop("queue_full", k)
+            return
+        self._q.append((time.time(), route, ctype, body, probs if picked is None else probs[picked], picked, n, version))
+
+    def _drop(self, reason: str, n: int) -> None:
+        self.drops[reason] += n
+        self._dropped(reason, n)
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> PredictionLog:
+        if not self.enabled or self._thread is not None:
+            return self
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.salvage()
+        self._thread = threading.Thread(target=self._run, name="ctr-predlog", daemon=True)
+        self._thread.start()
+        log.info("prediction log on: rate=%g seed=%d root=%s", self.rate, self.seed, self.root)
+        return self
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write what is queued, close (rename) the open file, stop the thread."""
+        if self._thread is None:
+            return
+        self._q.append(_STOP)
+        self._wake.set()
+        self._thread.join(timeout)
+        self._thread = None
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait until the queue is written and close the open file (tests, shutdown)."""
+        done = threading.Event()
+        self._q.append(done)
+        self._wake.set()
+        done.wait(timeout)
+
+    def salvage(self) -> list[Path]:
+        """Turn dead processes' `.tmp` files into final files holding their complete gzip members."""
+        out = []
+        for tmp in sorted(self.root.glob("date=*/.part-*.jsonl.gz.tmp")):
+            m = _TMP.fullmatch(tmp.name)
+            if m is None or _alive(int(m["pid"])):
+                continue
+            content, whole = complete_members(tmp.read_bytes())
+            final = tmp.parent / f"part-{m['stamp']}-{m['pid']}-{m['seq']}.jsonl.gz"
+            if content:
+                part = tmp.with_name(tmp.name + ".salvage")
+                part.write_bytes(gzip.compress(content, 1))
+                os.replace(part, final)
+                out.append(final)
+            tmp.unlink()
+            log.warning("prediction log: salvaged %d records of a stopped process from %s into %s%s",
+                        content.count(b"\n"), tmp.name, final.name if content else "(nothing)",
+                        "" if whole else "; its last member was cut off")
+        return out
+
+    # ---- the writer thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception:  # a bug here must not leave a silent dead writer: say so loudly
+            log.exception("prediction log writer stopped; further records are dropped (queue_full)")
+            self._close_file()
+
+    def _loop(self) -> None:
+        while True:
+            # wake every BATCH_WAIT_S (or at once for flush/stop): a batch gathers in the meantime, so a busy
+            # service writes a few large gzip members a second, not one per request
+            self._wake.wait(BATCH_WAIT_S)
+            self._wake.clear()
+            batch = []
+            while self._q and len(batch) < 5000:
+                batch.append(self._q.popleft())
+            if not batch:
+                if self._fh is not None and time.monotonic() - self._opened >= self.rotate_s:
+                    self._close_file()
+                continue
+            stop = False
+            events = []
+            records = []
+            for it in batch:
+                if it is _STOP:
+                    stop = True
+                elif isinstance(it, threading.Event):
+                    events.append(it)
+                else:
+                    records.append(it)
+            if records:
+                self._write(records)
+            if events or stop:
+                self._close_file()
+                for e in events:
+                    e.set()
+            if stop:
+                return
+            if self._fh is not None and (self._rows_in_file >= self.rotate_rows
+                                         or time.monotonic() - self._opened >= self.rotate_s):
+                self._close_file()
+
+    def _lines(self, records: list[tuple]) -> Iterator[tuple[str, bytes, int]]:
+        for ts, route, ctype, body, probs, picked, n, version in records:
+            time.sleep(0)  # hand the GIL to the event loop between records: it never waits a switch interval
+            rid = uuid.uuid4().hex
+            when = dt.datetime.fromtimestamp(ts, dt.UTC)
+            try:
+                rows = _rows_of(route, ctype, body, n)
+                if len(rows) != n:
+                    raise ValueError(f"{len(rows)} rows parsed for {n} probabilities")
+                iso = when.isoformat(timespec="milliseconds")
+                idx = range(n) if picked is None else picked.tolist()
+                buf = b"".join(orjson.dumps({"request_id": rid, "time": iso, "model_version": version, "route": route,
+                                             "row_index": i, "row": rows[i], "probability": p}) + b"\n"
+                               for i, p in zip(idx, probs.tolist(), strict=True))
+            except Exception as e:  # the service answered it, so this is our bug: counted and logged, never silent
+                log.warning("prediction log: %d sampled rows of a %s request not logged: %s", len(probs), route,
+                            str(e)[:200])
+                self._drop("unparsable", len(probs))
+                continue
+            yield when.date().isoformat(), buf, len(probs)
+
+    def _write(self, records: list[tuple]) -> None:
+        by_date: dict[str, list[bytes]] = {}
+        counts: dict[str, int] = {}
+        for date, buf, k in self._lines(records):
+            by_date.setdefault(date, []).append(buf)
+            counts[date] = counts.get(date, 0) + k
+        for date in sorted(by_date):
+            try:
+                if self._date != date:
+                    self._close_file()
+                if self._fh is None:
+                    self._open_file(date)
+                self._fh.write(gzip.compress(b"".join(by_date[date]), 1))  # one complete member per batch
+                self._fh.flush()
+            except Exception as e:
+                log.error("prediction log: %d records for %s not written: %s", counts[date], date, e)
+                self._drop("write_error", counts[date])
+                continue
+            self._rows_in_file += counts[date]
+            self.rows_written += counts[date]
+            self._written(counts[date])
+
+    def _open_file(self, date: str) -> None:
+        d = self.root / f"date={date}"
+        d.mkdir(parents=True, exist_ok=True)
+        self._seq += 1
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%f")
+        self._tmp = d / f".part-{stamp}-{os.getpid()}-{self._seq:06d}.jsonl.gz.tmp"
+        self._fh = open(self._tmp, "wb")  # noqa: SIM115 (kept open across batches; closed in _close_file)
+        self._date = date
+        self._opened = time.monotonic()
+        self._rows_in_file = 0
+
+    def _close_file(self) -> None:
+        if self._fh is None or self._tmp is None:
+            return
+        fh, tmp = self._fh, self._tmp
+        self._fh = self._tmp = None
+        date = self._date
+        self._date = None
+        try:
+            fh.flush()
+            os.fsync(fh.fileno())
+            fh.close()
+            final = tmp.with_name(tmp.name[1:-len(".tmp")])
+            os.replace(tmp, final)
+        except Exception as e:
+            log.error("prediction log: could not close %s: %s (the next start salvages it)", tmp, e)
+            return
+        self.files.append(final)
+        if self._uploader is not None:
+            try:
+                self._uploader(final, f"date={date}/{final.name}")
+            except Exception as e:  # the local file stays; the next monitor run reads it there
+                log.error("prediction log: upload of %s failed: %s", final, e)
+
+
+def blob_uploader(url: str, env: dict[str, str] | None = None) -> Callable[[Path, str], None]:
+    """Upload closed files to `url` (`az://container/prefix`, `abfs://...`) as `<prefix>/date=D/<name>`, through
+    fsspec/adlfs with the landing zone's credentials (CTR_AZURE_*).
+    Blob has no rename, and needs none: one `put_file` commits the blob whole (a reader sees no blob or all
+    of it). The local file stays (`ctr monitor` reads it); a failed upload is logged, not retried."""
+    import fsspec
+
+    from ctr.data.azure_storage import is_azure_url, storage_options
+
+    if not is_azure_url(url):
+        raise ValueError(f"CTR_PREDICTION_LOG_URL={url[:100]!r} is not an az:// or abfs:// URL")
+    protocol, rest = url.split("://", 1)
+    fs = fsspec.filesystem(protocol, **storage_options(protocol, env))
+    base = rest.rstrip("/")
+
+    def upload(local: Path, key: str) -> None:
+        fs.put_file(str(local), f"{base}/{key}")
+        log.info("prediction log: uploaded %s to %s://%s/%s", local.name, protocol, base, key)
+
+    return upload
+
+
+def prediction_log_from(settings: Any) -> PredictionLog:
+    """The service's log from `Settings` (CTR_PREDICTION_LOG_RATE, _SEED, _QUEUE, _ROTATE_ROWS, _ROTATE_S, _URL; CTR_HOME)."""
+    uploader = blob_uploader(settings.prediction_log_url) if settings.prediction_log_url and \
+        settings.prediction_log_rate > 0 else None
+    return PredictionLog(settings.predictions_dir, rate=settings.prediction_log_rate, seed=settings.prediction_log_seed,
+                         queue_size=settings.prediction_log_queue, rotate_rows=settings.prediction_log_rotate_rows,
+                         rotate_s=settings.prediction_log_rotate_s, uploader=uploader)
+
+
+def read_log(root: Path, day: dt.date) -> Iterator[dict[str, Any]]:
+    """Every record of `day`'s closed files, in file-name order (readers never open a `.tmp`)."""
+    d = Path(root) / f"date={day.isoformat()}"
+    for f in sorted(d.glob("part-*.jsonl.gz")):
+        with gzip.open(f, "rb") as fh:
+            for line in fh:
+                if line.strip():
+                    yield orjson.loads(line)
+
+
+def log_files(root: Path, day: dt.date) -> list[Path]:
+    return sorted((Path(root) / f"date={day.isoformat()}").glob("part-*.jsonl.gz"))

@@ -1,0 +1,117 @@
+"""The prediction log: seeded sampling = rows in the log, back-pressure counted, atomic files, crash salvage."""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import os
+import subprocess
+import sys
+
+import numpy as np
+import orjson
+import pytest
+from ctr.serving.predlog import PredictionLog, complete_members, log_files, read_log
+from ctr.settings import Settings
+
+ROW = {"I1": 3, "I2": 20, "C1": "05db9164"}
+
+
+def _body(n: int) -> bytes:
+    return orjson.dumps({"rows": [{**ROW, "I1": i} for i in range(n)]})
+
+
+def test_rows_in_log_equal_what_the_seeded_sampling_decided(tmp_path) -> None:
+    plog = PredictionLog(tmp_path, rate=0.3, seed=5).start()
+    sizes = [1, 1, 7, 1, 120, 3, 1, 40]
+    for n in sizes:
+        plog.log("/v1/score", b"application/json", _body(n), np.linspace(0.1, 0.9, n), "v1")
+    plog.close()
+    want = int((np.random.default_rng(5).random(sum(sizes)) < 0.3).sum())  # one draw per row, in order
+    recs = list(read_log(tmp_path, dt.datetime.now(dt.UTC).date()))
+    assert len(recs) == plog.sampled == want == plog.rows_written and 0 < want < sum(sizes)
+    r = recs[0]
+    assert set(r) == {"request_id", "time", "model_version", "route", "row_index", "row", "probability"}
+    assert r["model_version"] == "v1" and r["row"]["I1"] == r["row_index"] and r["row"]["C1"] == "05db9164"
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_rate_one_logs_every_row_of_every_format(tmp_path) -> None:
+    plog = PredictionLog(tmp_path, rate=1.0).start()
+    plog.log("/v1/score", b"text/tab-separated-values", b"0\t1\t2" + b"\t" * 37 + b"\n1\t5" + b"\t" * 38 + b"\n",
+             np.array([0.2, 0.3]), "v2")
+    plog.log("/invocations", b"application/json",
+             orjson.dumps({"dataframe_split": {"columns": ["I1", "C1"], "data": [[1, "a"], [2, None]]}}),
+             np.array([0.4, 0.5]), "v2")
+    plog.log("/v1/rank", b"application/json",
+             orjson.dumps({"context": {"I1": 1}, "candidates": [{"id": "x", "C9": "q"}, {"id": "y"}], "k": 1}),
+             np.array([0.6, 0.7]), "v2")
+    plog.close()
+    recs = list(read_log(tmp_path, dt.datetime.now(dt.UTC).date()))
+    assert [r["probability"] for r in recs] == [0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
+    assert recs[0]["row"]["tsv"].startswith("0\t1\t2") and recs[3]["row"] == {"I1": 2, "C1": None}
+    assert recs[4]["row"] == {"I1": 1, "C9": "q", "item_id": "x"}
+
+
+def test_a_full_queue_drops_and_counts_never_blocks(tmp_path) -> None:
+    seen: list[tuple[str, int]] = []
+    plog = PredictionLog(tmp_path, rate=1.0, queue_size=2, dropped=lambda r, n: seen.append((r, n)))  # no writer yet
+    for _ in range(5):
+        plog.log("/v1/score", b"application/json", _body(3), np.full(3, 0.5), "v1")
+    assert plog.drops["queue_full"] == 9 and seen == [("queue_full", 3)] * 3
+    plog.start()
+    plog.close()
+    assert plog.rows_written == 6 and plog.sampled == 15  # sampled = written + dropped, never silent
+
+
+def test_an_unparsable_body_is_counted(tmp_path) -> None:
+    plog = PredictionLog(tmp_path, rate=1.0).start()
+    plog.log("/v1/score", b"application/json", b"{not json", np.full(2, 0.5), "v1")
+    plog.close()
+    assert plog.drops["unparsable"] == 2 and plog.rows_written == 0
+
+
+def test_files_rotate_and_appear_whole(tmp_path) -> None:
+    plog = PredictionLog(tmp_path, rate=1.0, rotate_rows=10).start()
+    for _ in range(5):
+        plog.log("/v1/score", b"application/json", _body(4), np.full(4, 0.5), "v1")
+        plog.flush()
+    plog.close()
+    files = log_files(tmp_path, dt.datetime.now(dt.UTC).date())
+    assert len(files) >= 2 and sum(len(gzip.decompress(f.read_bytes()).splitlines()) for f in files) == 20
+
+
+def test_a_killed_writer_loses_nothing_flushed_and_leaves_no_torn_file(tmp_path) -> None:
+    """A child process logs with a long rotation, flushes members, and is SIGKILLed with its file open;
+    the next start salvages every complete member, and the cut-off member is dropped, not served torn."""
+    code = (
+        "import numpy as np, orjson, time, sys\n"
+        "from ctr.serving.predlog import PredictionLog\n"
+        f"p = PredictionLog(__import__('pathlib').Path({str(tmp_path)!r}), rate=1.0, rotate_s=3600).start()\n"
+        "for i in range(3):\n"
+        "    p.log('/v1/score', b'application/json', orjson.dumps({'rows': [{'I1': i}] * 5}), np.full(5, 0.5), 'v1')\n"
+        "    time.sleep(0.3)\n"
+        "print('ready', flush=True); time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env={**os.environ})
+    assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+    proc.kill()
+    proc.wait()
+    (tmp,) = tmp_path.rglob(".part-*.tmp")
+    assert log_files(tmp_path, dt.datetime.now(dt.UTC).date()) == []  # readers see nothing half-written
+    with open(tmp, "ab") as fh:  # a member cut mid-write
+        fh.write(gzip.compress(b'{"x": 1}\n' * 50)[:30])
+    again = PredictionLog(tmp_path, rate=1.0)
+    (final,) = again.salvage()
+    assert not tmp.exists() and len(list(read_log(tmp_path, dt.datetime.now(dt.UTC).date()))) == 15
+    content, whole = complete_members(final.read_bytes())
+    assert whole and content.count(b"\n") == 15
+
+
+def test_settings_resolve_and_check_the_rate(tmp_path) -> None:
+    s = Settings.from_env({"CTR_HOME": str(tmp_path), "CTR_PREDICTION_LOG_RATE": "1.0"})
+    assert s.prediction_log_rate == 1.0 and s.predictions_dir == tmp_path / "predictions"
+    assert Settings.from_env({}).prediction_log_rate == 0.01
+    for bad, msg in (("2", "between 0 and 1"), ("lots", "not a number"), ("nan", "between 0 and 1")):
+        with pytest.raises(ValueError, match=f"CTR_PREDICTION_LOG_RATE.*{msg}"):
+            Settings.from_env({"CTR_PREDICTION_LOG_RATE": bad})
