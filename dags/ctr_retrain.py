@@ -48,7 +48,7 @@ with DAG(
         "sample_fraction": Param(1.0, type="number", exclusiveMinimum=0, maximum=1,
                                  description="train on this fraction of rows (below 1 only for drills)"),
         "lgb_params": Param({}, type="object", description="LightGBM parameter overrides"),
-        "data_wait_timeout": Param(4 * 3600, type="integer", minimum=0,
+        "data_wait_timeout": Param(14_400, type="integer", minimum=0,
                                    description="seconds check_data waits (deferred) for late landing days; 0 = fail at once"),
         "completion_marker": Param("_SUCCESS", type="string",
                                    description="a day is complete with this file in it, 'parts:N' data files, or '' any data"),
@@ -59,7 +59,7 @@ with DAG(
         "max_ece": Param(0.05, type="number", description="gate: max expected calibration error"),
         "review_band": Param(2, type="number", minimum=1, description="borderline: lower CI bound >= -this x max_auc_drop "
                              "asks a person (review) instead of rejecting; 1 = never"),
-        "review_timeout": Param(4 * 3600, type="integer", minimum=0, description="seconds review waits; then Reject"),
+        "review_timeout": Param(14_400, type="integer", minimum=0, description="seconds review waits; then Reject"),
         "approvers": Param([], type="array", items={"type": "string"}, description="user ids who may answer review; [] = any"),
         "max_feature_psi": Param(0.25, type="number", minimum=0, description="gate: max PSI of any feature, holdout vs training range"),
         "warn_feature_psi": Param(0.1, type="number", minimum=0, description="gate: PSI from which a feature is named as a warning"),
