@@ -58,7 +58,7 @@ with DAG(
         "max_logloss_rise": Param(0.005, type="number", description="gate: max logloss increase over the champion"),
         "max_ece": Param(0.05, type="number", description="gate: max expected calibration error"),
         "review_band": Param(2, type="number", minimum=1, description="borderline: lower CI bound >= -this x max_auc_drop "
-                             "asks a person (review) instead of rejecting; 1 = never"),
+                             "asks a person (review) instead of rejecting, as do gate warnings; 1 = never ask"),
         "review_timeout": Param(14_400, type="integer", minimum=0, description="seconds review waits; then Reject"),
         "approvers": Param([], type="array", items={"type": "string"}, description="user ids who may answer review; [] = any"),
         "max_feature_psi": Param(0.25, type="number", minimum=0, description="gate: max PSI of any feature, holdout vs training range"),

@@ -179,9 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     s = Settings.from_env()
     _airflow("db", "migrate")
     print(f"demo: airflow dags test ctr_retrain {day}  (AIRFLOW_HOME={os.environ.get('AIRFLOW_HOME')})")
-    # the demo's days were just written in full: nothing to wait for, and a landing zone from before completion
-    # markers (no day=D/_SUCCESS) still runs
-    conf = json.dumps({"data_wait_timeout": 0, "completion_marker": ""})
+    # no wait for late days, no marker rule for the days just written (a landing zone from before completion
+    # markers still runs), and no human review: `dags test` runs no API server to answer it, so a borderline
+    # candidate is decided by the gate alone
+    conf = json.dumps({"data_wait_timeout": 0, "completion_marker": "", "review_band": 1})
     r = _airflow("dags", "test", "ctr_retrain", day.isoformat(), "--conf", conf, check=False)
     rc = summary(s, day)
     sent = send_traffic(s, day)

@@ -33,12 +33,12 @@ def borderline(gate: dict[str, Any], doc: dict[str, Any], params: dict[str, Any]
     """Why this gate decision needs a person (None: it does not; the gate's answer stands)."""
     band = float(params.get("review_band", 2))
     failed = [c for c in gate.get("checks", []) if not c["ok"]]
-    if gate.get("forced"):
+    if gate.get("forced") or band <= 1:  # review_band 1: nobody is ever asked (a warning stays a logged warning)
         return None
     if gate["passed"]:
         warnings = gate.get("warnings") or []
         return ("gate passed with warnings: " + "; ".join(map(str, warnings))) if warnings else None
-    if [c["rule"] for c in failed] != ["max_auc_drop"] or band <= 1:
+    if [c["rule"] for c in failed] != ["max_auc_drop"]:
         return None
     drop = float((gate.get("config") or {}).get("max_auc_drop", params.get("max_auc_drop", 0.005)))
     low = float(doc["auc_diff"]["ci_low"])

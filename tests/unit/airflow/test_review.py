@@ -50,6 +50,7 @@ def test_a_second_failed_rule_or_force_deploy_never_asks() -> None:
     assert review.borderline(_gate(doc, force_deploy=True), doc, {}) is None
     passed = {**_gate(_metrics(0.0)), "warnings": ["PSI of C9 0.31 > 0.2"]}  # a drift warning on a passing gate asks
     assert review.borderline(passed, _metrics(0.0), {}) == "gate passed with warnings: PSI of C9 0.31 > 0.2"
+    assert review.borderline(passed, _metrics(0.0), {"review_band": 1}) is None  # 1 = never ask (make demo)
 
 
 def test_the_request_names_day_versions_metrics_and_report() -> None:
