@@ -120,6 +120,22 @@ async def _loadgen(url: str, rate: float, stop_file: Path, max_seconds: float, o
 
 
 # ---- orchestration ---------------------------------------------------------------------------
+def _stop_load(gen: subprocess.Popen, stop_file: Path, records_file: Path) -> list[dict]:
+    """Tell the load generator to stop, wait for it, and read the records it wrote (one JSON per request)."""
+    stop_file.touch()
+    gen.wait(timeout=120)
+    return [json.loads(line) for line in records_file.read_text().splitlines() if line.strip()]
+
+
+def _teardown(gen: subprocess.Popen | None, roll, work: Path, keep: bool) -> None:
+    if gen is not None and gen.poll() is None:
+        gen.kill()
+    if roll is not None:
+        roll.stop()
+    if not keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def _train_bundles(work: Path, rows: int) -> list[Path]:
     from ctr.data.generate import GeneratorConfig, generate
     from ctr.data.landing import daterange, stage_day
@@ -196,16 +212,9 @@ def run(rate: float, n_rollouts: int, rows: int, out: Path, pause: float, keep: 
         print(f"bench rollout: corrupted bundle refused={refused} in {b - a:.2f}s", flush=True)
         time.sleep(pause)
         live_after = (roll.readyz() or {}).get("model_version")
-        stop_file.touch()
-        gen.wait(timeout=120)
-        recs = [json.loads(line) for line in records_file.read_text().splitlines() if line.strip()]
+        recs = _stop_load(gen, stop_file, records_file)
     finally:
-        if gen is not None and gen.poll() is None:
-            gen.kill()
-        if roll is not None:
-            roll.stop()
-        if not keep:
-            shutil.rmtree(work, ignore_errors=True)
+        _teardown(gen, roll, work, keep)
 
     order = {v: i for i, v in enumerate(versions)}
     switched = [(e["end"], order[e["version"]]) for e in events]
@@ -328,15 +337,9 @@ def run_progressive(strategy: str, rate: float, n_rollouts: int, rows: int, out:
                 roll.rollback(rel)
             time.sleep(pause)                       # the champion alone, steady
         live_after = (roll.readyz() or {}).get("model_version")
-        stop_file.touch()
-        gen.wait(timeout=120)
-        recs = [json.loads(line) for line in records_file.read_text().splitlines() if line.strip()]
+        recs = _stop_load(gen, stop_file, records_file)
     finally:
-        if gen is not None and gen.poll() is None:
-            gen.kill()
-        if roll is not None:
-            roll.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        _teardown(gen, roll, work, keep=False)
 
     def allowed(e: dict, rid: str, t: float) -> set[str]:
         """The versions the router may have chosen for `rid` at time `t`, around rollout event `e`."""

@@ -7,22 +7,13 @@ Shares the session's live Airflow (tests/e2e/live_airflow.py) and its REST-trigg
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from pathlib import Path
-
 import pytest
 
-from tests.conftest import REPO
 from tests.e2e import live_airflow as la
+from tests.e2e import ui
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
-CHROMIUM = os.environ.get("CTR_CHROMIUM", "/usr/bin/chromium")
-ARTIFACTS = REPO / "test-artifacts"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage"]
+CHROMIUM, ARTIFACTS = ui.CHROMIUM, ui.ARTIFACTS
 
 
 @pytest.fixture(scope="session")
@@ -33,22 +24,11 @@ def live(tmp_path_factory):
 
 
 @pytest.fixture
-def browser_page(tmp_path: Path):
-    if not (Path(CHROMIUM).exists() or shutil.which(CHROMIUM)):
+def browser_page():
+    if not ui.have_chromium():
         pytest.skip(f"{CHROMIUM} missing: `make system-deps` (as root) installs Debian's chromium")
-    from playwright.sync_api import sync_playwright
-
-    profile = tempfile.mkdtemp(prefix="chromium-profile-", dir=tmp_path)
-    with sync_playwright() as p:
-        # a persistent context is how a fresh --user-data-dir is given to a Playwright-launched Chromium
-        ctx = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True,
-                                                   args=CHROMIUM_ARGS, viewport={"width": 1400, "height": 1000})
-        try:
-            page = ctx.pages[0] if ctx.pages else ctx.new_page()
-            page.set_default_timeout(60_000)
-            yield page
-        finally:
-            ctx.close()
+    with ui.chromium_page() as page:
+        yield page
 
 
 def test_ui_sign_in_and_gate_decision(live, browser_page):
