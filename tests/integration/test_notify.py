@@ -86,7 +86,9 @@ def test_unknown_event_is_refused():
         notify.WebhookNotifier("gate_exploded")
 
 
-def test_gate_task_sends_rejection(receiver, monkeypatch):
+def test_gate_task_sends_rejection(receiver, monkeypatch, tmp_path):
+    import json
+
     from ctr.airflow import tasks as airflow_tasks
 
     _use_conn(monkeypatch, "alerts_d", {"conn_type": "http", "host": "127.0.0.1", "port": receiver.port})
@@ -94,10 +96,13 @@ def test_gate_task_sends_rejection(receiver, monkeypatch):
     ctx = _context()
     ctx["ti"].xcom_push = lambda key, value: pushed.update({key: value})
     reasons = ["lower 95% CI bound of AUC diff -0.0123 < -0.005"]
+    metrics = tmp_path / "metrics.json"  # the gate reads it for the review rules (a clear failure: no review)
+    metrics.write_text(json.dumps({"auc_diff": {"ci_low": -0.0123}}))
     evaluated = {"gate": {"passed": False, "forced": False, "reasons": reasons}, "candidate_auc": 0.71,
-                 "champion_version": "3"}
+                 "champion_version": "3", "metrics_path": str(metrics)}
     assert airflow_tasks.gate(ctx, evaluated) is False
-    assert pushed["decision"] == {"passed": False, "forced": False, "reasons": reasons, "warnings": [], "drifted": []}
+    assert pushed["decision"] == {"passed": False, "forced": False, "reasons": reasons, "warnings": [], "drifted": [],
+                                  "review": None}
     (got,) = receiver.received
     body = got["json"]
     assert body["event"] == "gate_rejected" and body["details"]["reasons"] == reasons
