@@ -28,9 +28,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 END = dt.date(2026, 7, 5)
+CODES_ONLY = {"derived": [], "refit": False}  # what the SynapseML engine trains on
 
-
-CODES_ONLY = {"derived": [], "refit": False}
 
 def _run(cmd: list[str], env: dict[str, str], log: Path) -> float:
     t0 = time.monotonic()
