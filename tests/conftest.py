@@ -21,6 +21,10 @@ import pytest
 from tests.loopback import stop_process
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before any lightgbm import; see ctr/__init__.py
+# Services the tests start inherit this environment, and `make test` exports CTR_HOME=<repo>/state: without
+# this, their prediction logs (default rate 0.01) landed in the user's state/predictions and `make demo`'s
+# monitor read test traffic. Tests of the log set the rate (and a CTR_HOME of their own) explicitly.
+os.environ.setdefault("CTR_PREDICTION_LOG_RATE", "0")
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_DATA = REPO / "tests" / "data"  # real Criteo extracts, committed with their sources (tests/data/README.md)
