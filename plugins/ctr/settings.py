@@ -1,8 +1,9 @@
 """Typed settings of the pipeline and the one parser that fills them from `CTR_*` environment variables.
 
 `Settings` (paths, registry, service), `DeploySettings` (image builder and rollout target, ACR/AKS
-names) and `DatabricksSettings` (the Spark job's cluster) are frozen dataclasses; `from_env` reads
-`CTR_<FIELD>` (`CTR_DATABRICKS_<FIELD>` for Databricks) through `parse_env`, the only environment
+names), `DatabricksSettings` (the Spark job's cluster), `SparkSettings` (a local or standalone Spark
+session) and `SynapseMLSettings` (its network setup) are frozen dataclasses; `from_env` reads
+`CTR_<FIELD>` (`CTR_DATABRICKS_`, `CTR_SPARK_`, `CTR_SYNAPSEML_<FIELD>` for those) through `parse_env`, the only environment
 parser. Outside Airflow (`ctr` CLI, scoring image, Spark job) the environment is all there is; in a
 DAG task `ctr.airflow.config` layers Airflow Variables and Connections on top, once per task. Secrets
 are only ever read from the environment or a Connection, never logged.
@@ -192,6 +193,58 @@ class DatabricksSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> DatabricksSettings:
         return parse_env(cls, env, prefix="CTR_DATABRICKS_", error=DatabricksConfigError)
+
+
+class SparkConfigError(ValueError):
+    """A `CTR_SPARK_*` / `CTR_SYNAPSEML_*` setting does not parse; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class SparkSettings:
+    """`CTR_SPARK_*`: the Spark session of `ctr train --engine spark|synapseml` outside Databricks (whose
+    cluster is `DatabricksSettings`)."""
+
+    master: str = "local[2]"     # local[N] or a standalone spark://host:7077
+    driver_memory: str = "2g"    # local masters only
+    conf: str = ""               # extra session conf, "k=v;k=v"
+    jars_dir: str = ""           # the jars `make jars` fetched; "" = <venv>/share/ctr/jars
+
+    def __post_init__(self) -> None:
+        self.conf_pairs()  # a malformed CTR_SPARK_CONF fails when the settings are read, not deep in Spark
+
+    def conf_pairs(self) -> dict[str, str]:
+        """CTR_SPARK_CONF as {key: value}; an entry without `=` or with an empty key is an error naming it."""
+        out: dict[str, str] = {}
+        for entry in self.conf.split(";"):
+            if not entry.strip():
+                continue
+            key, eq, value = entry.partition("=")
+            if not eq or not key.strip():
+                raise SparkConfigError(f"CTR_SPARK_CONF entry {entry.strip()!r} is not k=v (entries are separated by ';')")
+            out[key.strip()] = value.strip()
+        return out
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> SparkSettings:
+        return parse_env(cls, env, prefix="CTR_SPARK_", error=SparkConfigError)
+
+
+@dataclass(frozen=True)
+class SynapseMLSettings:
+    """`CTR_SYNAPSEML_*`: SynapseML's LightGBM network setup."""
+
+    timeout: float = 120.0   # seconds for LightGBM's network setup and each barrier sync
+    listen_port: int = 0     # LightGBM's listen port base; 0 = a free base per job (single host) or 12400
+
+    def __post_init__(self) -> None:
+        if self.timeout <= 0:
+            raise SparkConfigError(f"CTR_SYNAPSEML_TIMEOUT={self.timeout!r} must be > 0 seconds")
+        if not 0 <= self.listen_port <= 65535:
+            raise SparkConfigError(f"CTR_SYNAPSEML_LISTEN_PORT={self.listen_port!r} is not a port (0 = per job)")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> SynapseMLSettings:
+        return parse_env(cls, env, prefix="CTR_SYNAPSEML_", error=SparkConfigError)
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ from ctr.data.landing import DATA_SUFFIXES, DayReport, FileStamp, LandingZoneErr
 from ctr.data.reader import Layout, parse_lines
 from ctr.features.transform import CAT_INDEX, FeatureTransform, VocabCounter
 from ctr.schema import ALL_COLUMNS, ARROW_SCHEMA, CAT_COLUMNS, LABEL
-from ctr.settings import Settings
+from ctr.settings import Settings, SparkSettings
 from ctr.training.trainer import TrainConfig, TrainingError
 
 log = logging.getLogger("ctr.training.spark_job")
@@ -101,7 +101,8 @@ def spark_session(app: str = "ctr-train", master: str | None = None, conf: dict[
     active = SparkSession.getActiveSession()
     if active is not None:
         return active
-    master = master or os.environ.get("CTR_SPARK_MASTER", "local[2]")
+    cfg = SparkSettings.from_env()
+    master = master or cfg.master
     b = SparkSession.builder.appName(app).master(master)
     # Python workers run this interpreter (the one with ctr installed), not whatever python3 is on PATH
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
@@ -109,13 +110,12 @@ def spark_session(app: str = "ctr-train", master: str | None = None, conf: dict[
     if master.startswith("local"):
         b = (b.config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", "2")
              .config("spark.ui.showConsoleProgress", "false")
-             .config("spark.driver.memory", os.environ.get("CTR_SPARK_DRIVER_MEMORY", "2g"))
+             .config("spark.driver.memory", cfg.driver_memory)
              .config("spark.sql.session.timeZone", "UTC"))
     jars = spark_jars()
     if jars:
         b = b.config("spark.jars", ",".join(jars))
-    extra = dict(kv.strip().split("=", 1) for kv in os.environ.get("CTR_SPARK_CONF", "").split(";") if "=" in kv)
-    for k, v in {**extra, **(conf or {})}.items():
+    for k, v in {**cfg.conf_pairs(), **(conf or {})}.items():
         b = b.config(k.strip(), v.strip())
     return b.getOrCreate()
 

@@ -34,6 +34,7 @@ import pyarrow as pa
 
 from ctr.features.transform import CAT_INDEX, FeatureTransform
 from ctr.schema import FEATURE_COLUMNS, LABEL
+from ctr.settings import SparkSettings, SynapseMLSettings
 from ctr.training.trainer import TrainConfig, TrainingError
 
 log = logging.getLogger("ctr.training.synapseml")
@@ -58,7 +59,7 @@ REQUIRED_JARS = {
     LIGHTGBMLIB_COORDINATES: f"lightgbmlib-{LIGHTGBMLIB_VERSION}.jar",
 }
 JVM_CLASS = "com.microsoft.azure.synapse.ml.lightgbm.LightGBMClassifier"
-DEFAULT_TIMEOUT = 120.0      # seconds for LightGBM's network setup and each barrier sync
+DEFAULT_TIMEOUT = SynapseMLSettings.timeout  # seconds for LightGBM's network setup and each barrier sync
 DEFAULT_LISTEN_PORT = 12400  # SynapseML's default; used as is on a cluster of separate machines
 
 # LightGBM parameter name -> LightGBMClassifier param name
@@ -83,8 +84,7 @@ class SynapseMLSetupError(RuntimeError):
 # ---- jars ------------------------------------------------------------------------------------
 def jars_dir(env: Mapping[str, str] | None = None) -> Path:
     """Where `make jars` puts the JVM side: CTR_SPARK_JARS_DIR, else <venv>/share/ctr/jars."""
-    env = os.environ if env is None else env
-    return Path(env.get("CTR_SPARK_JARS_DIR") or Path(sys.prefix) / "share" / "ctr" / "jars")
+    return Path(SparkSettings.from_env(env).jars_dir or Path(sys.prefix) / "share" / "ctr" / "jars")
 
 
 def spark_jars(env: Mapping[str, str] | None = None) -> list[str]:
@@ -289,8 +289,9 @@ def train_synapseml(spark, train_df, valid_df, transform: FeatureTransform, cfg:
     from synapse.ml.lightgbm import LightGBMClassifier
 
     slots, _executors = task_slots(spark)
-    timeout = float(os.environ.get("CTR_SYNAPSEML_TIMEOUT", DEFAULT_TIMEOUT))
-    port = int(os.environ.get("CTR_SYNAPSEML_LISTEN_PORT", "0")) or (
+    net = SynapseMLSettings.from_env()
+    timeout = net.timeout
+    port = net.listen_port or (
         free_port_base(slots + 8) if is_single_host(spark) else DEFAULT_LISTEN_PORT)
     kw = synapseml_params(cfg, executor_cores, num_tasks=slots, listen_port=port, timeout=timeout)
     log.info("synapseml: %d LightGBM tasks on %s, listen ports from %d, LightGBMClassifier(%s)", slots,

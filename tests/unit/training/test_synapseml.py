@@ -68,3 +68,18 @@ def test_free_port_base_finds_a_free_run_of_ports_and_skips_busy_ones():
     finally:
         for s in socks:
             s.close()
+
+
+def test_spark_and_synapseml_settings_come_from_the_one_parser_and_name_a_bad_variable():
+    from ctr.settings import SparkConfigError, SparkSettings, SynapseMLSettings
+
+    s = SparkSettings.from_env({"CTR_SPARK_MASTER": "spark://h:7077", "CTR_SPARK_CONF": " a.b = 1 ;c=x=y;; "})
+    assert s.master == "spark://h:7077" and s.driver_memory == "2g" and s.conf_pairs() == {"a.b": "1", "c": "x=y"}
+    assert SynapseMLSettings.from_env({"CTR_SYNAPSEML_TIMEOUT": "60"}) == SynapseMLSettings(timeout=60.0, listen_port=0)
+    # a malformed entry used to be skipped without a word; now the run fails naming it
+    with pytest.raises(SparkConfigError, match="CTR_SPARK_CONF entry 'spark.executor.cores' is not k=v"):
+        SparkSettings.from_env({"CTR_SPARK_CONF": "spark.executor.memory=1g;spark.executor.cores"})
+    with pytest.raises(SparkConfigError, match="CTR_SYNAPSEML_LISTEN_PORT='x' is not an integer"):
+        SynapseMLSettings.from_env({"CTR_SYNAPSEML_LISTEN_PORT": "x"})
+    with pytest.raises(SparkConfigError, match="CTR_SYNAPSEML_TIMEOUT=0.0 must be > 0"):
+        SynapseMLSettings.from_env({"CTR_SYNAPSEML_TIMEOUT": "0"})
