@@ -24,7 +24,9 @@ import asyncio
 import hashlib
 import logging
 import os
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,10 +34,11 @@ import numpy as np
 import orjson
 from prometheus_client import Counter, Histogram
 
-from ctr.serving.lane import TSV_TYPES, score_body
+from ctr.serving.lane import JSON_TYPES, TSV_TYPES, encode_body, score_body
 from ctr.serving.metrics import LATENCY_BUCKETS
 from ctr.serving.model import ModelHolder, ServedModel
-from ctr.serving.validation import RequestError, parse_json
+from ctr.serving.ranking import RANK_ROUTE
+from ctr.serving.validation import RequestError, invocation_rows, parse_json, score_rows
 
 log = logging.getLogger("ctr.serving")
 
@@ -43,6 +46,8 @@ BUCKETS = 10_000                      # canary_percent has a resolution of 0.01 
 MAX_REQUEST_ID = 128
 SHADOW_MAX_ROWS = 1_000_000           # scores kept for the comparison; beyond, the comparison stops growing
 SHADOW_MAX_PENDING = 256              # shadow scorings waiting; beyond, a request is not shadowed (counted)
+SHADOW_BATCH_SECONDS = 0.01           # the shadow thread scores what accumulated in this long ...
+SHADOW_BATCH_REQUESTS = 32            # ... or as soon as this many requests wait
 CHAMPION, CANARY, SHADOW = "champion", "canary", "shadow"
 PSI_BINS = 10
 PSI_FLOOR = 1e-4                      # an empty bin counts as this share (PSI is infinite otherwise)
@@ -129,6 +134,7 @@ class ShadowStats:
     requests: int = 0
     errors: int = 0
     skipped: int = 0
+    batches: int = 0                                              # predict calls of the shadow thread
     last_error: str | None = None
     seconds: list[float] = field(default_factory=list)            # the shadow's scoring time per request
     champion_seconds: list[float] = field(default_factory=list)   # the champion's request time, same window
@@ -153,7 +159,7 @@ class ShadowStats:
         champ = np.concatenate(self.champion) if self.champion else np.empty(0)
         cand = np.concatenate(self.candidate) if self.candidate else np.empty(0)
         return {**compare(champ, cand), "requests": self.requests, "errors": self.errors, "skipped": self.skipped,
-                "last_error": self.last_error, "candidate_p99_ms": _p99_ms(self.seconds),
+                "batches": self.batches, "last_error": self.last_error, "candidate_p99_ms": _p99_ms(self.seconds),
                 "champion_p99_ms": _p99_ms(self.champion_seconds)}
 
 
@@ -184,7 +190,11 @@ class Traffic:
         self.candidate: Candidate | None = None
         self._boot = os.urandom(4).hex()
         self._seq = 0
-        self._pending: set[asyncio.Task] = set()
+        self._pending: set[asyncio.Task] = set()  # big bodies' shadow scorings on the batch lane
+        self._queue: deque[tuple] = deque()            # small bodies waiting for the shadow thread
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._shadow_seq = 0
         self._requests: Counter | None = None
         self._latency: Histogram | None = None
         self._children: dict[tuple[str, str, int], Any] = {}
@@ -252,40 +262,125 @@ class Traffic:
             cand.shadow.champion_seconds.append(seconds)
 
     def after(self, route: str, ctype: bytes, body: bytes, limit: int, probs: np.ndarray) -> None:
-        """After the champion's answer is sent: score the same body with the shadow, off the request's path."""
+        """After the champion's answer is sent: queue the same body for the shadow, off the request's path.
+
+        Bodies below the lane's threshold wait for the shadow thread (`_shadow_loop`), which scores what has
+        accumulated as one matrix; bigger ones are scored on the batch lane as before."""
         cand = self.candidate
         if cand is None or cand.shadow is None:
             return
-        if len(self._pending) >= SHADOW_MAX_PENDING:
+        if len(body) >= (self.lane_tsv_bytes if ctype in TSV_TYPES else self.lane_bytes):
+            if len(self._pending) >= SHADOW_MAX_PENDING:
+                cand.shadow.skipped += 1
+                return
+            t = asyncio.get_running_loop().create_task(self._shadow(cand, route, ctype, body, limit, probs))
+            self._pending.add(t)
+            t.add_done_callback(self._pending.discard)
+            return
+        if len(self._queue) >= SHADOW_MAX_PENDING:
             cand.shadow.skipped += 1
             return
-        t = asyncio.get_running_loop().create_task(self._shadow(cand, route, ctype, body, limit, probs))
-        self._pending.add(t)
-        t.add_done_callback(self._pending.discard)
+        self._queue.append((cand, route, ctype, body, limit, probs, time.perf_counter()))
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._shadow_loop, name="ctr-shadow", daemon=True)
+            self._thread.start()
+        if not self._wake.is_set():
+            self._wake.set()
+
+    def _shadow_loop(self) -> None:
+        """The shadow thread: every SHADOW_BATCH_SECONDS (or SHADOW_BATCH_REQUESTS queued), score the queue."""
+        while True:
+            self._wake.wait()
+            deadline = time.perf_counter() + SHADOW_BATCH_SECONDS
+            while len(self._queue) < SHADOW_BATCH_REQUESTS and time.perf_counter() < deadline:
+                time.sleep(SHADOW_BATCH_SECONDS / 5)
+            self._wake.clear()
+            items = []
+            while self._queue and len(items) < SHADOW_BATCH_REQUESTS * 4:
+                items.append(self._queue.popleft())
+            if self._queue:
+                self._wake.set()
+            try:
+                self._shadow_batch(items)
+            except Exception as e:  # never let the thread die: the whole batch counts as failed
+                for cand, *_ in items:
+                    if cand.shadow is not None:
+                        cand.shadow.requests += 1
+                        cand.shadow.error(f"{type(e).__name__}: {e}")
+                log.exception("shadow batch failed")
+
+    def _shadow_batch(self, items: list[tuple]) -> None:
+        """Score queued bodies with their candidate: each body encoded alone (its own errors), one predict
+        for all (LightGBM releases the GIL). A request's `seconds` is its own encoding time plus its
+        batch's predict time (plus a drill's latency): what scoring it cost, not how long it queued."""
+        cand = self.candidate
+        ok: list[tuple] = []
+        for item in items:
+            c, route, ctype, body, limit, probs, _ = item
+            if c is not cand or c.shadow is None:
+                continue  # dropped or promoted meanwhile: nothing to compare any more
+            t0 = time.perf_counter()
+            try:
+                if c.drill.error_rate:
+                    self._shadow_seq += 1
+                    if _drill_hit(f"shadow-{self._shadow_seq}".encode(), c.drill.error_rate):
+                        raise RuntimeError(f"drill: error injected in candidate version {c.model.version}")
+                if route == RANK_ROUTE:  # a ranking's candidates are scored singly (few requests, own parser)
+                    got, _ = score_body(c.model, route, ctype, body, limit)
+                    x = None
+                else:
+                    x, got = _shadow_matrix(c.model, route, ctype, body, limit), None
+            except Exception as e:  # the candidate's failure is data for the comparison, never the client's problem
+                self._shadow_failed(c, e, time.perf_counter() - t0 + c.drill.latency_ms / 1000)
+                continue
+            ok.append((c, probs, x, got, time.perf_counter() - t0))
+        if not ok:
+            return
+        xs = [x for _, _, x, _, _ in ok if x is not None and len(x)]
+        t0 = time.perf_counter()
+        try:
+            scored = cand.model.predict_matrix(np.concatenate(xs)) if xs else np.empty(0)
+        except Exception as e:
+            for c, *_ in ok:
+                self._shadow_failed(c, e, time.perf_counter() - t0)
+            return
+        predict_s = time.perf_counter() - t0
+        if cand.drill.latency_ms:
+            time.sleep(cand.drill.latency_ms / 1000)
+        at = 0
+        for c, probs, x, got, enc_s in ok:
+            if got is None:
+                got = scored[at:at + len(x)]
+                at += len(x)
+            seconds = enc_s + predict_s + c.drill.latency_ms / 1000
+            c.shadow.add(probs, got, seconds)
+            self._count(c, 200, seconds)
+        cand.shadow.batches += 1
+
+    def _shadow_failed(self, cand: Candidate, e: BaseException, seconds: float) -> None:
+        stats = cand.shadow
+        assert stats is not None
+        stats.requests += 1
+        stats.seconds.append(seconds)
+        stats.error(f"{type(e).__name__}: {e}")
+        self._count(cand, 500, seconds)
 
     async def _shadow(self, cand: Candidate, route: str, ctype: bytes, body: bytes, limit: int,
                       probs: np.ndarray) -> None:
+        """A big body's shadow scoring, on the batch lane."""
         stats = cand.shadow
         assert stats is not None
         t0 = time.perf_counter()
-        rid = b""
         try:
             if cand.drill.latency_ms:
                 await asyncio.sleep(cand.drill.latency_ms / 1000)
             if cand.drill.error_rate:
-                self._seq += 1
-                rid = f"shadow-{self._seq}".encode()
-                if _drill_hit(rid, cand.drill.error_rate):
+                self._shadow_seq += 1
+                if _drill_hit(f"shadow-{self._shadow_seq}".encode(), cand.drill.error_rate):
                     raise RuntimeError(f"drill: error injected in candidate version {cand.model.version}")
-            if len(body) < (self.lane_tsv_bytes if ctype in TSV_TYPES else self.lane_bytes):
-                got, _ = score_body(cand.model, route, ctype, body, limit)
-            else:
-                got, _ = await self.lane.score(cand.model, route, ctype, body, limit)
+            got, _ = await self.lane.score(cand.model, route, ctype, body, limit)
         except Exception as e:  # the candidate's failure is data for the comparison, never the client's problem
-            stats.requests += 1
-            stats.seconds.append(time.perf_counter() - t0)
-            stats.error(f"{type(e).__name__}: {e}")
-            self._count(cand, 500, time.perf_counter() - t0)
+            self._shadow_failed(cand, e, time.perf_counter() - t0)
             return
         seconds = time.perf_counter() - t0
         stats.add(probs, got, seconds)
@@ -362,7 +457,17 @@ class Traffic:
         cand = self.candidate
         return {"champion": self.holder.current.version, "candidate": cand.to_json() if cand else None,
                 "shadow": cand.shadow.summary() if cand and cand.shadow else None,
-                "pending_shadow": len(self._pending)}
+                "pending_shadow": len(self._pending) + len(self._queue)}
+
+
+def _shadow_matrix(model: ServedModel, route: str, ctype: bytes, body: bytes, limit: int) -> np.ndarray:
+    """A /v1/score or /invocations body -> the candidate's feature matrix (not yet predicted)."""
+    if ctype in JSON_TYPES:
+        rows = invocation_rows(parse_json(body)) if route == "/invocations" else score_rows(parse_json(body))
+        if len(rows) > limit:
+            raise RequestError(413, f"{len(rows)} rows exceed the per-request limit of {limit}")
+        return model.encode_rows(rows) if rows else np.empty((0, 0))
+    return encode_body(model, route, ctype, body, limit)[1]
 
 
 async def _send_json(send: Any, status: int, doc: Any, extra: list[tuple[bytes, bytes]] | None = None) -> None:
