@@ -24,7 +24,6 @@ import asyncio
 import hashlib
 import logging
 import os
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -46,8 +45,10 @@ BUCKETS = 10_000                      # canary_percent has a resolution of 0.01 
 MAX_REQUEST_ID = 128
 SHADOW_MAX_ROWS = 1_000_000           # scores kept for the comparison; beyond, the comparison stops growing
 SHADOW_MAX_PENDING = 256              # shadow scorings waiting; beyond, a request is not shadowed (counted)
-SHADOW_BATCH_SECONDS = 0.01           # the shadow thread scores what accumulated in this long ...
-SHADOW_BATCH_REQUESTS = 32            # ... or as soon as this many requests wait
+SHADOW_BATCH_SECONDS = 0.005          # queued shadow scorings are scored together this long after the first ...
+SHADOW_IDLE_POLL = 0.001              # ... once no scoring request is in flight (checked this often) ...
+SHADOW_MAX_DEFER = 0.05               # ... or this long after the first at the latest
+SHADOW_BATCH_REQUESTS = 16            # at most this many per predict call (then the loop has its turn)
 CHAMPION, CANARY, SHADOW = "champion", "canary", "shadow"
 PSI_BINS = 10
 PSI_FLOOR = 1e-4                      # an empty bin counts as this share (PSI is infinite otherwise)
@@ -191,9 +192,9 @@ class Traffic:
         self._boot = os.urandom(4).hex()
         self._seq = 0
         self._pending: set[asyncio.Task] = set()  # big bodies' shadow scorings on the batch lane
-        self._queue: deque[tuple] = deque()            # small bodies waiting for the shadow thread
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._queue: deque[tuple] = deque()            # small bodies waiting for `_flush`
+        self._flush_by: float | None = None            # a flush is scheduled; it runs by then at the latest
+        self._active = 0                               # scoring requests between `pick` and `observe`
         self._shadow_seq = 0
         self._requests: Counter | None = None
         self._latency: Histogram | None = None
@@ -229,6 +230,7 @@ class Traffic:
         cand = self.candidate
         if cand is not None and cand.mode == CANARY and routes_to_candidate(rid, cand.canary_percent):
             scope["ctr.model"] = (cand.model.version, CANARY)
+            self._active += 1
             if cand.drill.latency_ms:
                 await asyncio.sleep(cand.drill.latency_ms / 1000)
             if cand.drill.error_rate and _drill_hit(rid, cand.drill.error_rate):
@@ -236,6 +238,7 @@ class Traffic:
             return cand.model
         model = self.holder.current
         scope["ctr.model"] = (model.version, CHAMPION)
+        self._active += 1
         return model
 
     def headers(self, scope: dict[str, Any]) -> list[tuple[bytes, bytes]]:
@@ -244,7 +247,17 @@ class Traffic:
     def observe(self, scope: dict[str, Any], status: int, seconds: float) -> None:
         """At the end of every request: the per-model metrics of a scoring request (others are not counted)."""
         picked = scope.get("ctr.model")
-        if picked is None or self._requests is None:
+        if picked is None:
+            return
+        self._active = max(0, self._active - 1)
+        self._record(picked, status, seconds)
+        cand = self.candidate
+        if cand is not None and cand.shadow is not None and picked[1] == CHAMPION \
+                and len(cand.shadow.champion_seconds) < SHADOW_MAX_ROWS:
+            cand.shadow.champion_seconds.append(seconds)
+
+    def _record(self, picked: tuple[str, str], status: int, seconds: float) -> None:
+        if self._requests is None:
             return
         version, role = picked
         key = (version, role, status)
@@ -256,16 +269,12 @@ class Traffic:
         if hist is None:
             hist = self._hist[picked] = self._latency.labels(version, role)
         hist.observe(seconds)
-        cand = self.candidate
-        if cand is not None and cand.shadow is not None and role == CHAMPION \
-                and len(cand.shadow.champion_seconds) < SHADOW_MAX_ROWS:
-            cand.shadow.champion_seconds.append(seconds)
 
     def after(self, route: str, ctype: bytes, body: bytes, limit: int, probs: np.ndarray) -> None:
         """After the champion's answer is sent: queue the same body for the shadow, off the request's path.
 
-        Bodies below the lane's threshold wait for the shadow thread (`_shadow_loop`), which scores what has
-        accumulated as one matrix; bigger ones are scored on the batch lane as before."""
+        Bodies below the lane's threshold are queued; `_flush` scores what has accumulated as one matrix,
+        on the event loop while no scoring request is in flight. Bigger ones are scored on the batch lane."""
         cand = self.candidate
         if cand is None or cand.shadow is None:
             return
@@ -280,43 +289,40 @@ class Traffic:
         if len(self._queue) >= SHADOW_MAX_PENDING:
             cand.shadow.skipped += 1
             return
-        self._queue.append((cand, route, ctype, body, limit, probs, time.perf_counter()))
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._shadow_loop, name="ctr-shadow", daemon=True)
-            self._thread.start()
-        if not self._wake.is_set():
-            self._wake.set()
+        self._queue.append((cand, route, ctype, body, limit, probs))
+        if self._flush_by is None:
+            self._flush_by = time.perf_counter() + SHADOW_MAX_DEFER
+            asyncio.get_running_loop().call_later(SHADOW_BATCH_SECONDS, self._flush)
 
-    def _shadow_loop(self) -> None:
-        """The shadow thread: every SHADOW_BATCH_SECONDS (or SHADOW_BATCH_REQUESTS queued), score the queue."""
-        while True:
-            self._wake.wait()
-            deadline = time.perf_counter() + SHADOW_BATCH_SECONDS
-            while len(self._queue) < SHADOW_BATCH_REQUESTS and time.perf_counter() < deadline:
-                time.sleep(SHADOW_BATCH_SECONDS / 5)
-            self._wake.clear()
-            items = []
-            while self._queue and len(items) < SHADOW_BATCH_REQUESTS * 4:
-                items.append(self._queue.popleft())
-            if self._queue:
-                self._wake.set()
-            try:
-                self._shadow_batch(items)
-            except Exception as e:  # never let the thread die: the whole batch counts as failed
-                for cand, *_ in items:
-                    if cand.shadow is not None:
-                        cand.shadow.requests += 1
-                        cand.shadow.error(f"{type(e).__name__}: {e}")
-                log.exception("shadow batch failed")
+    def _flush(self) -> None:
+        """Score the queued bodies together, when no scoring request is in flight (or at the latest
+        SHADOW_MAX_DEFER after the first was queued, or when the queue is half full)."""
+        loop = asyncio.get_running_loop()
+        if self._active > 0 and time.perf_counter() < self._flush_by and len(self._queue) < SHADOW_MAX_PENDING // 2:
+            loop.call_later(SHADOW_IDLE_POLL, self._flush)
+            return
+        items = [self._queue.popleft() for _ in range(min(len(self._queue), SHADOW_BATCH_REQUESTS))]
+        if self._queue:                    # the rest after the loop has had its turn
+            self._flush_by = time.perf_counter() + SHADOW_MAX_DEFER
+            loop.call_soon(self._flush)
+        else:
+            self._flush_by = None
+        try:
+            self._shadow_batch(items)
+        except Exception as e:  # our bug, never the client's: the whole batch counts as failed
+            log.exception("shadow batch failed")
+            for c, *_ in items:
+                if c.shadow is not None:
+                    self._shadow_failed(c, e, 0.0)
 
     def _shadow_batch(self, items: list[tuple]) -> None:
-        """Score queued bodies with their candidate: each body encoded alone (its own errors), one predict
-        for all (LightGBM releases the GIL). A request's `seconds` is its own encoding time plus its
-        batch's predict time (plus a drill's latency): what scoring it cost, not how long it queued."""
+        """Score queued bodies with their candidate: each body parsed and encoded alone (its own errors),
+        one predict for all. A request's `seconds` is its own encoding time plus its batch's predict time
+        (plus a drill's latency): what scoring it cost the candidate, not how long it queued."""
         cand = self.candidate
         ok: list[tuple] = []
         for item in items:
-            c, route, ctype, body, limit, probs, _ = item
+            c, route, ctype, body, limit, probs = item
             if c is not cand or c.shadow is None:
                 continue  # dropped or promoted meanwhile: nothing to compare any more
             t0 = time.perf_counter()
@@ -344,9 +350,7 @@ class Traffic:
             for c, *_ in ok:
                 self._shadow_failed(c, e, time.perf_counter() - t0)
             return
-        predict_s = time.perf_counter() - t0
-        if cand.drill.latency_ms:
-            time.sleep(cand.drill.latency_ms / 1000)
+        predict_s = time.perf_counter() - t0  # a latency drill is added to the figure (nobody waits for a shadow)
         at = 0
         for c, probs, x, got, enc_s in ok:
             if got is None:
@@ -387,7 +391,7 @@ class Traffic:
         self._count(cand, 200, seconds)
 
     def _count(self, cand: Candidate, status: int, seconds: float) -> None:
-        self.observe({"ctr.model": (cand.model.version, SHADOW)}, status, seconds)
+        self._record((cand.model.version, SHADOW), status, seconds)
 
     # ---- admin -------------------------------------------------------------------------------
     async def _load(self, scope: dict[str, Any], headers: dict[bytes, bytes], body: bytes, send: Any) -> int:

@@ -1,8 +1,9 @@
-"""The shadow thread (serving/traffic.py): queued bodies scored together equal scoring each alone; a
+"""The batched shadow (serving/traffic.py): queued bodies scored together equal scoring each alone; a
 body the candidate cannot score is an error, never a lost request; a full queue skips and counts."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -33,11 +34,11 @@ def _shadowing(bundle: Path) -> tuple[Traffic, Candidate, ServedModel]:
     return traffic, traffic.candidate, model
 
 
-def _settled(cand: Candidate, n: int) -> ShadowStats:
+async def _settled(cand: Candidate, n: int) -> ShadowStats:
     stats = cand.shadow
     deadline = time.monotonic() + 10
     while stats.requests + stats.skipped < n and time.monotonic() < deadline:
-        time.sleep(0.005)
+        await asyncio.sleep(0.005)
     return stats
 
 
@@ -51,11 +52,15 @@ def test_batched_shadow_scores_equal_each_body_alone(trained_bundle: Path, stage
     cols = sorted({k for r in rows[26:30] for k in r})
     split = {"dataframe_split": {"columns": cols, "data": [[r.get(c) for c in cols] for r in rows[26:30]]}}
     bodies.append(("/invocations", JSON, orjson.dumps(split), rows[26:30]))
-    for route, ctype, body, rs in bodies:
-        # the champion's scores as the request path would pass them (here the same model: offline scores)
-        traffic.after(route, ctype, body, 1000, model.bundle.predict_rows(rs))
-    traffic.after("/v1/score", JSON, b'{"rows": [{"I1": "many"}]}', 1000, np.array([0.5]))  # the candidate fails
-    stats = _settled(cand, len(bodies) + 1)
+
+    async def send() -> ShadowStats:
+        for route, ctype, body, rs in bodies:
+            # the champion's scores as the request path would pass them (here the same model: offline scores)
+            traffic.after(route, ctype, body, 1000, model.bundle.predict_rows(rs))
+        traffic.after("/v1/score", JSON, b'{"rows": [{"I1": "many"}]}', 1000, np.array([0.5]))  # candidate fails
+        return await _settled(cand, len(bodies) + 1)
+
+    stats = asyncio.run(send())
     assert stats.requests == len(bodies) + 1 and stats.skipped == 0
     assert stats.errors == 1 and "I1" in stats.last_error
     assert 0 < stats.batches < len(bodies)                    # scored together, not one call per request
@@ -70,12 +75,14 @@ def test_batched_shadow_scores_equal_each_body_alone(trained_bundle: Path, stage
 def test_a_full_shadow_queue_skips_and_counts(trained_bundle: Path, staged: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tr, "SHADOW_MAX_PENDING", 4)
-    monkeypatch.setattr(tr, "SHADOW_BATCH_SECONDS", 0.2)      # nothing is drained while the burst arrives
-    monkeypatch.setattr(tr, "SHADOW_BATCH_REQUESTS", 1000)
     traffic, cand, model = _shadowing(trained_bundle)
     row = _rows(staged, 1)
     body, probs = orjson.dumps({"rows": row}), model.bundle.predict_rows(row)
-    for _ in range(10):
-        traffic.after("/v1/score", JSON, body, 1000, probs)
-    stats = _settled(cand, 10)
+
+    async def burst() -> ShadowStats:
+        for _ in range(10):                                   # no await: nothing is scored while they arrive
+            traffic.after("/v1/score", JSON, body, 1000, probs)
+        return await _settled(cand, 10)
+
+    stats = asyncio.run(burst())
     assert stats.skipped == 6 and stats.requests == 4 and stats.errors == 0 and stats.rows == 4
