@@ -8,7 +8,8 @@ as either
   request id (`X-Request-Id`, or one the service makes up and returns), `routes_to_candidate`, so a
   retry with the same id lands on the same model and a client can compute the router's choice; or
 - a **shadow**: every scoring request is scored by it too, after the champion's answer has been sent
-  (off the request's path); only the champion's scores are returned. `GET /admin/traffic` reports the
+  (off the request's path: queued, and scored in batches while no scoring request is in flight, `_flush`);
+  only the champion's scores are returned. `GET /admin/traffic` reports the
   comparison of the two score distributions (`compare`) and the shadow's latency and errors.
 
 `POST /admin/promote` makes the candidate the champion, `POST /admin/drop` removes it. A `drill`
@@ -135,7 +136,7 @@ class ShadowStats:
     requests: int = 0
     errors: int = 0
     skipped: int = 0
-    batches: int = 0                                              # predict calls of the shadow thread
+    batches: int = 0                                              # the batched shadow's predict calls
     last_error: str | None = None
     seconds: list[float] = field(default_factory=list)            # the shadow's scoring time per request
     champion_seconds: list[float] = field(default_factory=list)   # the champion's request time, same window
