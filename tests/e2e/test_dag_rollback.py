@@ -1,9 +1,13 @@
-"""A bundle that fails verification is rolled back end to end on the local default.
+"""A candidate that fails verification is rolled back end to end on the local default; canary and shadow in DAG runs.
 
-run 1 (day D): version 1 deployed, verified, champion.
-run 2 (day D+1, force_deploy + fail_verify drill): version 2 registered and rolled out; verify
-fails -> the service is rolled back to version 1, the verify task fails, promote does not run,
-and the champion pointer stays on version 1.
+run 1 (day D): version 1 deployed (rolling), verified, champion.
+run 2 (day D+1, force_deploy, rollout_strategy=shadow + rollout_drill=errors): version 2 registered and
+loaded as a shadow beside version 1; half its shadow scorings fail, so verify's bake breaches
+max_candidate_errors -> the shadow is dropped, the verify task fails, promote does not run, and the
+champion pointer stays on version 1.
+run 3 (day D+2, force_deploy, rollout_strategy=canary): version 3 answers 50% of the requests while it
+bakes, is within the limits, promoted to 100% and becomes champion.
+(`fail_verify`, the rolling strategy's forced failure, is rehearsed in test_live_airflow.py.)
 """
 
 from __future__ import annotations
@@ -21,12 +25,13 @@ pytestmark = pytest.mark.e2e
 
 D = dt.date(2026, 11, 20)
 CONF = {"min_auc": 0.6}
+BAKE = {"bake_seconds": 2, "bake_requests": 100}  # short bakes: verify's own ~100 requests/s are the traffic
 
 
 @pytest.fixture(scope="module")
 def install(airflow_install, tmp_path_factory):
     landing = tmp_path_factory.mktemp("rollback-landing")
-    generate(landing, 9, 3000, D + dt.timedelta(days=1), GeneratorConfig(seed=5))
+    generate(landing, 10, 3000, D + dt.timedelta(days=2), GeneratorConfig(seed=5))
     return airflow_install(landing)
 
 
@@ -39,7 +44,7 @@ def _task_states(inst, day: str) -> dict[str, str | None]:
     return dict(rows)
 
 
-def test_failed_verification_rolls_back_and_keeps_the_champion(install):
+def test_failed_verification_rolls_back_and_keeps_the_champion_then_a_canary_promotes(install):
     url = f"http://127.0.0.1:{install.serve_port}"
     install.dags_test(D.isoformat(), CONF)
     reg = Registry(f"sqlite:///{install.ctr_home / 'mlflow.db'}", "ctr-lightgbm")
@@ -47,9 +52,12 @@ def test_failed_verification_rolls_back_and_keeps_the_champion(install):
     assert httpx.get(f"{url}/readyz").json()["model_version"] == "1"
 
     d2 = (D + dt.timedelta(days=1)).isoformat()
-    r = install.dags_test(d2, {**CONF, "force_deploy": True, "fail_verify": True}, check=False)
+    r = install.dags_test(d2, {**CONF, **BAKE, "force_deploy": True, "rollout_strategy": "shadow",
+                               "rollout_drill": "errors"}, check=False)
     log = r.stdout + r.stderr
-    assert "verify failed" in log and "rolled back to 1" in log, log[-3000:]
+    assert "runs version 2 as a shadow beside version 1 (drill {'error_rate': 0.5})" in log, log[-3000:]
+    assert "verify failed: shadow of version 2 breached max_candidate_errors=0" in log, log[-3000:]
+    assert "rolled back to 1" in log, log[-3000:]
 
     states = _task_states(install, d2)
     assert states["register"] == "success" and states["rollout"] == "success", states
@@ -62,3 +70,16 @@ def test_failed_verification_rolls_back_and_keeps_the_champion(install):
     assert state["version"] == "1"
     score = httpx.post(f"{url}/v1/score", json={"rows": [{"I1": 3, "C1": "05db9164"}]})
     assert score.status_code == 200 and score.json()["model_version"] == "1"
+
+    d3 = (D + dt.timedelta(days=2)).isoformat()
+    r = install.dags_test(d3, {**CONF, **BAKE, "force_deploy": True, "rollout_strategy": "canary", "canary_percent": 50})
+    log = r.stdout + r.stderr
+    assert "runs version 3 as a canary beside version 1 at 50%" in log, log[-3000:]
+    assert "canary of version 3 within limits" in log and "promoted to 100%" in log, log[-3000:]
+    states = _task_states(install, d3)
+    assert states["verify"] == "success" and states["promote"] == "success", states
+    assert reg.champion().version == "3"
+    ready = httpx.get(f"{url}/readyz").json()
+    assert ready["model_version"] == "3"
+    traffic = httpx.get(f"{url}/admin/traffic").json()
+    assert traffic["champion"] == "3" and traffic["candidate"] is None  # the canary became the champion

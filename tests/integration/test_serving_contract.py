@@ -28,7 +28,7 @@ TOKEN = "contract-test-token"  # scoring and admin routes need it; health, metri
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 EXAMPLES = 40
 # operations whose validity has rules across fields that JSON Schema cannot state (see the test below)
-CROSS_FIELD_RULES = {"/invocations", "/v1/rank"}
+CROSS_FIELD_RULES = {"/invocations", "/v1/rank", "/admin/candidate"}
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +69,12 @@ def test_every_documented_operation_keeps_the_contract(api_schema: schemathesis.
     data refused, valid data accepted), except "valid data accepted" where JSON Schema cannot say what
     is valid: a `dataframe_split` row's values must match its `columns` one by one (/invocations), and a
     /v1/rank field may not stand in both the context and a candidate, nor an id twice, unless the
-    request says so; such schema-valid bodies are (rightly) refused with a 422 naming the field. The
-    other checks still run on them."""
+    request says so; a canary loaded without `canary_percent` (/admin/candidate). Such schema-valid bodies
+    are (rightly) refused with a 422 naming the field. The other checks still run on them.
+
+    The admin routes (/admin/load, /admin/candidate, /admin/promote, /admin/drop, /admin/traffic) run too:
+    generated bundle paths are never loadable bundles, so nothing changes state (409, bundle refused; no
+    candidate to promote; drop with nothing loaded is a no-op), and the token checks are exercised."""
     excluded = [positive_data_acceptance] if path in CROSS_FIELD_RULES else []
 
     @given(case=api_schema[path][method].as_strategy(generation_mode=mode))

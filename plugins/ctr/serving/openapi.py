@@ -35,6 +35,15 @@ _BUSY = {"503": {"description": "batch lane busy or restarted; retry", "content"
 _TSV_LINE = r"(0|1)?(\t(-?[0-9]{1,15})?){13}(\t([0-9a-fA-F]{8})?){26}"
 _TSV = {"schema": {"type": "string", "pattern": f"^({_TSV_LINE}\\n)*{_TSV_LINE}\\n?$"}}
 
+_ADMIN_403 = {"description": "no admin token configured and the client is not on loopback", "content": _ERR_BODY}
+_DRILL = {"type": "object", "additionalProperties": False,
+          "properties": {"latency_ms": {"type": "number", "minimum": 0, "maximum": 60000},
+                         "error_rate": {"type": "number", "minimum": 0, "maximum": 1}}}
+_CANDIDATE = {"type": "object", "required": ["model_version", "bundle", "mode", "canary_percent", "drill", "since"],
+              "properties": {"model_version": {"type": "string"}, "bundle": {"type": "string"},
+                             "mode": {"enum": ["canary", "shadow"]}, "canary_percent": {"type": ["number", "null"]},
+                             "drill": _DRILL, "since": {"type": "number"}, "champion": {"type": "string"}}}
+
 OPENAPI: dict = {
     "openapi": "3.1.0",
     "info": {"title": "ctr scoring service", "version": "1"},
@@ -139,6 +148,45 @@ OPENAPI: dict = {
                               **_ERR_RESPONSES},
             }
         },
+        # the candidate beside the champion (serving/traffic.py, docs/rollout.md); admin token, or loopback only
+        "/admin/candidate": {
+            "post": {
+                "summary": "load a canary or shadow beside the champion, or (bundle omitted) re-weight the loaded one",
+                "description": "A canary needs canary_percent when it is loaded (a rule across fields: without it "
+                               "the answer is a 422 naming canary_percent).",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "additionalProperties": False,
+                    "properties": {"bundle": {"type": "string", "minLength": 1},
+                                   "mode": {"enum": ["canary", "shadow"]},
+                                   "canary_percent": {"type": "number", "minimum": 0, "maximum": 100},
+                                   "drill": {"anyOf": [{"type": "null"}, _DRILL]}}}}}},
+                "responses": {"200": {"description": "loaded or re-weighted", "content": {"application/json": {
+                                  "schema": _CANDIDATE}}},
+                              "403": _ADMIN_403,
+                              "409": {"description": "bundle refused, or no candidate to re-weight; nothing changed",
+                                      "content": _ERR_BODY},
+                              **_ERR_RESPONSES},
+            }
+        },
+        "/admin/promote": {"post": {"summary": "make the candidate the champion (100% of traffic)", "responses": {
+            "200": {"description": "promoted", "content": {"application/json": {"schema": {
+                "type": "object", "required": ["model_version", "previous"],
+                "properties": {"model_version": {"type": "string"}, "previous": {"type": "string"}}}}}},
+            "403": _ADMIN_403, "409": {"description": "no candidate loaded", "content": _ERR_BODY}, **_ERR_RESPONSES}}},
+        "/admin/drop": {"post": {"summary": "remove the candidate (0%); the champion answers everything", "responses": {
+            "200": {"description": "dropped (or nothing was loaded: dropped is null)", "content": {"application/json": {
+                "schema": {"type": "object", "required": ["dropped", "model_version"],
+                           "properties": {"dropped": {"type": ["string", "null"]},
+                                          "model_version": {"type": "string"}}}}}},
+            "403": _ADMIN_403, **_ERR_RESPONSES}}},
+        "/admin/traffic": {"get": {"summary": "champion, candidate and the shadow's comparison so far", "responses": {
+            "200": {"description": "the traffic state", "content": {"application/json": {"schema": {
+                "type": "object", "required": ["champion", "candidate", "shadow", "pending_shadow"],
+                "properties": {"champion": {"type": "string"},
+                               "candidate": {"anyOf": [{"type": "null"}, _CANDIDATE]},
+                               "shadow": {"type": ["object", "null"]},
+                               "pending_shadow": {"type": "integer", "minimum": 0}}}}}},
+            "403": _ADMIN_403, **_ERR_RESPONSES}}},
     },
     "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
     "security": [{"bearer": []}],

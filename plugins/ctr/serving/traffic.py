@@ -8,7 +8,8 @@ as either
   request id (`X-Request-Id`, or one the service makes up and returns), `routes_to_candidate`, so a
   retry with the same id lands on the same model and a client can compute the router's choice; or
 - a **shadow**: every scoring request is scored by it too, after the champion's answer has been sent
-  (off the request's path); only the champion's scores are returned. `GET /admin/traffic` reports the
+  (off the request's path: queued, and scored in batches while no scoring request is in flight, `_flush`);
+  only the champion's scores are returned. `GET /admin/traffic` reports the
   comparison of the two score distributions (`compare`) and the shadow's latency and errors.
 
 `POST /admin/promote` makes the candidate the champion, `POST /admin/drop` removes it. A `drill`
@@ -25,6 +26,7 @@ import hashlib
 import logging
 import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,10 +34,11 @@ import numpy as np
 import orjson
 from prometheus_client import Counter, Histogram
 
-from ctr.serving.lane import TSV_TYPES, score_body
+from ctr.serving.lane import JSON_TYPES, TSV_TYPES, encode_body, score_body
 from ctr.serving.metrics import LATENCY_BUCKETS
 from ctr.serving.model import ModelHolder, ServedModel
-from ctr.serving.validation import RequestError, parse_json
+from ctr.serving.ranking import RANK_ROUTE
+from ctr.serving.validation import RequestError, invocation_rows, parse_json, score_rows
 
 log = logging.getLogger("ctr.serving")
 
@@ -43,6 +46,10 @@ BUCKETS = 10_000                      # canary_percent has a resolution of 0.01 
 MAX_REQUEST_ID = 128
 SHADOW_MAX_ROWS = 1_000_000           # scores kept for the comparison; beyond, the comparison stops growing
 SHADOW_MAX_PENDING = 256              # shadow scorings waiting; beyond, a request is not shadowed (counted)
+SHADOW_BATCH_SECONDS = 0.005          # queued shadow scorings are scored together this long after the first ...
+SHADOW_IDLE_POLL = 0.001              # ... once no scoring request is in flight (checked this often) ...
+SHADOW_MAX_DEFER = 0.05               # ... or this long after the first at the latest
+SHADOW_BATCH_REQUESTS = 16            # at most this many per predict call (then the loop has its turn)
 CHAMPION, CANARY, SHADOW = "champion", "canary", "shadow"
 PSI_BINS = 10
 PSI_FLOOR = 1e-4                      # an empty bin counts as this share (PSI is infinite otherwise)
@@ -129,6 +136,7 @@ class ShadowStats:
     requests: int = 0
     errors: int = 0
     skipped: int = 0
+    batches: int = 0                                              # the batched shadow's predict calls
     last_error: str | None = None
     seconds: list[float] = field(default_factory=list)            # the shadow's scoring time per request
     champion_seconds: list[float] = field(default_factory=list)   # the champion's request time, same window
@@ -153,7 +161,7 @@ class ShadowStats:
         champ = np.concatenate(self.champion) if self.champion else np.empty(0)
         cand = np.concatenate(self.candidate) if self.candidate else np.empty(0)
         return {**compare(champ, cand), "requests": self.requests, "errors": self.errors, "skipped": self.skipped,
-                "last_error": self.last_error, "candidate_p99_ms": _p99_ms(self.seconds),
+                "batches": self.batches, "last_error": self.last_error, "candidate_p99_ms": _p99_ms(self.seconds),
                 "champion_p99_ms": _p99_ms(self.champion_seconds)}
 
 
@@ -184,7 +192,11 @@ class Traffic:
         self.candidate: Candidate | None = None
         self._boot = os.urandom(4).hex()
         self._seq = 0
-        self._pending: set[asyncio.Task] = set()
+        self._pending: set[asyncio.Task] = set()  # big bodies' shadow scorings on the batch lane
+        self._queue: deque[tuple] = deque()            # small bodies waiting for `_flush`
+        self._flush_by: float | None = None            # a flush is scheduled; it runs by then at the latest
+        self._active = 0                               # scoring requests between `pick` and `observe`
+        self._shadow_seq = 0
         self._requests: Counter | None = None
         self._latency: Histogram | None = None
         self._children: dict[tuple[str, str, int], Any] = {}
@@ -219,6 +231,7 @@ class Traffic:
         cand = self.candidate
         if cand is not None and cand.mode == CANARY and routes_to_candidate(rid, cand.canary_percent):
             scope["ctr.model"] = (cand.model.version, CANARY)
+            self._active += 1
             if cand.drill.latency_ms:
                 await asyncio.sleep(cand.drill.latency_ms / 1000)
             if cand.drill.error_rate and _drill_hit(rid, cand.drill.error_rate):
@@ -226,6 +239,7 @@ class Traffic:
             return cand.model
         model = self.holder.current
         scope["ctr.model"] = (model.version, CHAMPION)
+        self._active += 1
         return model
 
     def headers(self, scope: dict[str, Any]) -> list[tuple[bytes, bytes]]:
@@ -234,7 +248,17 @@ class Traffic:
     def observe(self, scope: dict[str, Any], status: int, seconds: float) -> None:
         """At the end of every request: the per-model metrics of a scoring request (others are not counted)."""
         picked = scope.get("ctr.model")
-        if picked is None or self._requests is None:
+        if picked is None:
+            return
+        self._active = max(0, self._active - 1)
+        self._record(picked, status, seconds)
+        cand = self.candidate
+        if cand is not None and cand.shadow is not None and picked[1] == CHAMPION \
+                and len(cand.shadow.champion_seconds) < SHADOW_MAX_ROWS:
+            cand.shadow.champion_seconds.append(seconds)
+
+    def _record(self, picked: tuple[str, str], status: int, seconds: float) -> None:
+        if self._requests is None:
             return
         version, role = picked
         key = (version, role, status)
@@ -246,53 +270,129 @@ class Traffic:
         if hist is None:
             hist = self._hist[picked] = self._latency.labels(version, role)
         hist.observe(seconds)
-        cand = self.candidate
-        if cand is not None and cand.shadow is not None and role == CHAMPION \
-                and len(cand.shadow.champion_seconds) < SHADOW_MAX_ROWS:
-            cand.shadow.champion_seconds.append(seconds)
 
     def after(self, route: str, ctype: bytes, body: bytes, limit: int, probs: np.ndarray) -> None:
-        """After the champion's answer is sent: score the same body with the shadow, off the request's path."""
+        """After the champion's answer is sent: queue the same body for the shadow, off the request's path.
+
+        Bodies below the lane's threshold are queued; `_flush` scores what has accumulated as one matrix,
+        on the event loop while no scoring request is in flight. Bigger ones are scored on the batch lane."""
         cand = self.candidate
         if cand is None or cand.shadow is None:
             return
-        if len(self._pending) >= SHADOW_MAX_PENDING:
+        if len(body) >= (self.lane_tsv_bytes if ctype in TSV_TYPES else self.lane_bytes):
+            if len(self._pending) >= SHADOW_MAX_PENDING:
+                cand.shadow.skipped += 1
+                return
+            t = asyncio.get_running_loop().create_task(self._shadow(cand, route, ctype, body, limit, probs))
+            self._pending.add(t)
+            t.add_done_callback(self._pending.discard)
+            return
+        if len(self._queue) >= SHADOW_MAX_PENDING:
             cand.shadow.skipped += 1
             return
-        t = asyncio.get_running_loop().create_task(self._shadow(cand, route, ctype, body, limit, probs))
-        self._pending.add(t)
-        t.add_done_callback(self._pending.discard)
+        self._queue.append((cand, route, ctype, body, limit, probs))
+        if self._flush_by is None:
+            self._flush_by = time.perf_counter() + SHADOW_MAX_DEFER
+            asyncio.get_running_loop().call_later(SHADOW_BATCH_SECONDS, self._flush)
+
+    def _flush(self) -> None:
+        """Score the queued bodies together, when no scoring request is in flight (or at the latest
+        SHADOW_MAX_DEFER after the first was queued, or when the queue is half full)."""
+        loop = asyncio.get_running_loop()
+        if self._active > 0 and time.perf_counter() < self._flush_by and len(self._queue) < SHADOW_MAX_PENDING // 2:
+            loop.call_later(SHADOW_IDLE_POLL, self._flush)
+            return
+        items = [self._queue.popleft() for _ in range(min(len(self._queue), SHADOW_BATCH_REQUESTS))]
+        if self._queue:                    # the rest after the loop has had its turn
+            self._flush_by = time.perf_counter() + SHADOW_MAX_DEFER
+            loop.call_soon(self._flush)
+        else:
+            self._flush_by = None
+        try:
+            self._shadow_batch(items)
+        except Exception as e:  # our bug, never the client's: the whole batch counts as failed
+            log.exception("shadow batch failed")
+            for c, *_ in items:
+                if c.shadow is not None:
+                    self._shadow_failed(c, e, 0.0)
+
+    def _shadow_batch(self, items: list[tuple]) -> None:
+        """Score queued bodies with their candidate: each body parsed and encoded alone (its own errors),
+        one predict for all. A request's `seconds` is its own encoding time plus its batch's predict time
+        (plus a drill's latency): what scoring it cost the candidate, not how long it queued."""
+        cand = self.candidate
+        ok: list[tuple] = []
+        for item in items:
+            c, route, ctype, body, limit, probs = item
+            if c is not cand or c.shadow is None:
+                continue  # dropped or promoted meanwhile: nothing to compare any more
+            t0 = time.perf_counter()
+            try:
+                if c.drill.error_rate:
+                    self._shadow_seq += 1
+                    if _drill_hit(f"shadow-{self._shadow_seq}".encode(), c.drill.error_rate):
+                        raise RuntimeError(f"drill: error injected in candidate version {c.model.version}")
+                if route == RANK_ROUTE:  # a ranking's candidates are scored singly (few requests, own parser)
+                    got, _ = score_body(c.model, route, ctype, body, limit)
+                    x = None
+                else:
+                    x, got = _shadow_matrix(c.model, route, ctype, body, limit), None
+            except Exception as e:  # the candidate's failure is data for the comparison, never the client's problem
+                self._shadow_failed(c, e, time.perf_counter() - t0 + c.drill.latency_ms / 1000)
+                continue
+            ok.append((c, probs, x, got, time.perf_counter() - t0))
+        if not ok:
+            return
+        xs = [x for _, _, x, _, _ in ok if x is not None and len(x)]
+        t0 = time.perf_counter()
+        try:
+            scored = cand.model.predict_matrix(np.concatenate(xs)) if xs else np.empty(0)
+        except Exception as e:
+            for c, *_ in ok:
+                self._shadow_failed(c, e, time.perf_counter() - t0)
+            return
+        predict_s = time.perf_counter() - t0  # a latency drill is added to the figure (nobody waits for a shadow)
+        at = 0
+        for c, probs, x, got, enc_s in ok:
+            if got is None:
+                got = scored[at:at + len(x)]
+                at += len(x)
+            seconds = enc_s + predict_s + c.drill.latency_ms / 1000
+            c.shadow.add(probs, got, seconds)
+            self._count(c, 200, seconds)
+        cand.shadow.batches += 1
+
+    def _shadow_failed(self, cand: Candidate, e: BaseException, seconds: float) -> None:
+        stats = cand.shadow
+        assert stats is not None
+        stats.requests += 1
+        stats.seconds.append(seconds)
+        stats.error(f"{type(e).__name__}: {e}")
+        self._count(cand, 500, seconds)
 
     async def _shadow(self, cand: Candidate, route: str, ctype: bytes, body: bytes, limit: int,
                       probs: np.ndarray) -> None:
+        """A big body's shadow scoring, on the batch lane."""
         stats = cand.shadow
         assert stats is not None
         t0 = time.perf_counter()
-        rid = b""
         try:
             if cand.drill.latency_ms:
                 await asyncio.sleep(cand.drill.latency_ms / 1000)
             if cand.drill.error_rate:
-                self._seq += 1
-                rid = f"shadow-{self._seq}".encode()
-                if _drill_hit(rid, cand.drill.error_rate):
+                self._shadow_seq += 1
+                if _drill_hit(f"shadow-{self._shadow_seq}".encode(), cand.drill.error_rate):
                     raise RuntimeError(f"drill: error injected in candidate version {cand.model.version}")
-            if len(body) < (self.lane_tsv_bytes if ctype in TSV_TYPES else self.lane_bytes):
-                got, _ = score_body(cand.model, route, ctype, body, limit)
-            else:
-                got, _ = await self.lane.score(cand.model, route, ctype, body, limit)
+            got, _ = await self.lane.score(cand.model, route, ctype, body, limit)
         except Exception as e:  # the candidate's failure is data for the comparison, never the client's problem
-            stats.requests += 1
-            stats.seconds.append(time.perf_counter() - t0)
-            stats.error(f"{type(e).__name__}: {e}")
-            self._count(cand, 500, time.perf_counter() - t0)
+            self._shadow_failed(cand, e, time.perf_counter() - t0)
             return
         seconds = time.perf_counter() - t0
         stats.add(probs, got, seconds)
         self._count(cand, 200, seconds)
 
     def _count(self, cand: Candidate, status: int, seconds: float) -> None:
-        self.observe({"ctr.model": (cand.model.version, SHADOW)}, status, seconds)
+        self._record((cand.model.version, SHADOW), status, seconds)
 
     # ---- admin -------------------------------------------------------------------------------
     async def _load(self, scope: dict[str, Any], headers: dict[bytes, bytes], body: bytes, send: Any) -> int:
@@ -362,7 +462,17 @@ class Traffic:
         cand = self.candidate
         return {"champion": self.holder.current.version, "candidate": cand.to_json() if cand else None,
                 "shadow": cand.shadow.summary() if cand and cand.shadow else None,
-                "pending_shadow": len(self._pending)}
+                "pending_shadow": len(self._pending) + len(self._queue)}
+
+
+def _shadow_matrix(model: ServedModel, route: str, ctype: bytes, body: bytes, limit: int) -> np.ndarray:
+    """A /v1/score or /invocations body -> the candidate's feature matrix (not yet predicted)."""
+    if ctype in JSON_TYPES:
+        rows = invocation_rows(parse_json(body)) if route == "/invocations" else score_rows(parse_json(body))
+        if len(rows) > limit:
+            raise RequestError(413, f"{len(rows)} rows exceed the per-request limit of {limit}")
+        return model.encode_rows(rows) if rows else np.empty((0, 0))
+    return encode_body(model, route, ctype, body, limit)[1]
 
 
 async def _send_json(send: Any, status: int, doc: Any, extra: list[tuple[bytes, bytes]] | None = None) -> None:
