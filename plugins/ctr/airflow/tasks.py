@@ -113,7 +113,8 @@ def monitor(context: dict[str, Any]) -> dict[str, Any]:
     cfg = MonitorConfig(max_feature_psi=float(p.get("max_feature_psi", 0.25)),
                         max_score_psi=float(p.get("max_score_psi", 0.25)))
     try:
-        doc = monitor_day(day, s.predictions_dir, run_dir(context, s) / "monitor", registry=_registry(s), cfg=cfg)
+        doc = monitor_day(day, s.prediction_log_url or s.predictions_dir, run_dir(context, s) / "monitor",
+                          registry=_registry(s), cfg=cfg)  # the Blob copy when the service uploads one
     except Exception as e:
         log.exception("monitor: day=%s could not run", day)
         notify.send(context, "monitor_drift", f"ctr: monitor for {day} could not run: {e}", error=str(e)[:500])

@@ -414,11 +414,9 @@ class PredictionLog:
                 log.error("prediction log: upload of %s failed: %s", final, e)
 
 
-def blob_uploader(url: str, env: dict[str, str] | None = None) -> Callable[[Path, str], None]:
-    """Upload closed files to `url` (`az://container/prefix`, `abfs://...`) as `<prefix>/date=D/<name>`, through
-    fsspec/adlfs with the landing zone's credentials (CTR_AZURE_*).
-    Blob has no rename, and needs none: one `put_file` commits the blob whole (a reader sees no blob or all
-    of it). The local file stays (`ctr monitor` reads it); a failed upload is logged, not retried."""
+def _blob(url: str, env: dict[str, str] | None = None) -> tuple[Any, str, str]:
+    """(fsspec filesystem, protocol, container/prefix) of an `az://` / `abfs://` URL, with the landing zone's
+    credentials (CTR_AZURE_*)."""
     import fsspec
 
     from ctr.data.azure_storage import is_azure_url, storage_options
@@ -426,8 +424,15 @@ def blob_uploader(url: str, env: dict[str, str] | None = None) -> Callable[[Path
     if not is_azure_url(url):
         raise ValueError(f"CTR_PREDICTION_LOG_URL={url[:100]!r} is not an az:// or abfs:// URL")
     protocol, rest = url.split("://", 1)
-    fs = fsspec.filesystem(protocol, **storage_options(protocol, env))
-    base = rest.rstrip("/")
+    return fsspec.filesystem(protocol, **storage_options(protocol, env)), protocol, rest.rstrip("/")
+
+
+def blob_uploader(url: str, env: dict[str, str] | None = None) -> Callable[[Path, str], None]:
+    """Upload closed files to `url` (`az://container/prefix`, `abfs://...`) as `<prefix>/date=D/<name>`, through
+    fsspec/adlfs with the landing zone's credentials (CTR_AZURE_*).
+    Blob has no rename, and needs none: one `put_file` commits the blob whole (a reader sees no blob or all
+    of it). The local file stays; a failed upload is logged, not retried. `read_log(url, day)` reads them back."""
+    fs, protocol, base = _blob(url, env)
 
     def upload(local: Path, key: str) -> None:
         fs.put_file(str(local), f"{base}/{key}")
@@ -445,13 +450,14 @@ def prediction_log_from(settings: Any) -> PredictionLog:
                          rotate_s=settings.prediction_log_rotate_s, uploader=uploader)
 
 
-def read_log(root: Path, day: dt.date) -> Iterator[dict[str, Any]]:
-    """Every record of `day`'s closed files, in file-name order (readers never open a `.tmp`), each with its
-    "row": a stored raw "body" (one-row JSON requests) is parsed into it here. A record whose row cannot
-    be derived gets "row": None and "row_error"; a line that is not JSON is skipped with a warning."""
+def read_log(root: Path | str, day: dt.date) -> Iterator[dict[str, Any]]:
+    """Every record of `day`'s closed files under `root` (a folder, or the Blob copy's `az://container/prefix`),
+    in file-name order (readers never open a `.tmp`), each with its "row": a stored raw "body" (one-row JSON
+    requests) is parsed into it here. A record whose row cannot be derived gets "row": None and
+    "row_error"; a line that is not JSON is skipped with a warning."""
     for f in log_files(root, day):
         bad = 0
-        with gzip.open(f, "rb") as fh:
+        with _open_gz(f) as fh:
             for line in fh:
                 if not line.strip():
                     continue
@@ -463,6 +469,25 @@ def read_log(root: Path, day: dt.date) -> Iterator[dict[str, Any]]:
                 yield rec
         if bad:
             log.warning("prediction log: %d line(s) of %s are not JSON; skipped", bad, f)
+
+
+def _open_gz(f: Path | str) -> Any:
+    if isinstance(f, Path):
+        return gzip.open(f, "rb")
+    import fsspec
+
+    from ctr.data.azure_storage import storage_options
+
+    return fsspec.open(f, "rb", compression="gzip", **storage_options(f.split("://", 1)[0]))
+
+
+def is_url(root: Path | str) -> bool:
+    return isinstance(root, str) and "://" in root
+
+
+def day_location(root: Path | str, day: dt.date) -> str:
+    """Where `day`'s files are: `<root>/date=D` (a folder or a Blob URL)."""
+    return f"{str(root).rstrip('/')}/date={day.isoformat()}" if is_url(root) else str(Path(root) / f"date={day.isoformat()}")
 
 
 def _record(line: bytes) -> dict[str, Any]:
@@ -483,5 +508,10 @@ def _record(line: bytes) -> dict[str, Any]:
     return rec
 
 
-def log_files(root: Path, day: dt.date) -> list[Path]:
+def log_files(root: Path | str, day: dt.date) -> list[Any]:
+    """`day`'s closed files: Paths under a folder, or `az://...` URLs of the Blob copy (a fresh listing)."""
+    if is_url(root):
+        fs, protocol, base = _blob(str(root))
+        fs.invalidate_cache()
+        return sorted(f"{protocol}://{p}" for p in fs.glob(f"{base}/date={day.isoformat()}/part-*.jsonl.gz"))
     return sorted((Path(root) / f"date={day.isoformat()}").glob("part-*.jsonl.gz"))
