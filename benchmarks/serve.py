@@ -342,6 +342,12 @@ def metrics_cost(bundle_dir: Path, single: bytes, want: float, env: dict[str, st
             "drop_pct": round((1 - ratio) * 100, 2)}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (/proc/PID/stat utime, stime)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def log_cost(bundle_dir: Path, single: bytes, want: float, env: dict[str, str], a: argparse.Namespace,
              work: Path) -> dict[str, Any]:
     """Single-row p99 and req/s of `ctr serve` with the prediction log at rate 0 (off) vs 1.0 (every row), interleaved."""
@@ -363,7 +369,10 @@ def log_cost(bundle_dir: Path, single: bytes, want: float, env: dict[str, str], 
                 got = post(srv.url + "/invocations", single, "application/json")["predictions"][0]
                 assert abs(got - want) <= 1e-12, (rate, got, want)
                 wrk(srv.url + "/invocations", single, "application/json", a.connections, 3, work)  # warm-up
+                cpu0 = cpu_seconds(srv.proc.pid)
                 res = wrk(srv.url + "/invocations", single, "application/json", a.connections, a.duration, work)
+                # the service's CPU per request (writer thread and zlib included): robust to a shared machine's load
+                res["service_cpu_us_per_request"] = round((cpu_seconds(srv.proc.pid) - cpu0) / res["requests"] * 1e6, 1)
                 with urllib.request.urlopen(srv.url + "/metrics", timeout=10) as resp:
                     text = resp.read().decode()
                 res["dropped"] = sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
@@ -375,10 +384,12 @@ def log_cost(bundle_dir: Path, single: bytes, want: float, env: dict[str, str], 
             runs[rate].append(res)
     p99 = {r: round(sorted(x["p99_ms"] for x in v)[len(v) // 2], 3) for r, v in runs.items()}  # median round
     rps = {r: round(sum(x["requests_per_s"] for x in v) / len(v), 1) for r, v in runs.items()}
+    cpu = {r: round(sorted(x["service_cpu_us_per_request"] for x in v)[len(v) // 2], 1) for r, v in runs.items()}
     rise = p99["1.0"] / p99["0"] - 1
     return {"request": "POST /invocations dataframe_split, 1 row", "rounds": a.log_rounds,
             "order": "alternating, each round restarts the service", "runs": runs, "median_p99_ms": p99,
-            "mean_requests_per_s": rps, "p99_rise_pct": round(rise * 100, 2),
+            "mean_requests_per_s": rps, "median_service_cpu_us_per_request": cpu,
+            "cpu_rise_pct": round((cpu["1.0"] / cpu["0"] - 1) * 100, 2), "p99_rise_pct": round(rise * 100, 2),
             "goal_p99_rise_le_10pct": rise <= 0.10}
 
 
@@ -448,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(json.dumps(result, indent=1) + "\n")
         pl = result["prediction_log"]
         log(f"prediction log: single-row p99 {pl['median_p99_ms']['1.0']} ms at rate 1.0 vs {pl['median_p99_ms']['0']} ms "
-            f"off ({pl['p99_rise_pct']:+.1f}%); req/s {pl['mean_requests_per_s']}; wrote {out}")
+            f"off ({pl['p99_rise_pct']:+.1f}%); req/s {pl['mean_requests_per_s']}; service CPU us/request "
+            f"{pl['median_service_cpu_us_per_request']} ({pl['cpu_rise_pct']:+.1f}%); wrote {out}")
         shutil.rmtree(work, ignore_errors=True)
         return 0
     if a.only_metrics_cost:

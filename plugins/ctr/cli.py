@@ -88,7 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     mo = sub.add_parser("monitor", help="compare a day's prediction log with the serving model's training range "
                                         "and holdout scores; prints JSON (monitor.json)")
     mo.add_argument("--day", type=_date, required=True)
-    mo.add_argument("--predictions", type=Path, default=None, help="prediction log root (default: CTR_HOME/predictions)")
+    mo.add_argument("--predictions", default=None, help="prediction log root: a folder or az://container/prefix "
+                                                         "(default: CTR_PREDICTION_LOG_URL if set, else CTR_HOME/predictions)")
     mo.add_argument("--out", type=Path, default=None, help="where monitor.json/.html go (default: CTR_HOME/monitor/DAY)")
     mo.add_argument("--reference", type=Path, default=None,
                     help="a drift_reference.json to compare with (default: each version's, from its MLflow run)")
@@ -188,7 +189,8 @@ def cmd_monitor(a: argparse.Namespace, settings: Settings) -> int:
         from ctr.registry import Registry
 
         registry = Registry.from_settings(settings)
-    doc = monitor_day(a.day, a.predictions or settings.predictions_dir, a.out or settings.home / "monitor" / a.day.isoformat(),
+    where = a.predictions or settings.prediction_log_url or settings.predictions_dir
+    doc = monitor_day(a.day, where if "://" in str(where) else Path(where), a.out or settings.home / "monitor" / a.day.isoformat(),
                       registry=registry, reference=a.reference,
                       cfg=MonitorConfig(max_feature_psi=a.max_feature_psi, max_score_psi=a.max_score_psi))
     print(json.dumps(doc, indent=1, sort_keys=True))

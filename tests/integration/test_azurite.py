@@ -211,3 +211,23 @@ def test_prediction_log_files_are_uploaded_whole_to_blob(azure_env: str, tmp_pat
     assert len(local) >= 2 and blobs == {f"live/date={today.isoformat()}/{n}": data for n, data in local.items()}
     with pytest.raises(ValueError, match="CTR_PREDICTION_LOG_URL"):
         blob_uploader("/local/path")
+
+    # the monitor reads the container's copy (the service's disk is not the monitor's): the same records
+    import json
+
+    import pyarrow as pa
+    from ctr.monitoring.drift import build_reference
+    from ctr.monitoring.monitor import NOTHING, monitor_day
+    from ctr.schema import CAT_COLUMNS, FEATURE_COLUMNS
+    from ctr.serving.predlog import read_log
+
+    assert list(read_log("az://predictions/live", today)) == list(read_log(tmp_path, today))
+    ref = build_reference([pa.table({c: pa.array(list(range(50)) if c == "I1" else [None] * 50,
+                                                 pa.int64() if c not in CAT_COLUMNS else pa.string())
+                                     for c in FEATURE_COLUMNS})], {c: [] for c in CAT_COLUMNS}, source="test")
+    (tmp_path / "ref.json").write_text(json.dumps(ref.to_json()))
+    doc = monitor_day(today, "az://predictions/live", tmp_path / "out", reference=tmp_path / "ref.json")
+    assert doc["log"] == f"az://predictions/live/date={today.isoformat()}" and doc["files"] == len(local)
+    assert doc["rows"] == 12 and doc["versions"]["v1"]["drift"]["rows"] == 12
+    empty = monitor_day(today - dt.timedelta(days=1), "az://predictions/live", tmp_path / "out2", reference=tmp_path / "ref.json")
+    assert empty["status"] == NOTHING and "az://predictions/live/date=" in empty["reason"]

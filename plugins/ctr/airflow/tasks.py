@@ -61,9 +61,11 @@ def train_range(context: dict[str, Any]) -> tuple[dt.date, dt.date]:
 
 # ---- tasks -------------------------------------------------------------------------------
 def check_data(context: dict[str, Any]) -> dict[str, Any]:
-    """Validate and stage every day the run needs (training range + holdout day)."""
-    from ctr.data.checks import CheckConfig, problems, trailing_history
+    """Validate and stage every day the run needs (training range + holdout day); the holdout day's
+    feature PSI against the training range goes into the XCom (`drift`, `warnings`) and the log."""
+    from ctr.data.checks import CheckConfig, drift_check, problems, trailing_history
     from ctr.data.landing import DayReport, daterange, stage_day
+    from ctr.monitoring.drift import MAX_PSI, WARN_PSI
 
     s = settings(context)
     p = context["params"]
@@ -85,7 +87,16 @@ def check_data(context: dict[str, Any]) -> dict[str, Any]:
         from airflow.sdk.exceptions import AirflowFailException
 
         raise AirflowFailException("check_data failed: " + "; ".join(failures))
-    return {"days": summary, "rows_ok": sum(r.rows_ok for r in reports.values())}
+    # feature drift of the holdout day vs the training range: logged and returned, the gate decides
+    drift, warnings = drift_check(s.staging_dir, daterange(start, day - dt.timedelta(days=1)), day,
+                                  warn_psi=float(p.get("warn_feature_psi", WARN_PSI)),
+                                  max_psi=float(p.get("max_feature_psi", MAX_PSI)))
+    log.info("check_data: day=%s drift vs %s: largest feature PSI %s", day, drift["reference"],
+             ", ".join(f"{m['feature']} {m['psi']:.3f}" for m in drift["largest"]))
+    for w in warnings:
+        log.warning("check_data: %s", w)
+    return {"days": summary, "rows_ok": sum(r.rows_ok for r in reports.values()), "drift": drift,
+            "warnings": warnings}
 
 
 def monitor(context: dict[str, Any]) -> dict[str, Any]:
@@ -102,7 +113,8 @@ def monitor(context: dict[str, Any]) -> dict[str, Any]:
     cfg = MonitorConfig(max_feature_psi=float(p.get("max_feature_psi", 0.25)),
                         max_score_psi=float(p.get("max_score_psi", 0.25)))
     try:
-        doc = monitor_day(day, s.predictions_dir, run_dir(context, s) / "monitor", registry=_registry(s), cfg=cfg)
+        doc = monitor_day(day, s.prediction_log_url or s.predictions_dir, run_dir(context, s) / "monitor",
+                          registry=_registry(s), cfg=cfg)  # the Blob copy when the service uploads one
     except Exception as e:
         log.exception("monitor: day=%s could not run", day)
         notify.send(context, "monitor_drift", f"ctr: monitor for {day} could not run: {e}", error=str(e)[:500])

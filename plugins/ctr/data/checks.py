@@ -1,4 +1,4 @@
-"""Day-level data checks run by `check_data`: bad fraction, volume and click rate vs recent history."""
+"""Day-level data checks run by `check_data`: bad fraction, volume and click rate vs recent history; feature drift (PSI)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import datetime as dt
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ctr.data.landing import DayReport, load_report
+from ctr.monitoring.drift import MAX_PSI, WARN_PSI
 
 
 @dataclass(frozen=True)
@@ -55,3 +57,31 @@ def trailing_history(
         if rep is not None:
             out.append(rep)
     return out
+
+
+def drift_check(staging_root: Path, train_days: list[dt.date], day: dt.date, warn_psi: float = WARN_PSI,
+                max_psi: float = MAX_PSI) -> tuple[dict[str, Any], list[str]]:
+    """PSI per feature of the staged `day` against the staged training range `train_days`
+    (`ctr.monitoring.drift`, bins from the range itself: its deciles, and its most frequent values by
+    the vocabulary rule, as the model's vocabulary is not known yet), as the drift section of
+    metrics.json has it, and a warning per level naming the features from `warn_psi` up.
+
+    Information at check time, never a failure: `evaluate` recomputes the PSI with the candidate's
+    vocabulary and the gate's `max_feature_psi` decides."""
+    from ctr.data.landing import read_staged
+    from ctr.monitoring.drift import describe, drift_summary, over, reference_from_staging
+    from ctr.schema import FEATURE_COLUMNS
+
+    ref = reference_from_staging(staging_root, train_days)
+    prof = ref.profile(read_staged(staging_root, day, columns=FEATURE_COLUMNS))
+    drift = drift_summary(ref.feature_psi(prof), reference=ref.source, rows=prof.rows)
+    high = over(drift["features"], max_psi)
+    mid = [(c, v) for c, v in over(drift["features"], warn_psi) if v <= max_psi]
+    d = f"day={day}"
+    out = []
+    if high:
+        out.append(f"{d}: feature drift vs {ref.source}: {describe(high)} above max_feature_psi {max_psi:g} "
+                   "(the gate rejects such a day unless evaluate's PSI, on the candidate's vocabulary, is lower)")
+    if mid:
+        out.append(f"{d}: feature drift vs {ref.source}: {describe(mid)} (warning from {warn_psi:g})")
+    return drift, out

@@ -1,6 +1,7 @@
 """`ctr monitor --day D`: the live model watched. Its prediction log vs its training range and holdout scores.
 
-Reads day D's closed prediction-log files (`CTR_HOME/predictions/date=D/part-*.jsonl.gz`), groups the
+Reads day D's closed prediction-log files (`CTR_HOME/predictions/date=D/part-*.jsonl.gz`, or their Blob copy
+under CTR_PREDICTION_LOG_URL when that is set: the service's disk is not the monitor's), groups the
 records by model version and, per version, compares
   * the live rows' feature distributions with that version's training range (training/serving skew),
   * the live probabilities with that version's scores on its holdout day,
@@ -121,20 +122,21 @@ def reference_from_registry(registry: Any, version: str, dest: Path) -> tuple[Re
     return Reference.from_json(json.loads(Path(local).read_text()), f"run {info.run_id} {REFERENCE_FILE}"), info.run_id
 
 
-def monitor_day(day: dt.date, predictions: Path, out_dir: Path, *, registry: Any = None,
+def monitor_day(day: dt.date, predictions: Path | str, out_dir: Path, *, registry: Any = None,
                 reference: Path | None = None, cfg: MonitorConfig | None = None) -> dict[str, Any]:
     """Monitor day `day`'s prediction log under `predictions`; writes monitor.json and monitor.html into `out_dir`.
 
+    `predictions`: the log's folder, or its Blob copy (`az://container/prefix`, CTR_PREDICTION_LOG_URL).
     Status: "ok", "drift" (an alert), "no reference" (no version's reference found) or NOTHING (no log).
     With `registry`, each version's reference comes from its MLflow run and the outputs are logged
     there; `reference` (a drift_reference.json) overrides that for every version.
     """
-    from ctr.serving.predlog import log_files, read_log
+    from ctr.serving.predlog import day_location, log_files, read_log
 
     cfg = cfg or MonitorConfig()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    doc: dict[str, Any] = {"day": day.isoformat(), "log": str(Path(predictions) / f"date={day.isoformat()}"),
+    doc: dict[str, Any] = {"day": day.isoformat(), "log": day_location(predictions, day),
                            "config": cfg.__dict__, "versions": {}, "alerts": []}
     files = log_files(predictions, day)
     if not files:

@@ -226,7 +226,7 @@ class ScoringApp:
         else:
             probs, out = await self._on_lane(model, route, ctype, body, self.max_rows)
         self.metrics.observe_predictions(probs, model.version)
-        self.predlog.log(route, ctype, body, probs, model.version)
+        self.predlog.log(route, ctype, body, probs, model.version, scope.get("ctr.request_id"))
         await _send(send, 200, out, b"application/json", [(b"x-model-version", model.header), *self.traffic.headers(scope)])
         self.traffic.after(route, ctype, body, self.max_rows, probs)  # a shadow scores it too, after the answer
         return 200
@@ -247,7 +247,7 @@ class ScoringApp:
         else:
             probs, out = await self._on_lane(model, RANK_ROUTE, ctype, body, self.max_candidates)
         self.metrics.observe_predictions(probs, model.version)
-        self.predlog.log(RANK_ROUTE, ctype, body, probs, model.version)
+        self.predlog.log(RANK_ROUTE, ctype, body, probs, model.version, scope.get("ctr.request_id"))
         await _send(send, 200, out, b"application/json", [(b"x-model-version", model.header), *self.traffic.headers(scope)])
         self.traffic.after(RANK_ROUTE, ctype, body, self.max_candidates, probs)
         return 200

@@ -1,19 +1,27 @@
 """The prediction log: a sampled share of scored rows, written off the request path to gzip JSON Lines.
 
-The request path calls `PredictionLog.log(route, ctype, body, probs, version)` once per scored
-batch. It only decides which rows are sampled (a seeded `numpy` generator, one draw per row in the
-order rows are scored, so the number of rows logged for N scored rows is a fixed function of the
+The request path calls `PredictionLog.log(route, ctype, body, probs, version, request_id)` once per
+answered batch. It only decides which rows are sampled (a seeded `numpy` generator, one draw per row in
+the order rows are scored, so the number of rows logged for N scored rows is a fixed function of the
 seed and N) and puts one tuple holding the request body (a reference, no copy) on a bounded queue (a
 `deque` with a length check: no lock on the request path);
 when the queue is full the sampled rows are dropped and counted (`ctr_prediction_log_dropped_total`
-by reason), never silently. The writer thread parses the sampled rows out of the body, writes one
-JSON object per row
+by reason), never silently. The writer thread turns each sampled row into one JSON object a line,
+as readers (`read_log`, so `ctr monitor`) see it
 
     {"request_id", "time", "model_version", "route", "row_index", "row", "probability"}
 
-(`row` is the request's row as sent: a JSON object, or the raw Criteo line of a TSV body under
-{"tsv": ...}; for /v1/rank the context merged with the candidate, its id as "item_id") and appends
-each drained batch to the open file as one complete gzip member, flushed. Files live under
+(`request_id` is the service's X-Request-Id of the request; `row` is the request's row as sent: a JSON
+object, or the raw Criteo line of a TSV body under {"tsv": ...}; for /v1/rank the context merged with
+the candidate, its id as "item_id"). On disk, a one-row JSON request (the common single-row call) is
+stored without parsing it: the line holds its validated body verbatim under "body" instead of "row"
+(newlines turned into spaces), built by bytes formatting, and `read_log` derives "row" from it
+with the same rules. Multi-row and TSV requests are parsed by the writer into "row". So the writer's
+share of the GIL for a single-row request is a few microseconds, the JSON parsing happens when the
+monitor reads the log, and files written before (all "row") read the same.
+
+Each drained batch is appended to the open file as one complete gzip member (zlib compresses with the
+GIL released), flushed. Files live under
 `<root>/date=YYYY-MM-DD/` (the record's UTC date); the open file is a dot-named `.tmp` that readers
 skip, renamed to `part-<UTC stamp>-<pid>-<seq>.jsonl.gz` when it reaches `rotate_rows` rows, is
 `rotate_s` seconds old, the date changes, or the service stops. So a reader never sees a half-written
@@ -22,14 +30,15 @@ service on the same root salvages the complete members of a dead process's `.tmp
 so a crash loses at most what was still queued (plus a member cut mid-write).
 
 JSON Lines rather than Parquet: records are appended a few at a time from a thread, the raw rows
-have free-form shapes (JSON objects, raw TSV lines) and gzip members make every flushed batch
-recoverable after a crash; Parquet needs a footer written at close, so a crash loses the whole file.
+have free-form shapes (JSON objects, raw TSV lines, raw bodies) and gzip members make every flushed
+batch recoverable after a crash; Parquet needs a footer written at close, so a crash loses the whole file.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import gzip
+import json
 import logging
 import os
 import re
@@ -53,6 +62,9 @@ DEFAULT_ROTATE_ROWS = 100_000
 DEFAULT_ROTATE_S = 60
 DROP_REASONS = ("queue_full", "unparsable", "write_error")
 BATCH_WAIT_S = 0.05  # the writer drains the queue this often
+GIL_SLICE_S = 0.0005  # the writer hands the GIL to the event loop after this much record building
+_NEWLINES = bytes.maketrans(b"\r\n", b"  ")  # raw CR/LF in a valid JSON body are whitespace (strings escape them)
+_JSON_ROUTES = frozenset({"/invocations", "/v1/rank"})
 _TMP = re.compile(r"\.part-(?P<stamp>[0-9T]+)-(?P<pid>\d+)-(?P<seq>\d+)\.jsonl\.gz\.tmp")
 _STOP = object()
 
@@ -85,14 +97,13 @@ def complete_members(data: bytes) -> tuple[bytes, bool]:
     return b"".join(out), True
 
 
-def _rows_of(route: str, ctype: bytes, body: bytes, n: int) -> list[Any]:
-    """The request's rows as sent, in scoring order (what the probabilities belong to)."""
-    from ctr.serving.validation import invocation_rows, parse_json, score_rows
+def _payload_rows(route: str, payload: Any) -> list[Any]:
+    """A parsed JSON request's rows as sent, in scoring order (what the probabilities belong to)."""
+    from ctr.serving.validation import invocation_rows, score_rows
 
     if route == "/invocations":
-        return invocation_rows(parse_json(body))
+        return invocation_rows(payload)
     if route == "/v1/rank":
-        payload = parse_json(body)
         ctx = payload.get("context") or {}
         rows = []
         for c in payload["candidates"]:
@@ -101,10 +112,30 @@ def _rows_of(route: str, ctype: bytes, body: bytes, n: int) -> list[Any]:
                 row["item_id"] = c["id"]
             rows.append(row)
         return rows
-    if ctype == b"application/json":
-        return score_rows(parse_json(body))
+    return score_rows(payload)
+
+
+def _rows_of(route: str, ctype: bytes, body: bytes, n: int) -> list[Any]:
+    """The request's rows as sent, in scoring order (what the probabilities belong to)."""
+    from ctr.serving.validation import parse_json
+
+    if route in _JSON_ROUTES or ctype == b"application/json":
+        return _payload_rows(route, parse_json(body))
     lines = [ln for ln in body.decode("utf-8", errors="replace").splitlines() if ln.strip(" \r")]
     return [{"tsv": ln} for ln in lines[-n:]]  # a header line, if any, is the first
+
+
+def _raw_json(body: bytes) -> bytes | None:
+    """An answered one-row JSON body as it can stand in a JSON line (one line, no parse), or None (then parse it)."""
+    b = body.strip()
+    if b[:1] != b"{" or b[-1:] != b"}":
+        return None
+    return b.translate(_NEWLINES) if b"\n" in b or b"\r" in b else b
+
+
+def _quoted(s: bytes) -> bytes:
+    """A visible-ASCII id as a JSON string."""
+    return b'"' + s + b'"' if b'"' not in s and b"\\" not in s else orjson.dumps(s.decode("ascii", "replace"))
 
 
 class PredictionLog:
@@ -143,6 +174,10 @@ class PredictionLog:
         self._rows_in_file = 0
         self._seq = 0
         self._thread: threading.Thread | None = None
+        self._boot = uuid.uuid4().hex[:12].encode()  # request ids made up for callers that give none: <boot>-<seq>
+        self._ids = 0
+        self._versions: dict[str, bytes] = {}   # model version -> its JSON string
+        self._seconds: dict[int, tuple[str, bytes]] = {}  # whole UTC second -> (date, ISO prefix)
 
     def bind_metrics(self, metrics: Any) -> None:
         """Count drops and writes in the service's /metrics (ctr.serving.metrics.Metrics)."""
@@ -155,9 +190,11 @@ class PredictionLog:
         return self.rate > 0
 
     # ---- the request path ---------------------------------------------------------------------
-    def log(self, route: str, ctype: bytes, body: bytes, probs: np.ndarray, version: str) -> None:
-        """Sample rows of one answered batch; never blocks, never raises. Called from the event loop's
-        thread only (the draws' order is the answers' order)."""
+    def log(self, route: str, ctype: bytes, body: bytes, probs: np.ndarray, version: str,
+            request_id: bytes | None = None) -> None:
+        """Sample rows of one answered batch (`body`: the request's, already validated and answered);
+        never blocks, never raises. Called from the event loop's thread only (the draws' order is the
+        answers' order). `request_id`: the service's X-Request-Id (one is made up when None)."""
         n = len(probs)
         if self.rate <= 0 or n == 0:
             return
@@ -175,7 +212,8 @@ class PredictionLog:
         if len(self._q) >= self._max:
             self._drop("queue_full", k)
             return
-        self._q.append((time.time(), route, ctype, body, probs if picked is None else probs[picked], picked, n, version))
+        self._q.append((time.time(), route, ctype, body, probs if picked is None else probs[picked], picked, n, version,
+                        request_id))
 
     def _drop(self, reason: str, n: int) -> None:
         self.drops[reason] += n
@@ -271,26 +309,53 @@ class PredictionLog:
                                          or time.monotonic() - self._opened >= self.rotate_s):
                 self._close_file()
 
+    def _second(self, ts: float) -> tuple[str, bytes, int]:
+        sec = int(ts)
+        hit = self._seconds.get(sec)
+        if hit is None:
+            if len(self._seconds) > 4:
+                self._seconds.clear()
+            when = dt.datetime.fromtimestamp(sec, dt.UTC)
+            hit = self._seconds[sec] = (when.date().isoformat(), when.strftime("%Y-%m-%dT%H:%M:%S").encode())
+        return hit[0], hit[1], int((ts - sec) * 1000)
+
     def _lines(self, records: list[tuple]) -> Iterator[tuple[str, bytes, int]]:
-        for ts, route, ctype, body, probs, picked, n, version in records:
-            time.sleep(0)  # hand the GIL to the event loop between records: it never waits a switch interval
-            rid = uuid.uuid4().hex
-            when = dt.datetime.fromtimestamp(ts, dt.UTC)
+        """(date, JSON lines, rows) per record. A one-row JSON body is formatted as bytes around the raw body
+        (no parse); others are parsed here. Every GIL_SLICE_S the GIL goes back to the event loop."""
+        slice_end = time.perf_counter() + GIL_SLICE_S
+        for ts, route, ctype, body, probs, picked, n, version, rid in records:
+            if time.perf_counter() > slice_end:
+                time.sleep(0)  # the event loop never waits a switch interval (5 ms) for the writer
+                slice_end = time.perf_counter() + GIL_SLICE_S
+            date, second, ms = self._second(ts)
+            if rid is None:
+                self._ids += 1
+                rid = b"%s-%d" % (self._boot, self._ids)
+            qv = self._versions.get(version)
+            if qv is None:
+                qv = self._versions[version] = orjson.dumps(version)
+            raw = _raw_json(body) if n == 1 and (route in _JSON_ROUTES or ctype == b"application/json") else None
+            if raw is not None:
+                yield date, (b'{"request_id":%s,"time":"%s.%03d+00:00","model_version":%s,"route":"%s",'
+                             b'"row_index":0,"body":%s,"probability":%a}\n'
+                             % (_quoted(rid), second, ms, qv, route.encode(), raw, float(probs[0]))), 1
+                continue
             try:
                 rows = _rows_of(route, ctype, body, n)
                 if len(rows) != n:
                     raise ValueError(f"{len(rows)} rows parsed for {n} probabilities")
-                iso = when.isoformat(timespec="milliseconds")
+                iso = f"{second.decode()}.{ms:03d}+00:00"
                 idx = range(n) if picked is None else picked.tolist()
-                buf = b"".join(orjson.dumps({"request_id": rid, "time": iso, "model_version": version, "route": route,
-                                             "row_index": i, "row": rows[i], "probability": p}) + b"\n"
+                rid_s = rid.decode("ascii", "replace")
+                buf = b"".join(orjson.dumps({"request_id": rid_s, "time": iso, "model_version": version,
+                                             "route": route, "row_index": i, "row": rows[i], "probability": p}) + b"\n"
                                for i, p in zip(idx, probs.tolist(), strict=True))
             except Exception as e:  # the service answered it, so this is our bug: counted and logged, never silent
                 log.warning("prediction log: %d sampled rows of a %s request not logged: %s", len(probs), route,
                             str(e)[:200])
                 self._drop("unparsable", len(probs))
                 continue
-            yield when.date().isoformat(), buf, len(probs)
+            yield date, buf, len(probs)
 
     def _write(self, records: list[tuple]) -> None:
         by_date: dict[str, list[bytes]] = {}
@@ -349,11 +414,9 @@ class PredictionLog:
                 log.error("prediction log: upload of %s failed: %s", final, e)
 
 
-def blob_uploader(url: str, env: dict[str, str] | None = None) -> Callable[[Path, str], None]:
-    """Upload closed files to `url` (`az://container/prefix`, `abfs://...`) as `<prefix>/date=D/<name>`, through
-    fsspec/adlfs with the landing zone's credentials (CTR_AZURE_*).
-    Blob has no rename, and needs none: one `put_file` commits the blob whole (a reader sees no blob or all
-    of it). The local file stays (`ctr monitor` reads it); a failed upload is logged, not retried."""
+def _blob(url: str, env: dict[str, str] | None = None) -> tuple[Any, str, str]:
+    """(fsspec filesystem, protocol, container/prefix) of an `az://` / `abfs://` URL, with the landing zone's
+    credentials (CTR_AZURE_*)."""
     import fsspec
 
     from ctr.data.azure_storage import is_azure_url, storage_options
@@ -361,8 +424,15 @@ def blob_uploader(url: str, env: dict[str, str] | None = None) -> Callable[[Path
     if not is_azure_url(url):
         raise ValueError(f"CTR_PREDICTION_LOG_URL={url[:100]!r} is not an az:// or abfs:// URL")
     protocol, rest = url.split("://", 1)
-    fs = fsspec.filesystem(protocol, **storage_options(protocol, env))
-    base = rest.rstrip("/")
+    return fsspec.filesystem(protocol, **storage_options(protocol, env)), protocol, rest.rstrip("/")
+
+
+def blob_uploader(url: str, env: dict[str, str] | None = None) -> Callable[[Path, str], None]:
+    """Upload closed files to `url` (`az://container/prefix`, `abfs://...`) as `<prefix>/date=D/<name>`, through
+    fsspec/adlfs with the landing zone's credentials (CTR_AZURE_*).
+    Blob has no rename, and needs none: one `put_file` commits the blob whole (a reader sees no blob or all
+    of it). The local file stays; a failed upload is logged, not retried. `read_log(url, day)` reads them back."""
+    fs, protocol, base = _blob(url, env)
 
     def upload(local: Path, key: str) -> None:
         fs.put_file(str(local), f"{base}/{key}")
@@ -380,15 +450,68 @@ def prediction_log_from(settings: Any) -> PredictionLog:
                          rotate_s=settings.prediction_log_rotate_s, uploader=uploader)
 
 
-def read_log(root: Path, day: dt.date) -> Iterator[dict[str, Any]]:
-    """Every record of `day`'s closed files, in file-name order (readers never open a `.tmp`)."""
-    d = Path(root) / f"date={day.isoformat()}"
-    for f in sorted(d.glob("part-*.jsonl.gz")):
-        with gzip.open(f, "rb") as fh:
+def read_log(root: Path | str, day: dt.date) -> Iterator[dict[str, Any]]:
+    """Every record of `day`'s closed files under `root` (a folder, or the Blob copy's `az://container/prefix`),
+    in file-name order (readers never open a `.tmp`), each with its "row": a stored raw "body" (one-row JSON
+    requests) is parsed into it here. A record whose row cannot be derived gets "row": None and
+    "row_error"; a line that is not JSON is skipped with a warning."""
+    for f in log_files(root, day):
+        bad = 0
+        with _open_gz(f) as fh:
             for line in fh:
-                if line.strip():
-                    yield orjson.loads(line)
+                if not line.strip():
+                    continue
+                try:
+                    rec = _record(line)
+                except ValueError:
+                    bad += 1
+                    continue
+                yield rec
+        if bad:
+            log.warning("prediction log: %d line(s) of %s are not JSON; skipped", bad, f)
 
 
-def log_files(root: Path, day: dt.date) -> list[Path]:
+def _open_gz(f: Path | str) -> Any:
+    if isinstance(f, Path):
+        return gzip.open(f, "rb")
+    import fsspec
+
+    from ctr.data.azure_storage import storage_options
+
+    return fsspec.open(f, "rb", compression="gzip", **storage_options(f.split("://", 1)[0]))
+
+
+def is_url(root: Path | str) -> bool:
+    return isinstance(root, str) and "://" in root
+
+
+def day_location(root: Path | str, day: dt.date) -> str:
+    """Where `day`'s files are: `<root>/date=D` (a folder or a Blob URL)."""
+    return f"{str(root).rstrip('/')}/date={day.isoformat()}" if is_url(root) else str(Path(root) / f"date={day.isoformat()}")
+
+
+def _record(line: bytes) -> dict[str, Any]:
+    try:
+        rec = orjson.loads(line)
+    except orjson.JSONDecodeError:  # a raw body may hold NaN/Infinity (accepted by the service): the stdlib reads them
+        rec = json.loads(line.decode("utf-8"), parse_constant=float)
+    if not isinstance(rec, dict):
+        raise ValueError("not a JSON object")
+    if "body" in rec:
+        body = rec.pop("body")
+        try:
+            rows = _payload_rows(str(rec.get("route")), body)
+            rec["row"] = rows[int(rec.get("row_index", 0))]
+        except Exception as e:  # noqa: BLE001 (whatever the body, the record is still read and counted)
+            rec["row"] = None
+            rec["row_error"] = f"row not derivable from the stored body: {str(e)[:200]}"
+    return rec
+
+
+def log_files(root: Path | str, day: dt.date) -> list[Any]:
+    """`day`'s closed files: Paths under a folder, or `az://...` URLs of the Blob copy (a fresh listing)."""
+    if is_url(root):
+        fs, protocol, base = _blob(str(root))
+        fs.invalidate_cache()
+        return sorted(f"{protocol}://{p}" for p in fs.glob(f"{base}/date={day.isoformat()}/part-*.jsonl.gz"))
     return sorted((Path(root) / f"date={day.isoformat()}").glob("part-*.jsonl.gz"))

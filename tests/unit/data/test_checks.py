@@ -103,6 +103,9 @@ def test_check_data_task_stages_days_and_returns_counts(tmp_path: Path, monkeypa
     for d in out["days"].values():
         assert d["rows_in"] == d["rows_ok"] + d["rows_quarantined"] == 2_000
     assert out["rows_ok"] == 6_000
+    # the holdout day's feature PSI against the two training days, as information (the gate decides)
+    assert len(out["drift"]["features"]) == 39 and out["drift"]["rows"] == 2_000
+    assert "training range 2026-11-18..2026-11-19" in out["drift"]["reference"] and isinstance(out["warnings"], list)
 
     # a new day with 1% malformed lines fails the task, naming the day and the numbers
     bad_day = end + dt.timedelta(days=1)

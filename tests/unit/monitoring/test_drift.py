@@ -103,3 +103,19 @@ def test_drifted_day_is_rejected_naming_exactly_the_drifted_features(drifted_sta
     # a looser limit passes the same day; force_deploy is not needed
     looser = decide(doc, GateConfig(min_auc=0.5, max_ece=1.0, max_feature_psi=1e6))
     assert looser["passed"] and any(w.startswith("feature_psi:") for w in looser["warnings"])
+
+
+def test_check_time_drift_names_exactly_the_drifted_features(staged: Path, drifted_staging: Path) -> None:
+    """check_data's PSI (ctr.data.checks.drift_check, bins from the training range itself) warns about the
+    drifted day naming I5 and C6 above the limit, and stays quiet on the undrifted day."""
+    from ctr.data.checks import drift_check
+
+    train = daterange(END_DAY - dt.timedelta(days=7), END_DAY - dt.timedelta(days=1))
+    drift, warnings = drift_check(drifted_staging, train, END_DAY)
+    assert {c for c, v in drift["features"].items() if v > 0.25} == {SHIFTED, REPLACED}
+    assert drift["rows"] > 0 and len(drift["features"]) == 39 and drift["score_psi"] is None
+    high = [w for w in warnings if "above max_feature_psi 0.25" in w]
+    assert len(high) == 1 and f"{SHIFTED} PSI" in high[0] and f"{REPLACED} PSI" in high[0]
+    assert high[0].startswith(f"day={END_DAY}: feature drift vs training range ")
+    calm, quiet = drift_check(staged, train, END_DAY)
+    assert quiet == [] and max(calm["features"].values()) < 0.1, calm["largest"]

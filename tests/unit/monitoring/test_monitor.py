@@ -64,6 +64,11 @@ def test_live_traffic_like_the_holdout_is_ok(staged: Path, trained_bundle: Path,
     v = doc["versions"]["v7"]
     assert max(v["drift"]["features"].values()) < 0.25 and v["drift"]["score_psi"] < 0.25
     assert 'id="status">ok' in (tmp_path / "out" / "monitor.html").read_text()
+    # the same rows sent one per request are stored as raw bodies (not parsed by the writer): same numbers
+    _log(tmp_path / "single", _holdout(staged), Bundle.load(trained_bundle), "v7", per_request=1)
+    one = monitor_day(TODAY, tmp_path / "single", tmp_path / "out1", reference=reference)
+    assert one["rows"] == n and one["versions"]["v7"]["rows_unreadable"] == 0
+    assert one["versions"]["v7"]["drift"] == v["drift"]
 
 
 def test_skewed_live_traffic_is_named(staged: Path, trained_bundle: Path, reference: Path, tmp_path: Path) -> None:

@@ -115,3 +115,41 @@ def test_settings_resolve_and_check_the_rate(tmp_path) -> None:
     for bad, msg in (("2", "between 0 and 1"), ("lots", "not a number"), ("nan", "between 0 and 1")):
         with pytest.raises(ValueError, match=f"CTR_PREDICTION_LOG_RATE.*{msg}"):
             Settings.from_env({"CTR_PREDICTION_LOG_RATE": bad})
+
+
+def test_a_one_row_json_request_is_stored_as_its_raw_body_and_read_as_its_row(tmp_path, caplog) -> None:
+    """The writer does not parse one-row JSON bodies: the line holds the body verbatim (newlines made spaces);
+    read_log derives the same record a parsed row gives, NaN of /invocations included, and the service's
+    request id is the record's."""
+    split = b'{"dataframe_split": {"columns": ["I1", "C1"],\n "data": [[NaN, "05db9164"]]}}\r\n'
+    score = b'  {"rows": [{"I1": 4, "C1": "05db9164"}]}'
+    rank = b'{"context": {"I1": 1}, "candidates": [{"id": "x", "C9": "q"}], "k": 1}'
+    plog = PredictionLog(tmp_path, rate=1.0).start()
+    plog.log("/invocations", b"application/json", split, np.array([0.125]), "v3", b"client-1")
+    plog.log("/v1/score", b"application/json", score, np.array([0.25]), "v3", b'odd"id\\')
+    plog.log("/v1/rank", b"application/json", rank, np.array([0.5]), "v3")
+    plog.log("/v1/score", b"application/json", _body(2), np.array([0.75, 0.875]), "v3", b"many")  # parsed: "row"
+    plog.close()
+    (f,) = log_files(tmp_path, dt.datetime.now(dt.UTC).date())
+    lines = gzip.decompress(f.read_bytes()).splitlines()
+    assert len(lines) == 5
+    assert b'"body":{"dataframe_split": {"columns": ["I1", "C1"],  "data": [[NaN, "05db9164"]]}}' in lines[0]
+    assert b'"body":{"rows": [{"I1": 4, "C1": "05db9164"}]}' in lines[1] and b'"row":' in lines[3]
+    recs = list(read_log(tmp_path, dt.datetime.now(dt.UTC).date()))
+    keys = {"request_id", "time", "model_version", "route", "row_index", "row", "probability"}
+    assert all(set(r) == keys for r in recs)
+    assert [r["row"] for r in recs[:3]] == [{"I1": None, "C1": "05db9164"}, {"I1": 4, "C1": "05db9164"},
+                                            {"I1": 1, "C9": "q", "item_id": "x"}]
+    assert [r["request_id"] for r in recs] == ["client-1", 'odd"id\\', recs[2]["request_id"], "many", "many"]
+    assert recs[2]["request_id"] and [r["probability"] for r in recs] == [0.125, 0.25, 0.5, 0.75, 0.875]
+    assert all(r["model_version"] == "v3" and r["row_index"] == i for r, i in zip(recs, [0, 0, 0, 0, 1], strict=True))
+    assert dt.datetime.fromisoformat(recs[0]["time"]).tzinfo is not None
+
+    # a body no rule can read still yields its record (row None, the reason); a line that is not JSON is named
+    with gzip.open(f.with_name("part-99999999T000000000000-1-000001.jsonl.gz"), "wb") as fh:
+        fh.write(b'{"request_id":"r","route":"/v1/score","row_index":0,"body":{"rowz":[]},"probability":0.5}\n'
+                 b'{"request_id":"r","route":"/v1/sc\n')
+    with caplog.at_level("WARNING", logger="ctr.serving.predlog"):
+        *_, odd = read_log(tmp_path, dt.datetime.now(dt.UTC).date())
+    assert odd["row"] is None and "row not derivable" in odd["row_error"] and odd["probability"] == 0.5
+    assert "1 line(s) of" in caplog.text and "are not JSON" in caplog.text
