@@ -115,6 +115,7 @@ COMPILED_TOLERANCE = 1e-12  # max |compiled - Booster.predict| on the check rows
 # Compile options (part of the cache key). Inlining the trees' nodes makes prediction faster but the
 # compile much slower; see docs/serving.md for the measured trade-off.
 COMPILE_OPTIONS: dict[str, Any] = {"finline": False, "fblocksize": 34, "fcodemodel": "large"}
+CACHE_KEEP = 8  # cache entries kept (most recently used): the champion, canary, shadow and a few rollbacks
 
 
 class CompiledPredictor:
@@ -187,6 +188,7 @@ def compile_model(model_text: str, n_features: int, cache_dir: Path | None) -> t
             m = lleaves.Model(model_file=str(model_file))
             if entry.exists():
                 m.compile(cache=str(entry), **COMPILE_OPTIONS)
+                os.utime(entry)  # recently used: kept by prune_cache
                 return CompiledPredictor(m, n_features), "cache"
             part = cache_dir / f".{entry.name}.{os.getpid()}.part"
             try:
@@ -194,4 +196,25 @@ def compile_model(model_text: str, n_features: int, cache_dir: Path | None) -> t
                 os.replace(part, entry)
             finally:
                 part.unlink(missing_ok=True)
-            return CompiledPredictor(m, n_features), "compiled"
+        prune_cache(cache_dir)
+        return CompiledPredictor(m, n_features), "compiled"
+
+
+def prune_cache(cache_dir: Path, keep: int = CACHE_KEEP) -> list[Path]:
+    """Delete all but the `keep` most recently used entries (and their lock files); returns those deleted.
+
+    A model no longer served (an older day's) loses its entry; a rollback to it compiles it again."""
+    def used(p: Path) -> float:
+        try:
+            return p.stat().st_mtime
+        except OSError:  # deleted meanwhile by another process's prune
+            return 0.0
+
+    gone = sorted(cache_dir.glob("*.o"), key=used, reverse=True)[keep:]
+    for e in gone:
+        try:
+            e.unlink(missing_ok=True)
+            e.with_suffix(".lock").unlink(missing_ok=True)
+        except OSError as err:
+            log.warning("compiled predictor cache: could not delete %s: %s", e, err)
+    return gone

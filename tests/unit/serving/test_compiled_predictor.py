@@ -94,3 +94,17 @@ def test_without_lleaves_lightgbm_serves_and_says_why(
     monkeypatch.setenv("CTR_PREDICTOR", "llvm")
     with pytest.raises(ValueError, match="CTR_PREDICTOR='llvm' is not one of auto, lightgbm"):
         Settings.from_env()
+
+
+def test_the_cache_keeps_only_the_most_recently_used_entries(tmp_path: Path) -> None:
+    import os
+
+    for i in range(10):
+        (tmp_path / f"{i:064x}-cpu.o").write_bytes(b"x")
+        (tmp_path / f"{i:064x}-cpu.lock").write_bytes(b"")
+        os.utime(tmp_path / f"{i:064x}-cpu.o", (1_000_000 + i, 1_000_000 + i))
+    os.utime(tmp_path / f"{0:064x}-cpu.o")  # the oldest was just used again
+    gone = predictors.prune_cache(tmp_path, keep=8)
+    assert sorted(p.name for p in gone) == [f"{1:064x}-cpu.o", f"{2:064x}-cpu.o"]
+    assert sorted(p.name[:64] for p in tmp_path.glob("*.o")) == sorted(f"{i:064x}" for i in (0, *range(3, 10)))
+    assert len(list(tmp_path.glob("*.lock"))) == 8
