@@ -26,6 +26,7 @@ from ctr.serving.predictors import (
     BatchPredictor,
     CompiledPredictor,
     SingleRowPredictor,
+    cache_key,
     compile_model,
 )
 from ctr.serving.validation import check_rows
@@ -155,8 +156,6 @@ def _compile_into(model: ServedModel, cache: Path, cached_only: bool = False) ->
     try:
         text = bundle.booster.model_to_string()
         if cached_only:
-            from ctr.serving.predictors import cache_key
-
             if not (cache / f"{cache_key(text)}.o").exists():
                 slot.state = "off"
                 return
@@ -171,8 +170,11 @@ def _compile_into(model: ServedModel, cache: Path, cached_only: bool = False) ->
         diff = _compiled_diff(bundle, predictor)
         if not diff <= COMPILED_TOLERANCE:  # NaN fails too
             slot.state = "failed"
-            log.warning("compiled predictor off for %s (version %s): differs from Booster.predict by %.3g on the "
-                        "check rows (limit %g); LightGBM serves", bundle.path, bundle.version, diff, COMPILED_TOLERANCE)
+            if use_cache is not None:  # never read again: the next load compiles afresh
+                (use_cache / f"{cache_key(text)}.o").unlink(missing_ok=True)
+            log.warning("compiled predictor off for %s (version %s, %s): differs from Booster.predict by %.3g on the "
+                        "check rows (limit %g); LightGBM serves", bundle.path, bundle.version, source, diff,
+                        COMPILED_TOLERANCE)
             return
         slot.predictor, slot.state = predictor, "ready"
         log.info("compiled predictor ready version=%s source=%s secs=%.1f max_diff=%.3g", bundle.version, source,

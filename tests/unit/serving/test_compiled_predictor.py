@@ -61,6 +61,13 @@ def test_compiled_predictor_agrees_with_booster_predict_and_is_cached_per_model_
     assert max(abs(a["probability"] - b["probability"]) for a, b in zip(doc["items"], ref["items"], strict=True)) \
         <= predictors.COMPILED_TOLERANCE
 
+    # another CPU's key is another entry: machine code for one CPU is never read back on another
+    with monkeypatch.context() as other:
+        other.setattr(predictors, "host_cpu", lambda: "other-cpu;+avx512f")
+        assert predictors.cache_key(text) != entries[0].stem
+        assert ServedModel.load(trained_bundle, compiled="cached").compiled.state == "off"
+    assert ServedModel.load(trained_bundle, compiled="cached").compiled.state == "ready"
+
     # a compiled predictor that disagrees with LightGBM never serves (here: any difference at all)
     monkeypatch.setattr(served, "COMPILED_TOLERANCE", -1.0)
     with caplog.at_level(logging.WARNING, logger="ctr.serving"):
@@ -68,11 +75,7 @@ def test_compiled_predictor_agrees_with_booster_predict_and_is_cached_per_model_
     assert bad.compiled.state == "failed" and bad.compiled.predictor is None
     assert any("differs from Booster.predict" in r.message for r in caplog.records)
     assert np.array_equal(bad.predict_matrix(x), want)
-
-    # another CPU's key is another entry: machine code for one CPU is never read back on another
-    monkeypatch.setattr(predictors, "host_cpu", lambda: "other-cpu;+avx512f")
-    assert predictors.cache_key(text) != entries[0].stem
-    assert ServedModel.load(trained_bundle, compiled="cached").compiled.state == "off"
+    assert not entries[0].exists()  # the entry that disagreed is never read again
 
 
 def test_without_lleaves_lightgbm_serves_and_says_why(
