@@ -180,14 +180,16 @@ def compile_model(model_text: str, n_features: int, cache_dir: Path | None) -> t
     a whole file or none. ImportError when lleaves is not installed."""
     import lleaves
 
-    with tempfile.TemporaryDirectory(prefix="ctr-compile-") as tmp:
+    if cache_dir is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    # the model text goes beside the cache (one writable place: a read-only image needs just that volume)
+    with tempfile.TemporaryDirectory(prefix=".ctr-compile-", dir=cache_dir) as tmp:
         model_file = Path(tmp) / "model.txt"
         model_file.write_text(model_text)
         if cache_dir is None:
             m = lleaves.Model(model_file=str(model_file))
             m.compile(**COMPILE_OPTIONS)
             return CompiledPredictor(m, n_features), "compiled"
-        cache_dir.mkdir(parents=True, exist_ok=True)
         entry = cache_dir / f"{cache_key(model_text)}.o"
         with open(entry.with_suffix(".lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # another process compiling the same key: wait, then read its entry
