@@ -25,6 +25,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before any lightgbm impor
 # this, their prediction logs (default rate 0.01) landed in the user's state/predictions and `make demo`'s
 # monitor read test traffic. Tests of the log set the rate (and a CTR_HOME of their own) explicitly.
 os.environ.setdefault("CTR_PREDICTION_LOG_RATE", "0")
+# Nor do they compile their model's trees (CTR_PREDICTOR=auto would, on a background thread, per service):
+# LightGBM's numbers, no compile's CPU in the suite. tests/unit/serving/test_compiled_predictor.py sets auto.
+os.environ.setdefault("CTR_PREDICTOR", "lightgbm")
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_DATA = REPO / "tests" / "data"  # real Criteo extracts, committed with their sources (tests/data/README.md)

@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+PREDICTORS = ("auto", "lightgbm")  # CTR_PREDICTOR (ctr.serving.predictors)
+
 
 def default_home(env: Mapping[str, str] | None = None) -> Path:
     """`CTR_HOME` from the environment (the Makefile exports the repo's `state/`), else `~/.ctr`."""
@@ -85,6 +87,11 @@ class Settings:
     prediction_log_rotate_rows: int = 100_000
     prediction_log_rotate_s: int = 60
     prediction_log_url: str = ""    # also upload closed files here: az://container/prefix (Blob; CTR_AZURE_* credentials)
+    # the service's tree predictor (ctr.serving.predictors): "auto" compiles the model with lleaves off the
+    # load path and switches to it once verified (LightGBM serves until then); "lightgbm" never compiles.
+    # Compiled machine code is cached per model and CPU under predictor_cache (default home/cache/predictors).
+    predictor: str = "auto"
+    predictor_cache: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -96,6 +103,8 @@ class Settings:
         if not 0.0 <= s.prediction_log_rate <= 1.0:  # NaN fails too
             raise ValueError(f"CTR_PREDICTION_LOG_RATE={s.prediction_log_rate} is out of range; it must be between 0 and 1 "
                              "(0 = off, 1.0 = every row)")
+        if s.predictor not in PREDICTORS:
+            raise ValueError(f"CTR_PREDICTOR={s.predictor!r} is not one of {', '.join(PREDICTORS)}")
         return s
 
     # Derived locations, all under `home` unless configured otherwise.
@@ -126,6 +135,11 @@ class Settings:
     @property
     def serving_dir(self) -> Path:
         return self.home / "serving"
+
+    @property
+    def predictor_cache_dir(self) -> Path:
+        """Compiled predictors' machine code, one file per (model sha256, host CPU)."""
+        return Path(self.predictor_cache).expanduser().resolve() if self.predictor_cache else self.home / "cache" / "predictors"
 
     @property
     def predictions_dir(self) -> Path:

@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 IMAGE_NAME = "ctr-scorer"
 SERVING_PACKAGES = ["lightgbm", "numpy", "scipy", "pyarrow", "orjson", "uvicorn", "uvloop", "httptools"]
+# the compiled tree predictor (ctr.serving.predictors); pinned in the image when installed here, else the
+# image's service serves with LightGBM (and logs that lleaves is missing)
+COMPILED_PACKAGES = ["lleaves", "llvmlite"]
 PORT = 8080
 
 DOCKERFILE = f"""\
@@ -62,7 +65,15 @@ class ImageContext:
 
 
 def serving_requirements() -> str:
-    return "".join(f"{n}=={pkg_version(n)}\n" for n in SERVING_PACKAGES)
+    from importlib.metadata import PackageNotFoundError
+
+    lines = [f"{n}=={pkg_version(n)}\n" for n in SERVING_PACKAGES]
+    try:
+        lines += [f"{n}=={pkg_version(n)}\n" for n in COMPILED_PACKAGES]
+    except PackageNotFoundError:
+        log.warning("image without the compiled predictor: %s not installed (make venv installs them)",
+                    " and ".join(COMPILED_PACKAGES))
+    return "".join(lines)
 
 
 def tree_digest(root: Path) -> str:

@@ -275,7 +275,8 @@ class ScoringApp:
                "loaded_at_iso": dt.datetime.fromtimestamp(m.loaded_at, dt.UTC).isoformat(timespec="seconds"),
                "fast_paths": {"single_row": m.single is not None, "tsv": m.tsv is not None,
                               "tsv_numpy": m.tsv_numpy is not None, "batch": m.batch is not None,
-                              "json_rows": m.rows is not None}}
+                              "json_rows": m.rows is not None},
+               "compiled_predictor": m.compiled.state}  # off | compiling | ready | failed (CTR_PREDICTOR, predictors.py)
         await _send_json(send, 200, doc, [(b"x-model-version", m.header)])
         return 200
 

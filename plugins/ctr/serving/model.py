@@ -9,20 +9,42 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ctr.features.transform import CAT_COLUMNS, N_INT
 from ctr.model.bundle import Bundle, BundleError
 from ctr.serving.encoders import JsonRowsEncoder, NumpyTsvEncoder, TsvEncoder, probe_tsv
-from ctr.serving.predictors import BatchPredictor, SingleRowPredictor
+from ctr.serving.predictors import (
+    COMPILED_TOLERANCE,
+    BatchPredictor,
+    CompiledPredictor,
+    SingleRowPredictor,
+    cache_key,
+    compile_model,
+)
 from ctr.serving.validation import check_rows
 
 log = logging.getLogger("ctr.serving")
+COMPILE_MODES = ("background", "cached", "off")  # ServedModel.build(compiled=...)
+
+
+class CompiledSlot:
+    """The model's compiled predictor once it is ready and verified (None until then, or for good).
+
+    `state`: "off" (CTR_PREDICTOR=lightgbm or not asked), "compiling", "ready", "failed" (logged why)."""
+
+    def __init__(self) -> None:
+        self.predictor: CompiledPredictor | None = None
+        self.state = "off"
+        self.done = threading.Event()
+
 
 @dataclass(frozen=True)
 class ServedModel:
@@ -33,6 +55,7 @@ class ServedModel:
     tsv_numpy: NumpyTsvEncoder | None = None
     batch: BatchPredictor | None = None
     rows: JsonRowsEncoder | None = None
+    compiled: CompiledSlot = field(default_factory=CompiledSlot)
 
     @property
     def version(self) -> str:
@@ -48,12 +71,18 @@ class ServedModel:
         return self.bundle.version.encode()
 
     @classmethod
-    def load(cls, path: str | Path) -> ServedModel:
+    def load(cls, path: str | Path, compiled: str = "background") -> ServedModel:
         """Load and probe-check a bundle (BundleError if refused), then verify the fast paths."""
-        return cls.build(Bundle.load(Path(path)))
+        return cls.build(Bundle.load(Path(path)), compiled=compiled)
 
     @classmethod
-    def build(cls, bundle: Bundle) -> ServedModel:
+    def build(cls, bundle: Bundle, compiled: str = "background") -> ServedModel:
+        """The served model with its verified fast paths. `compiled` (with CTR_PREDICTOR=auto): "background"
+        compiles the trees on a daemon thread (or loads them from the cache) and switches to them once
+        verified, LightGBM serving until then; "cached" uses a cache entry only, right here (offline
+        `ctr rank`: no compile for one file); "off" never."""
+        if compiled not in COMPILE_MODES:
+            raise ValueError(f"compiled={compiled!r} is not one of {COMPILE_MODES}")
         if bundle.probe is None:  # Bundle.load checked it; the same bytes, never the file again
             raise BundleError(f"model bundle {bundle.path} lacks probe.json (known inputs and outputs)")
         rows: list[dict[str, Any]] = bundle.probe["rows"]
@@ -66,8 +95,10 @@ class ServedModel:
         log.info("model ready version=%s bundle=%s single_row_fast=%s tsv_fast=%s tsv_numpy=%s batch_fast=%s "
                  "json_rows_fast=%s", bundle.version, bundle.path, single is not None, tsv is not None,
                  tsv_numpy is not None, batch is not None, json_rows is not None)
-        return cls(bundle=bundle, loaded_at=time.time(), single=single, tsv=tsv, tsv_numpy=tsv_numpy, batch=batch,
-                   rows=json_rows)
+        model = cls(bundle=bundle, loaded_at=time.time(), single=single, tsv=tsv, tsv_numpy=tsv_numpy, batch=batch,
+                    rows=json_rows)
+        _start_compiled(model, compiled)
+        return model
 
     # ---- scoring (the numbers are the Bundle's; see predictors.py and encoders.py) ------------------------------
     def predict_rows(self, rows: list[dict[str, Any]]) -> np.ndarray:
@@ -93,10 +124,90 @@ class ServedModel:
 
     def predict_matrix(self, x: np.ndarray) -> np.ndarray:
         """Codes matrix -> probabilities, one thread per call: the service runs two calls at once rather
-        than one on two threads. The derived features are added here (`FeatureTransform.derive`)."""
+        than one on two threads. The derived features are added here (`FeatureTransform.derive`).
+        The compiled trees once verified (within COMPILED_TOLERANCE of LightGBM), else LightGBM's."""
+        compiled = self.compiled.predictor
+        if compiled is not None:
+            return compiled.predict(self.bundle.transform.derive(x))
         if self.batch is not None:
             return self.batch.predict(self.bundle.transform.derive(x))
         return self.bundle.predict_matrix(x, num_threads=1)
+
+
+def _start_compiled(model: ServedModel, mode: str) -> None:
+    """Give `model` its compiled predictor: on a daemon thread ("background") or from the cache only ("cached")."""
+    from ctr.settings import Settings
+
+    settings = Settings.from_env()
+    if mode == "off" or settings.predictor == "lightgbm":
+        model.compiled.done.set()
+        return
+    slot, cache = model.compiled, settings.predictor_cache_dir
+    slot.state = "compiling"
+    if mode == "cached":
+        _compile_into(model, cache, cached_only=True)
+        return
+    threading.Thread(target=_compile_into, args=(model, cache), name="ctr-compile", daemon=True).start()
+
+
+def _compile_into(model: ServedModel, cache: Path, cached_only: bool = False) -> None:
+    """Compile (or load from `cache`), verify against Booster.predict, then publish on `model.compiled`."""
+    slot, bundle, t0 = model.compiled, model.bundle, time.perf_counter()
+    try:
+        text = bundle.booster.model_to_string()
+        if cached_only:
+            if not (cache / f"{cache_key(text)}.o").exists():
+                slot.state = "off"
+                return
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            use_cache: Path | None = cache if os.access(cache, os.W_OK) else None
+        except OSError:
+            use_cache = None
+        if use_cache is None:
+            log.warning("compiled predictor: cache %s is not writable; compiling in memory only", cache)
+        predictor, source = compile_model(text, bundle.transform.n_features, use_cache)
+        diff = _compiled_diff(bundle, predictor)
+        if not diff <= COMPILED_TOLERANCE:  # NaN fails too
+            slot.state = "failed"
+            if use_cache is not None:  # never read again: the next load compiles afresh
+                (use_cache / f"{cache_key(text)}.o").unlink(missing_ok=True)
+            log.warning("compiled predictor off for %s (version %s, %s): differs from Booster.predict by %.3g on the "
+                        "check rows (limit %g); LightGBM serves", bundle.path, bundle.version, source, diff,
+                        COMPILED_TOLERANCE)
+            return
+        slot.predictor, slot.state = predictor, "ready"
+        log.info("compiled predictor ready version=%s source=%s secs=%.1f max_diff=%.3g", bundle.version, source,
+                 time.perf_counter() - t0, diff)
+    except ImportError as e:
+        slot.state = "failed"
+        log.warning("compiled predictor off for %s: %s (CTR_PREDICTOR=auto needs lleaves, see requirements.txt); "
+                    "LightGBM serves", bundle.path, e)
+    except Exception as e:  # the compiled path is an optimisation; LightGBM always works
+        slot.state = "failed"
+        log.warning("compiled predictor off for %s: compile failed: %s: %s; LightGBM serves", bundle.path,
+                    type(e).__name__, e)
+    finally:
+        slot.done.set()
+
+
+def check_matrix(bundle: Bundle) -> np.ndarray:
+    """Codes rows to check a compiled predictor on: the probe rows, those rows with every other value
+    missing, and with every categorical the rare/unseen code (the splits' three kinds of branch)."""
+    x = bundle.transform.rows_matrix(bundle.probe["rows"] if bundle.probe else [])
+    holes = x.copy()
+    holes[:, ::2] = np.nan
+    holes2 = x.copy()
+    holes2[:, 1::2] = np.nan
+    rare = x.copy()
+    for j, c in enumerate(CAT_COLUMNS):
+        rare[:, N_INT + j] = float(len(bundle.transform.vocab[c]))
+    return np.vstack([x, holes, holes2, rare, np.full((1, x.shape[1]), np.nan)])
+
+
+def _compiled_diff(bundle: Bundle, predictor: CompiledPredictor) -> float:
+    x = bundle.transform.derive(check_matrix(bundle))
+    return float(np.max(np.abs(predictor.predict(x) - bundle.booster.predict(x, num_threads=1))))
 
 
 def _verified_single(bundle: Bundle, rows: list[dict[str, Any]], want: np.ndarray) -> SingleRowPredictor | None:

@@ -126,7 +126,8 @@ OPENAPI: dict = {
                                                "digest": {"type": "string"}, "bundle": {"type": "string"},
                                                "loaded_at": {"type": "number"}, "loaded_at_iso": {"type": "string"},
                                                "fast_paths": {"type": "object",
-                                                              "additionalProperties": {"type": "boolean"}}}}}}}}}},
+                                                              "additionalProperties": {"type": "boolean"}},
+                                               "compiled_predictor": {"enum": ["off", "compiling", "ready", "failed"]}}}}}}}}},
         "/metrics": {"get": {"summary": "Prometheus text exposition format 0.0.4, by prometheus_client (no auth)",
                              "responses": {"200": {"description": "metrics; see docs/serving.md", "content": {
                                  "text/plain": {"schema": {"type": "string"}}}}}}},

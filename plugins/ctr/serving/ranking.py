@@ -290,7 +290,7 @@ def rank_file(model_dir: Path, input_path: Path, output: Path, max_candidates: i
         raise ValueError(f"--output {output} is also the input; writing it would destroy the input: "
                          "choose another output file")
     limit = service_limit("CTR_RANK_MAX_CANDIDATES") if max_candidates is None else max_candidates
-    model = ServedModel.load(model_dir)
+    model = ServedModel.load(model_dir, compiled="cached")  # the service's compiled trees if cached, else LightGBM
     n_ok = n_bad = 0
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".tmp")
