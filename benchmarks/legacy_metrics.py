@@ -36,6 +36,14 @@ class LegacyMetrics:
         self.prob = [0] * len(PROB_BUCKETS)
         self.prob_sum = 0.0
         self.version, self.loaded_at = "", 0.0
+        # what the service binds to the metrics object besides the counters above (issues 17 and 18): the
+        # per-model metrics and the prediction log's counters go to a registry of their own, never rendered,
+        # so the old exposition stays what it was
+        from prometheus_client import CollectorRegistry, Counter
+
+        self.registry = CollectorRegistry()
+        self.log_dropped = Counter("ctr_prediction_log_dropped", "unrendered", ["reason"], registry=self.registry)
+        self.log_written = Counter("ctr_prediction_log_written", "unrendered", registry=self.registry)
 
     def observe_request(self, path: str, status: int, seconds: float) -> None:
         route = path if path in self.routes else "other"
@@ -44,7 +52,7 @@ class LegacyMetrics:
         self.latency_sum += seconds
         self.latency_count += 1
 
-    def observe_predictions(self, p: np.ndarray) -> None:
+    def observe_predictions(self, p: np.ndarray, version: str | None = None) -> None:  # per-version: not in the old metrics
         n = len(p)
         if n == 0:
             return
