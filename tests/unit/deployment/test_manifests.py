@@ -40,6 +40,12 @@ def test_deployment_probes_resources_and_zero_downtime_strategy(docs) -> None:
     token = next(e for e in c["env"] if e["name"] == "CTR_SERVE_TOKEN")
     assert token["valueFrom"]["secretKeyRef"] == {"name": "ctr-scorer-token", "key": "token"}
     assert dep["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+    # a read-only root: CTR_HOME (compiled-predictor cache, prediction log files) is the pod's emptyDir
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    home = next(e["value"] for e in c["env"] if e["name"] == "CTR_HOME")
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == home]
+    (vol,) = [v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert "emptyDir" in vol and not mount.get("readOnly")
     assert dep["metadata"]["annotations"]["ctr/model-version"] == "7"
     assert dep["spec"]["selector"]["matchLabels"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
 
