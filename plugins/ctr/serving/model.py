@@ -27,6 +27,7 @@ from ctr.serving.predictors import (
     CompiledPredictor,
     SingleRowPredictor,
     cache_key,
+    compile_in_child,
     compile_model,
 )
 from ctr.serving.validation import check_rows
@@ -165,8 +166,11 @@ def _compile_into(model: ServedModel, cache: Path, cached_only: bool = False) ->
         except OSError:
             use_cache = None
         if use_cache is None:
-            log.warning("compiled predictor: cache %s is not writable; compiling in memory only", cache)
-        predictor, source = compile_model(text, bundle.transform.n_features, use_cache)
+            log.warning("compiled predictor: cache %s is not writable; compiling into a temporary folder", cache)
+        if cached_only:  # the entry exists: loading it is cheap
+            predictor, source = compile_model(text, bundle.transform.n_features, use_cache)
+        else:  # the compiling itself in a child process: it would hold this process's GIL for seconds
+            predictor, source = compile_in_child(text, bundle.transform.n_features, use_cache)
         diff = _compiled_diff(bundle, predictor)
         if not diff <= COMPILED_TOLERANCE:  # NaN fails too
             slot.state = "failed"

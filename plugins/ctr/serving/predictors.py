@@ -9,7 +9,10 @@
 * `CompiledPredictor` runs the trees compiled to machine code by lleaves (LLVM): ~3x less CPU than
   LightGBM per batch row. It sums the trees in blocks, so its numbers may differ from LightGBM's in
   the last bits: it serves only when within `COMPILED_TOLERANCE` (1e-12) on the check rows.
-  `compile_model` compiles once per model and host CPU and caches the machine code on disk.
+  `compile_model` compiles once per model and host CPU and caches the machine code on disk;
+  `compile_in_child` does the compiling in a child process at low priority (lleaves builds the LLVM
+  IR in Python, which in the service's process held the GIL for seconds per model and stalled its
+  event loop) and loads the child's cache entry.
 
 `ServedModel.build` proves each against `Booster.predict` on the bundle's probe rows before the
 model takes traffic (the compiled one on a background thread, after the load); a predictor that
@@ -23,6 +26,8 @@ import fcntl
 import hashlib
 import logging
 import os
+import subprocess
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -121,6 +126,7 @@ COMPILED_TOLERANCE = 1e-12  # max |compiled - Booster.predict| on the check rows
 # Compile options (part of the cache key). Inlining the trees' nodes makes prediction faster but the
 # compile much slower; see docs/serving.md for the measured trade-off.
 COMPILE_OPTIONS: dict[str, Any] = {"finline": False, "fblocksize": 34, "fcodemodel": "large"}
+COMPILE_TIMEOUT_S = 1800  # a child compiling longer is killed (a 1,000-tree model took ~250 s on a busy core)
 CACHE_KEEP = 8  # cache entries kept (most recently used): the champion, canary, shadow and a few rollbacks
 
 
@@ -226,3 +232,46 @@ def prune_cache(cache_dir: Path, keep: int = CACHE_KEEP) -> list[Path]:
         except OSError as err:
             log.warning("compiled predictor cache: could not delete %s: %s", e, err)
     return gone
+
+
+def compile_in_child(model_text: str, n_features: int, cache_dir: Path | None,
+                     timeout: float = COMPILE_TIMEOUT_S) -> tuple[CompiledPredictor, str]:
+    """`compile_model`, with the compiling done by `python -m ctr.serving.predictors` at nice 10: this process
+    only loads the machine code the child wrote (~0.05 s). Without a cache directory the child writes to a
+    temporary one, deleted once loaded. Returns (predictor, "cache" | "compiled")."""
+    import lleaves  # noqa: F401  (missing here: ImportError before a child is spawned for nothing)
+
+    if cache_dir is None:
+        with tempfile.TemporaryDirectory(prefix="ctr-compile-") as tmp:
+            predictor, _ = compile_in_child(model_text, n_features, Path(tmp), timeout)
+            return predictor, "compiled"
+    entry = cache_dir / f"{cache_key(model_text)}.o"
+    if entry.exists():
+        return compile_model(model_text, n_features, cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".ctr-compile-", dir=cache_dir) as tmp:
+        model_file = Path(tmp) / "model.txt"
+        model_file.write_text(model_text)
+        try:
+            r = subprocess.run([sys.executable, "-m", "ctr.serving.predictors", str(model_file), str(n_features),
+                                str(cache_dir)], capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"the compile process took over {timeout:.0f} s and was killed") from None
+    if r.returncode != 0:
+        tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"the compile process exited {r.returncode}: {tail[0][:300]}")
+    if not entry.exists():
+        raise RuntimeError(f"the compile process wrote no cache entry {entry.name} in {cache_dir}")
+    predictor, _ = compile_model(model_text, n_features, cache_dir)
+    return predictor, "compiled"
+
+
+def _main(argv: list[str]) -> int:
+    """python -m ctr.serving.predictors MODEL_TXT N_FEATURES CACHE_DIR: compile into the cache (compile_in_child)."""
+    os.nice(10)  # below the service that asked: its requests come first
+    compile_model(Path(argv[0]).read_text(), int(argv[1]), Path(argv[2]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

@@ -39,8 +39,14 @@ def test_compiled_predictor_agrees_with_booster_predict_and_is_cached_per_model_
     pytest.importorskip("lleaves")
     monkeypatch.setenv("CTR_PREDICTOR", "auto")
     monkeypatch.setenv("CTR_PREDICTOR_CACHE", str(tmp_path / "cache"))
+    import lleaves.compiler
+
+    def no_ir_here(*a, **k):  # building the IR holds the GIL for seconds: never in the serving process
+        raise AssertionError("the service's process built the LLVM IR itself")
+
+    monkeypatch.setattr(lleaves.compiler, "compile_to_module", no_ir_here)
     m = _ready(ServedModel.load(trained_bundle))
-    assert m.compiled.state == "ready" and m.compiled.predictor is not None
+    assert m.compiled.state == "ready" and m.compiled.predictor is not None, m.compiled.state
     x = np.vstack([check_matrix(m.bundle), _codes(m, 2000, 1)])
     got, want = m.predict_matrix(x), m.bundle.predict_matrix(x, num_threads=1)
     assert np.max(np.abs(got - want)) <= predictors.COMPILED_TOLERANCE
