@@ -161,6 +161,9 @@ def test_retry_attaches_to_the_same_run_and_the_run_succeeds(server, shipped, la
     Bundle.load(tmp_path / "out" / "model")
     m = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert m["day"] == DAY.isoformat() and m["gate"]["passed"] and m["candidate"]["auc"] > 0.55
+    # the cluster's drift section and reference come back in the output prefix (fetch copies it whole)
+    assert len(m["drift"]["features"]) == 39 and "max_feature_psi" in {c["rule"] for c in m["gate"]["checks"]}
+    assert json.loads((tmp_path / "out" / "drift_reference.json").read_text())["format"] == 1
 
 
 def test_failing_job_surfaces_the_cluster_error(server, shipped, landing, tmp_path):

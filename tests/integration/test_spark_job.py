@@ -2,7 +2,10 @@
 
 * `ctr train --engine spark` and `ctr train --engine lightgbm` on the same days: byte-identical
   features.json, holdout AUCs within 0.002, the job's metrics.json in the gate's format, and the
-  same metadata.json keys (one builder) apart from the Spark job's own lineage;
+  same metadata.json keys (one builder) apart from the Spark job's own lineage, and the same drift
+  section (feature and score PSI, `ctr.monitoring.drift`) as the local evaluate;
+* the holdout profile counted on the executors equals the local count, and names exactly the
+  drifted features of a drifted day;
 * validation on Spark partitions gives check_data's counts and reasons, line by line;
 * the SynapseML parameter mapping uses LightGBMClassifier's real parameter names.
 """
@@ -73,7 +76,10 @@ def test_cli_spark_and_lightgbm_engines_agree(small_landing: Path, tmp_path: Pat
     assert sum(stats["rows"]["C1"]) == sum(stats["rows"]["C26"]) > 0 and sum(stats["clicks"]["C1"]) > 0
 
     staging = tmp_path / "home" / "staging"
-    stage_day(str(small_landing), staging, tmp_path / "home" / "quarantine", HOLDOUT)
+    from ctr.data.landing import daterange
+
+    for d in daterange(start, HOLDOUT):  # the training range too: evaluate's drift reference reads it
+        stage_day(str(small_landing), staging, tmp_path / "home" / "quarantine", d)
     doc = evaluate_day(staging, HOLDOUT, tmp_path / "spark", tmp_path / "local")
     aucs = {"spark": doc["candidate"]["auc"], "local": doc["baseline"]["auc"]}
     assert abs(aucs["spark"] - aucs["local"]) <= 0.002, aucs
@@ -83,6 +89,21 @@ def test_cli_spark_and_lightgbm_engines_agree(small_landing: Path, tmp_path: Pat
     assert m["day"] == HOLDOUT.isoformat() and m["rows"] == doc["rows"] and m["baseline"] is None
     assert {"passed", "forced", "reasons", "checks"} <= set(m["gate"])
     assert m["candidate"]["auc"] == pytest.approx(aucs["spark"], abs=1e-9)
+    # ... with the same drift section: the same rows in the same bins, so the very same PSI per feature
+    # (holdout vs training range) and of the score (holdout vs the validation day)
+    assert doc["drift"]["reference"].startswith(f"training range {start}..{END}, every 1 row(s) of ")
+    assert m["drift"] == doc["drift"]
+    psi_rule = [[c for c in g["checks"] if c["rule"] == "max_feature_psi"] for g in (m["gate"], doc["gate"])]
+    assert psi_rule[0] == psi_rule[1] and len(psi_rule[0]) == 1  # the gate's drift rule reads the same numbers
+    assert len(m["drift"]["features"]) == 39 and m["drift"]["score_psi"] is not None and m["drift"]["rows"] == doc["rows"]
+    from ctr.monitoring.drift import REFERENCE_FILE, Reference
+    from ctr.validation.holdout import drift_reference
+
+    spark_ref = Reference.from_json(json.loads((tmp_path / "spark.spark" / REFERENCE_FILE).read_text())).to_json()
+    local_ref = drift_reference(staging, Bundle.load(tmp_path / "spark"), daterange(start, END)).to_json()
+    assert {k: spark_ref[k] for k in local_ref if not k.startswith("score")} == \
+        {k: v for k, v in local_ref.items() if not k.startswith("score")}
+    assert sum(spark_ref["score_counts"]) == doc["rows"]  # binned candidate holdout scores, for `ctr monitor`
     meta = json.loads((tmp_path / "spark" / "metadata.json").read_text())
     assert meta["engine"] == "spark-lightgbm" and meta["data_interval"] == {"start": start.isoformat(), "end": END.isoformat()}
     # lineage: the Spark job lists the landing zone through Hadoop, yet records the digests stage_day recorded
@@ -145,6 +166,44 @@ def test_validation_matches_check_data(spark, small_landing: Path, tmp_path: Pat
     want = collections.Counter((b.reason, b.text) for b in read_table(str(extra))[1])
     got = collections.Counter((r["bad_reason"], r["raw"]) for r in parsed.where("bad_reason is not null").collect())
     assert got == want
+
+
+def test_holdout_profile_on_the_executors_finds_the_drifted_features(spark, small_landing: Path, tmp_path: Path):
+    """The job's holdout profile (executors, `Reference.add_table` per partition) equals the local
+    count of the same rows, and on a drifted day (I5 shifted, C6's top values replaced) the PSI
+    names exactly those two features; the undrifted day names none."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from ctr.data.landing import daterange, read_staged, stage_day
+    from ctr.data.tsv import to_tsv_bytes
+    from ctr.monitoring.drift import MAX_PSI, over, reference_from_staging
+    from ctr.schema import ALL_COLUMNS
+    from ctr.training.spark_job import holdout_profile, read_days
+
+    train = daterange(HOLDOUT - dt.timedelta(days=3), END)
+    staging = tmp_path / "staging"
+    for d in [*train, HOLDOUT]:
+        stage_day(str(small_landing), staging, tmp_path / "q", d)
+    ref = reference_from_staging(staging, train)
+    day = pa.concat_tables(read_staged(staging, HOLDOUT)).select(ALL_COLUMNS)
+    top = set(ref.cat_top["C6"])
+    new = {v: f"{int(v, 16) ^ 0xA5A5A5A5:08x}" for v in top}  # valid 8-hex values, none of them a top value
+    assert not set(new.values()) & top
+    drifted = day.set_column(ALL_COLUMNS.index("I5"), "I5", pc.add(pc.multiply(day.column("I5"), 20), 1000))
+    drifted = drifted.set_column(ALL_COLUMNS.index("C6"), "C6", pa.array(
+        [new.get(v, v) if v is not None else None for v in drifted.column("C6").to_pylist()], pa.string()))
+    land = tmp_path / "drifted"
+    (land / f"day={HOLDOUT}").mkdir(parents=True)
+    (land / f"day={HOLDOUT}" / "part-00000.tsv.gz").write_bytes(gzip.compress(to_tsv_bytes(drifted)))
+    for root, local_rows, want in ((small_landing, day, []), (land, drifted, ["I5", "C6"])):
+        good = read_days(spark, str(root), [HOLDOUT]).where("bad_reason is null").repartition(3)
+        prof = holdout_profile(good, ref)
+        local = ref.profile([local_rows])
+        assert prof.rows == local.rows == day.num_rows
+        assert {c: v.tolist() for c, v in prof.counts.items()} == {c: v.tolist() for c, v in local.counts.items()}
+        assert sorted(c for c, _ in over(ref.feature_psi(prof), MAX_PSI)) == sorted(want)
 
 
 def test_synapseml_parameter_mapping():

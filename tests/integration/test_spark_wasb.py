@@ -88,3 +88,4 @@ def test_wasb_landing_zone_gives_the_local_result(landing: tuple[Path, str], azu
         assert (tmp_path / "wasb" / "model" / name).read_bytes() == (tmp_path / "local" / "model" / name).read_bytes(), name
     m = [json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("wasb", "local")]
     assert m[0]["candidate"] == m[1]["candidate"] and m[0]["rows"] == m[1]["rows"]
+    assert m[0]["drift"] == m[1]["drift"] and len(m[0]["drift"]["features"]) == 39  # feature/score PSI as well

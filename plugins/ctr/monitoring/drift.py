@@ -225,15 +225,37 @@ def reference_from_staging(staging: Path, days: Sequence[dt.date], top_values: M
     for d in days:
         rep = load_report(staging, d)
         total += rep.rows_ok if rep is not None else 0
-    stride = max(1, math.ceil(total / max_rows)) if total else 1
 
     def tables() -> Iterable[pa.Table]:
         for d in days:
             yield from read_staged(staging, d, columns=FEATURE_COLUMNS)
 
+    return reference_from_rows(tables(), total, days, top_values, max_rows)
+
+
+def reference_from_rows(tables: Iterable[pa.Table], total: int, days: Sequence[dt.date],
+                        top_values: Mapping[str, Sequence[str]] | None = None,
+                        max_rows: int = REFERENCE_MAX_ROWS) -> Reference:
+    """The training range's reference from its `total` valid rows in landing-zone order (day, file,
+    line): every k-th row, k = ceil(total / max_rows). `reference_from_staging` reads them from the
+    staged days; the Spark job passes the rows it collected on the driver, so both get the same bins."""
+    stride = max(1, math.ceil(total / max_rows)) if total else 1
     label = f"{days[0].isoformat()}..{days[-1].isoformat()}" if days else "no days"
-    return build_reference(_stride_sample(tables(), stride), top_values,
+    return build_reference(_stride_sample(tables, stride), top_values,
                            source=f"training range {label}, every {stride} row(s) of {total}")
+
+
+def merge_profiles(ref: Reference, profiles: Iterable[Mapping[str, Any]]) -> Profile:
+    """One profile from partial ones in `Profile.to_json` form (e.g. one per Spark partition): counts summed."""
+    prof = ref.empty_profile()
+    for p in profiles:
+        prof.rows += int(p["rows"])
+        for c in FEATURE_COLUMNS:
+            part = np.asarray(p["counts"][c], dtype=np.int64)
+            if part.shape != prof.counts[c].shape:
+                raise ValueError(f"partial profile of {c}: {part.shape[0]} bins, the reference has {prof.counts[c].shape[0]}")
+            prof.counts[c] += part
+    return prof
 
 
 def drift_summary(psi: Mapping[str, float], score_psi: float | None = None, *, reference: str = "",

@@ -13,10 +13,15 @@ path's rule rather than re-implementing it:
   * training: engine `lightgbm` (driver-side LightGBM over Arrow batches, params from
     `ctr.training.trainer.TrainConfig`) or `synapseml` (see ctr.training.synapseml);
   * evaluation on the holdout day: scored on the executors, `ctr.validation.metrics.compare` +
-    `ctr.validation.gate.decide` -> metrics.json in the gate's format.
+    `ctr.validation.gate.decide` -> metrics.json in the gate's format;
+  * feature drift (metrics.json's `drift`, the gate's max_feature_psi): `ctr.monitoring.drift`'s
+    reference built from the training rows the driver already holds, the holdout day counted in its
+    bins on the executors (`Reference.add_table`), the score PSI by `ctr.validation.holdout.drift_from_scores`:
+    the numbers the DAG's evaluate computes from the staged days.
 
 Output layout under --out (a local folder or an abfss:// prefix):
-  model/ (the bundle), metrics.json, data_report.json, quarantine/day=D/*.csv (bad rows).
+  model/ (the bundle), metrics.json, drift_reference.json (what `ctr monitor` compares live traffic
+  with), data_report.json, quarantine/day=D/*.csv (bad rows).
 """
 
 from __future__ import annotations
@@ -428,6 +433,55 @@ def score_holdout(holdout_df, bundle_dirs: list[Path]) -> tuple[np.ndarray, list
     return (ys if ys is not None else np.empty(0)), ps
 
 
+# ---- feature drift of the holdout day (ctr.monitoring.drift, as the DAG's evaluate) ------------------
+def _profiler(ref_json: dict[str, Any]):
+    def profile(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        from ctr.monitoring.drift import Reference
+
+        ref = Reference.from_json(ref_json)
+        prof = ref.empty_profile()
+        for rb in batches:
+            ref.add_table(prof, pa.Table.from_batches([rb]))
+        yield pa.record_batch([pa.array([json.dumps(prof.to_json())], pa.string())], names=["profile"])
+    return profile
+
+
+def holdout_profile(df, ref):
+    """The rows of `df` counted in `ref`'s bins on the executors (`Reference.add_table` per partition),
+    the partial counts summed on the driver: the same integers as `ref.profile` over the same rows."""
+    from ctr.monitoring.drift import merge_profiles
+    from ctr.schema import FEATURE_COLUMNS
+
+    schema = _spark_schema(pa.schema([("profile", pa.string())]))
+    parts = df.select(*FEATURE_COLUMNS).mapInArrow(_profiler(ref.to_json()), schema).collect()
+    return merge_profiles(ref, (json.loads(r["profile"]) for r in parts))
+
+
+def holdout_drift(train_rows: list[pa.Table] | None, train_good, train_days: list[dt.date], total: int,
+                  holdout_df, holdout_scores: np.ndarray, valid_scores: np.ndarray, transform: FeatureTransform,
+                  seed: int):
+    """metrics.json's `drift` and the drift reference, computed as `ctr.validation.holdout.evaluate_day`
+    computes them: the training range's reference (`reference_from_rows`: its deciles, the vocabulary's
+    top values) from `train_rows` (the driver's training + validation tables in landing-zone order) or,
+    without them, from the range collected here; the holdout day profiled on the executors; the
+    candidate's holdout scores vs its scores on the validation day (the last training day)."""
+    from ctr.monitoring.drift import REFERENCE_MAX_ROWS, build_reference, reference_from_rows
+    from ctr.schema import FEATURE_COLUMNS
+    from ctr.validation.holdout import drift_from_scores
+
+    if train_rows is None and total > REFERENCE_MAX_ROWS:
+        # no full copy on the driver (synapseml on a big range): a seeded Spark sample of the same size
+        frac = REFERENCE_MAX_ROWS / total
+        rows = to_arrow(train_good.sample(withReplacement=False, fraction=frac, seed=seed)).select(FEATURE_COLUMNS)
+        ref = build_reference([rows], transform.vocab,
+                              source=f"training range {train_days[0]}..{train_days[-1]}, a seeded {frac:.4g} "
+                                     f"Spark sample ({rows.num_rows} rows) of {total}")
+    else:
+        tables = train_rows if train_rows is not None else [to_arrow(train_good)]
+        ref = reference_from_rows((t.select(FEATURE_COLUMNS) for t in tables), total, train_days, transform.vocab)
+    return drift_from_scores(ref, holdout_profile(holdout_df, ref), holdout_scores, valid_scores, train_days[-1]), ref
+
+
 # ---- outputs --------------------------------------------------------------------------------------
 def publish(spark, local_dir: Path, dest: str) -> None:
     """Copy a local folder to its destination: a local path, or any Hadoop URI (abfss://, dbfs:/)."""
@@ -531,6 +585,7 @@ def run_job(spark, a: JobArgs) -> dict[str, Any]:
         bundle.mkdir()
         t2 = time.monotonic()
         refit_info: dict[str, Any] = {}
+        drift_rows: list[pa.Table] | None = None
         if a.engine == "lightgbm":
             train_t, valid_t = to_arrow(train_df), to_arrow(valid_df)
             if train_t.num_rows == 0:
@@ -552,6 +607,8 @@ def run_job(spark, a: JobArgs) -> dict[str, Any]:
                                         "rule": "best_iteration x (training + validation rows) / training rows"}}
             booster.save_model(str(bundle / "model.txt"), num_iteration=trees)
             n_train, n_valid, sample = train_t.num_rows, valid_t.num_rows, valid_t
+            if cfg.sample_fraction >= 1.0:  # every valid training row, in landing-zone order: the drift reference's
+                drift_rows = [train_t, valid_t]
             click_rate = float(np.concatenate([train_t.column(LABEL).to_numpy(), valid_t.column(LABEL).to_numpy()]).mean())
             params: dict[str, Any] = cfg.lgb_params()
         else:
@@ -596,11 +653,22 @@ def run_job(spark, a: JobArgs) -> dict[str, Any]:
             y, probs = score_holdout(holdout_df, dirs)
             if len(y) == 0:
                 raise ValueError(f"holdout day={a.holdout} has no valid rows under {a.data}")
-            doc = evaluation_document(y, probs[0], probs[1] if a.baseline else None, day=a.holdout,
-                                      gate=GateConfig.from_params(a.gate_params),
-                                      candidate_version=Bundle.load(bundle).version,
-                                      baseline_version=Bundle.load(dirs[1]).version if a.baseline else None)
+            gate = GateConfig.from_params(a.gate_params)
+            version = Bundle.load(bundle).version
+            _, (valid_scores,) = score_holdout(good.where(F.col("day") == train_days[-1].isoformat()), [bundle])
+            n_range = sum(r.rows_ok for r in reports if r.day != a.holdout.isoformat())
+            drift, ref = holdout_drift(drift_rows, train_good, train_days, n_range, holdout_df, probs[0], valid_scores,
+                                       transform, a.seed)
+            log.info("holdout drift vs %s: largest feature PSI %s; score PSI %s", ref.source,
+                     ", ".join(f"{m['feature']} {m['psi']:.3f}" for m in drift["largest"]), drift["score_psi"])
+            doc = evaluation_document(y, probs[0], probs[1] if a.baseline else None, day=a.holdout, gate=gate,
+                                      candidate_version=version,
+                                      baseline_version=Bundle.load(dirs[1]).version if a.baseline else None, drift=drift)
             (reports_dir / "metrics.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+            from ctr.monitoring.drift import REFERENCE_FILE
+
+            ref.with_scores(probs[0], f"candidate {version} on holdout day {a.holdout.isoformat()}")  # what `ctr monitor` reads
+            (reports_dir / REFERENCE_FILE).write_text(json.dumps(ref.to_json(), sort_keys=True) + "\n")
             summary["metrics"] = doc
             log.info("holdout day=%s rows=%d candidate AUC %.4f logloss %.4f gate=%s", a.holdout, doc["rows"],
                      doc["candidate"]["auc"], doc["candidate"]["logloss"], "PASSED" if doc["gate"]["passed"] else "REJECTED")

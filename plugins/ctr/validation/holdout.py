@@ -77,6 +77,13 @@ def drift_section(ref: Reference, holdout: Profile, holdout_scores: np.ndarray, 
     """metrics.json's `drift`: PSI per feature (holdout vs training range) and of the candidate's scores
     (holdout vs its validation day, the last training day)."""
     _, (valid_scores,) = score_day(staging, valid_day, [candidate])
+    return drift_from_scores(ref, holdout, holdout_scores, valid_scores, valid_day)
+
+
+def drift_from_scores(ref: Reference, holdout: Profile, holdout_scores: np.ndarray, valid_scores: np.ndarray,
+                      valid_day: dt.date) -> dict[str, Any]:
+    """The drift section from the holdout's profile and the candidate's scores on the holdout and the
+    validation day: what `drift_section` computes from staging and the Spark job from its executors' output."""
     sref = Reference(ref.int_edges, ref.cat_top, ref.counts, ref.rows).with_scores(valid_scores, f"validation day {valid_day}")
     sprof = sref.add_scores(sref.empty_profile(), holdout_scores)
     return drift_summary(ref.feature_psi(holdout), sref.score_psi(sprof), reference=ref.source, rows=holdout.rows,
