@@ -69,14 +69,14 @@ def drift_check(staging_root: Path, train_days: list[dt.date], day: dt.date, war
     Information at check time, never a failure: `evaluate` recomputes the PSI with the candidate's
     vocabulary and the gate's `max_feature_psi` decides."""
     from ctr.data.landing import read_staged
-    from ctr.monitoring.drift import describe, drift_summary, over, reference_from_staging
+    from ctr.monitoring.drift import describe, drift_summary, over, reference_from_staging, warned
     from ctr.schema import FEATURE_COLUMNS
 
     ref = reference_from_staging(staging_root, train_days)
     prof = ref.profile(read_staged(staging_root, day, columns=FEATURE_COLUMNS))
     drift = drift_summary(ref.feature_psi(prof), reference=ref.source, rows=prof.rows)
     high = over(drift["features"], max_psi)
-    mid = [(c, v) for c, v in over(drift["features"], warn_psi) if v <= max_psi]
+    mid = warned(drift["features"], warn_psi, max_psi)
     d = f"day={day}"
     out = []
     if high:

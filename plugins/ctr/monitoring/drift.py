@@ -273,5 +273,10 @@ def over(psi: Mapping[str, float], limit: float) -> list[tuple[str, float]]:
     return sorted(((c, v) for c, v in psi.items() if not math.isnan(v) and v > limit), key=lambda t: (-t[1], t[0]))
 
 
+def warned(psi: Mapping[str, float], warn: float, limit: float) -> list[tuple[str, float]]:
+    """Features in the warning band: PSI above `warn` but not above `limit`, largest first."""
+    return [(c, v) for c, v in over(psi, warn) if v <= limit]
+
+
 def describe(items: Sequence[tuple[str, float]]) -> str:
     return ", ".join(f"{c} PSI {v:.3f}" for c, v in items)

@@ -347,8 +347,9 @@ class PredictionLog:
         return hit[0], hit[1], int((ts - sec) * 1000)
 
     def _lines(self, records: list[tuple]) -> Iterator[tuple[str, bytes, int]]:
-        """(date, JSON lines, rows) per record. A one-row JSON body is formatted as bytes around the raw body
-        (no parse); others are parsed here. Every GIL_SLICE_S the GIL goes back to the event loop."""
+        """(date, JSON lines, rows) per record. Lines the request path formatted (one-row JSON bodies,
+        `_raw_line`) pass through; other records are parsed here. Every GIL_SLICE_S of that parsing the
+        GIL goes back to the event loop."""
         slice_end = time.perf_counter() + GIL_SLICE_S
         for rec in records:
             if rec[0] is _LINE:  # formatted on the request path

@@ -73,7 +73,7 @@ def decide(metrics: dict[str, Any], cfg: GateConfig) -> dict[str, Any]:
     warnings: list[str] = []
     drift = metrics.get("drift")
     if drift is not None:
-        from ctr.monitoring.drift import describe, over
+        from ctr.monitoring.drift import describe, over, warned
 
         psi = drift["features"]
         bad = over(psi, cfg.max_feature_psi)
@@ -81,7 +81,7 @@ def decide(metrics: dict[str, Any], cfg: GateConfig) -> dict[str, Any]:
               (f"{len(bad)} feature(s) drifted on the holdout day vs the training range: {describe(bad)} "
                f"(limit {cfg.max_feature_psi:g})") if bad else
               f"largest feature PSI {max(psi.values(), default=0.0):.3f} (limit {cfg.max_feature_psi:g})")
-        warn = [(c, v) for c, v in over(psi, cfg.warn_feature_psi) if v <= cfg.max_feature_psi]
+        warn = warned(psi, cfg.warn_feature_psi, cfg.max_feature_psi)
         if warn:
             warnings.append(f"feature_psi: {describe(warn)} (warning from {cfg.warn_feature_psi:g}, "
                             f"reject above {cfg.max_feature_psi:g})")
