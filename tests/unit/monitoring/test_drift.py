@@ -45,12 +45,21 @@ def test_bins_missing_and_rare() -> None:
     assert ref.feature_psi(ref.profile([t]))["C1"] == 0.0
 
 
-def _drifted(table: pa.Table, top: list[str]) -> pa.Table:
-    """I5 shifted (x20 + 1000), C6's top values replaced by values never seen in training."""
+def _unseen(v: str, vocab: set[str]) -> str:
+    """A valid 8-hex value (so the row is not quarantined) that the vocabulary does not hold."""
+    x = int(v, 16)
+    while True:
+        x = (x + 0x9E3779B9) % 2**32
+        if f"{x:08x}" not in vocab:
+            return f"{x:08x}"
+
+
+def _drifted(table: pa.Table, top: list[str], vocab: set[str]) -> pa.Table:
+    """I5 shifted (x20 + 1000), C6's top values replaced by valid values never seen in training."""
     i5 = pc.add(pc.multiply(table.column(SHIFTED), 20), 1000)
     c6 = table.column(REPLACED).to_pylist()
     top_set = set(top)
-    c6 = pa.array([("new-" + v) if v in top_set else v for v in c6], pa.string())
+    c6 = pa.array([_unseen(v, vocab) if v in top_set else v for v in c6], pa.string())
     t = table.set_column(table.schema.get_field_index(SHIFTED), SHIFTED, i5)
     return t.set_column(t.schema.get_field_index(REPLACED), REPLACED, c6)
 
@@ -64,14 +73,16 @@ def drifted_staging(tiny_landing: Path, staged: Path, trained_bundle: Path, tmp_
     days = daterange(END_DAY - dt.timedelta(days=7), END_DAY - dt.timedelta(days=1))
     for d in days:
         (root / f"day={d.isoformat()}").symlink_to(tiny_landing / f"day={d.isoformat()}")
-    top = Bundle.load(trained_bundle).transform.vocab[REPLACED][:20]
+    vocab = Bundle.load(trained_bundle).transform.vocab[REPLACED]
+    top = vocab[:20]
     holdout = pa.concat_tables(read_staged(staged, END_DAY)).select(ALL_COLUMNS)
     out = root / f"day={END_DAY.isoformat()}"
     out.mkdir()
-    (out / "part-00000.tsv.gz").write_bytes(gzip.compress(to_tsv_bytes(_drifted(holdout, top))))
+    (out / "part-00000.tsv.gz").write_bytes(gzip.compress(to_tsv_bytes(_drifted(holdout, top, set(vocab)))))
     staging, q = tmp_path_factory.mktemp("drifted-staging"), tmp_path_factory.mktemp("drifted-q")
     for d in [*days, END_DAY]:
-        stage_day(str(root), staging, q, d)
+        report = stage_day(str(root), staging, q, d)
+    assert report.rows_quarantined == 0 and report.rows_ok == holdout.num_rows  # drifted, not malformed
     return staging
 
 
