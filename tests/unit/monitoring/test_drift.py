@@ -130,3 +130,35 @@ def test_check_time_drift_names_exactly_the_drifted_features(staged: Path, drift
     assert high[0].startswith(f"day={END_DAY}: feature drift vs training range ")
     calm, quiet = drift_check(staged, train, END_DAY)
     assert quiet == [] and max(calm["features"].values()) < 0.1, calm["largest"]
+
+
+def test_gate_task_names_the_drifted_features_in_its_log_and_xcom(drifted_staging: Path, trained_bundle: Path,
+                                                                   tmp_path: Path, monkeypatch, caplog, capfd) -> None:
+    """The DAG's gate task (ctr.airflow.tasks.gate) on the drifted day's evaluation: rejected, the
+    decision XCom's `drifted` holds exactly I5 and C6, and the task log names both with their PSI."""
+    import json
+    import logging
+    from types import SimpleNamespace
+
+    from airflow.sdk import DAG
+    from ctr.airflow import tasks as airflow_tasks
+
+    monkeypatch.setenv("CTR_ALERTS_CONN_ID", "ctr_alerts_not_configured")  # the rejection notice: a logged no-op
+    doc = evaluate_day(drifted_staging, END_DAY, trained_bundle, gate_params=LENIENT, report_dir=tmp_path / "report")
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps(doc))
+    pushed: dict = {}
+    ti = SimpleNamespace(dag_id="ctr_retrain", task_id="gate", run_id="manual__drift", try_number=1,
+                         xcom_push=lambda key, value: pushed.update({key: value}))
+    ctx = {"dag": DAG("ctr_retrain", schedule=None), "run_id": "manual__drift", "ti": ti, "params": {},
+           "logical_date": dt.datetime.combine(END_DAY, dt.time(2), dt.UTC)}
+    evaluated = {"gate": doc["gate"], "metrics_path": str(metrics), "candidate_auc": doc["candidate"]["auc"],
+                 "champion_version": None}
+    capfd.readouterr()
+    with caplog.at_level(logging.INFO, logger="ctr.dag"):
+        assert airflow_tasks.gate(ctx, evaluated) is False
+    assert sorted(pushed["decision"]["drifted"]) == sorted([SHIFTED, REPLACED]) and not pushed["decision"]["passed"]
+    # the task log (stdout under Airflow's structlog set-up, or the logging records)
+    out = capfd.readouterr().out.splitlines() + [r.getMessage() for r in caplog.records]
+    lines = [ln for ln in out if "gate: max_feature_psi:" in ln]
+    assert lines and all(f"{SHIFTED} PSI" in ln and f"{REPLACED} PSI" in ln for ln in lines), out
