@@ -249,11 +249,18 @@ class JsonRowsEncoder:
         if not keys:
             return x
         vals = list(chain.from_iterable(map(dict.values, rows)))
+        first = list(rows[0])
         try:  # feature index; -1 for the label
-            col = np.fromiter(map(self.position.get, keys), dtype=np.intp, count=len(keys))
+            if len(keys) == len(first) * len(rows) and keys == first * len(rows):
+                # every row sets the same fields in the same order (a ranking's candidates usually do):
+                # one row's positions, repeated, instead of a lookup per field of every row
+                col = np.tile(np.fromiter(map(self.position.get, first), dtype=np.intp, count=len(first)), len(rows))
+                row = np.repeat(np.arange(len(rows)), len(first))
+            else:
+                col = np.fromiter(map(self.position.get, keys), dtype=np.intp, count=len(keys))
+                row = np.repeat(np.arange(len(rows)), list(map(len, rows)))
         except TypeError:
             return None  # an unknown field (None)
-        row = np.repeat(np.arange(len(rows)), list(map(len, rows)))
         cat = col >= _N_INT
         if cat.all():
             cat_vals, cat_col, cat_row = vals, col, row

@@ -58,13 +58,24 @@ class BulkHistogram(Histogram):
     def observe_many(self, values: np.ndarray) -> None:
         if len(values) == 0:
             return
+        self.observe_counts(self.bucket_counts(values), float(values.sum()))
+
+    def bucket_counts(self, values: np.ndarray) -> list[int]:
+        """How many of `values` fall in each bucket (v <= bound, the last one +Inf), as `observe` counts them."""
+        bounds = self.__dict__.get("_bounds_array")
+        if bounds is None:
+            bounds = self.__dict__["_bounds_array"] = np.asarray(self._upper_bounds)  # ends with +Inf
+        idx = np.minimum(np.searchsorted(bounds, values, side="left"), len(bounds) - 1)
+        return np.bincount(idx, minlength=len(bounds)).tolist()
+
+    def observe_counts(self, counts: list[int], total: float) -> None:
+        """Add `bucket_counts` of some values (and their sum): a second histogram with the same buckets
+        takes the same values without counting them again."""
         self._raise_if_not_observable()
-        bounds = self._upper_bounds  # ends with +Inf
-        idx = np.minimum(np.searchsorted(np.asarray(bounds), values, side="left"), len(bounds) - 1)  # v <= bound
-        for i, c in enumerate(np.bincount(idx, minlength=len(bounds)).tolist()):
+        for i, c in enumerate(counts):
             if c:
                 self._buckets[i].inc(c)
-        self._sum.inc(float(values.sum()))
+        self._sum.inc(total)
 
 
 class Metrics:
@@ -138,10 +149,11 @@ class Metrics:
             self.prob.observe(v)
             if child is not None:
                 child.observe(v)
-        else:
-            self.prob.observe_many(p)
+        else:  # the same buckets: counted once, added to both
+            counts, total = self.prob.bucket_counts(p), float(p.sum())
+            self.prob.observe_counts(counts, total)
             if child is not None:
-                child.observe_many(p)
+                child.observe_counts(counts, total)
 
     def set_model(self, version: str, loaded_at: float) -> None:
         """The model now served (at start and after every swap)."""

@@ -160,7 +160,7 @@ def _check_ids(cands: list[Any], popped: list[Any]) -> list[str | int]:
 def _matrix(model: Any, context: dict[str, Any], cands: list[dict[str, Any]], override: bool) -> np.ndarray:
     if not cands:
         return np.empty((0, N_FEATURES), dtype=np.float64)
-    names = set().union(*cands)  # every field some candidate sets
+    names = set().union(*cands) if context else set()  # every field some candidate sets (only a context can clash)
     if not override and not context.keys().isdisjoint(names):
         for j, c in enumerate(cands):
             if not context.keys().isdisjoint(c):

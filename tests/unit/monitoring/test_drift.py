@@ -45,12 +45,21 @@ def test_bins_missing_and_rare() -> None:
     assert ref.feature_psi(ref.profile([t]))["C1"] == 0.0
 
 
-def _drifted(table: pa.Table, top: list[str]) -> pa.Table:
-    """I5 shifted (x20 + 1000), C6's top values replaced by values never seen in training."""
+def _unseen(v: str, vocab: set[str]) -> str:
+    """A valid 8-hex value (so the row is not quarantined) that the vocabulary does not hold."""
+    x = int(v, 16)
+    while True:
+        x = (x + 0x9E3779B9) % 2**32
+        if f"{x:08x}" not in vocab:
+            return f"{x:08x}"
+
+
+def _drifted(table: pa.Table, top: list[str], vocab: set[str]) -> pa.Table:
+    """I5 shifted (x20 + 1000), C6's top values replaced by valid values never seen in training."""
     i5 = pc.add(pc.multiply(table.column(SHIFTED), 20), 1000)
     c6 = table.column(REPLACED).to_pylist()
     top_set = set(top)
-    c6 = pa.array([("new-" + v) if v in top_set else v for v in c6], pa.string())
+    c6 = pa.array([_unseen(v, vocab) if v in top_set else v for v in c6], pa.string())
     t = table.set_column(table.schema.get_field_index(SHIFTED), SHIFTED, i5)
     return t.set_column(t.schema.get_field_index(REPLACED), REPLACED, c6)
 
@@ -64,14 +73,16 @@ def drifted_staging(tiny_landing: Path, staged: Path, trained_bundle: Path, tmp_
     days = daterange(END_DAY - dt.timedelta(days=7), END_DAY - dt.timedelta(days=1))
     for d in days:
         (root / f"day={d.isoformat()}").symlink_to(tiny_landing / f"day={d.isoformat()}")
-    top = Bundle.load(trained_bundle).transform.vocab[REPLACED][:20]
+    vocab = Bundle.load(trained_bundle).transform.vocab[REPLACED]
+    top = vocab[:20]
     holdout = pa.concat_tables(read_staged(staged, END_DAY)).select(ALL_COLUMNS)
     out = root / f"day={END_DAY.isoformat()}"
     out.mkdir()
-    (out / "part-00000.tsv.gz").write_bytes(gzip.compress(to_tsv_bytes(_drifted(holdout, top))))
+    (out / "part-00000.tsv.gz").write_bytes(gzip.compress(to_tsv_bytes(_drifted(holdout, top, set(vocab)))))
     staging, q = tmp_path_factory.mktemp("drifted-staging"), tmp_path_factory.mktemp("drifted-q")
     for d in [*days, END_DAY]:
-        stage_day(str(root), staging, q, d)
+        report = stage_day(str(root), staging, q, d)
+    assert report.rows_quarantined == 0 and report.rows_ok == holdout.num_rows  # drifted, not malformed
     return staging
 
 
@@ -119,3 +130,35 @@ def test_check_time_drift_names_exactly_the_drifted_features(staged: Path, drift
     assert high[0].startswith(f"day={END_DAY}: feature drift vs training range ")
     calm, quiet = drift_check(staged, train, END_DAY)
     assert quiet == [] and max(calm["features"].values()) < 0.1, calm["largest"]
+
+
+def test_gate_task_names_the_drifted_features_in_its_log_and_xcom(drifted_staging: Path, trained_bundle: Path,
+                                                                   tmp_path: Path, monkeypatch, caplog, capfd) -> None:
+    """The DAG's gate task (ctr.airflow.tasks.gate) on the drifted day's evaluation: rejected, the
+    decision XCom's `drifted` holds exactly I5 and C6, and the task log names both with their PSI."""
+    import json
+    import logging
+    from types import SimpleNamespace
+
+    from airflow.sdk import DAG
+    from ctr.airflow import tasks as airflow_tasks
+
+    monkeypatch.setenv("CTR_ALERTS_CONN_ID", "ctr_alerts_not_configured")  # the rejection notice: a logged no-op
+    doc = evaluate_day(drifted_staging, END_DAY, trained_bundle, gate_params=LENIENT, report_dir=tmp_path / "report")
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps(doc))
+    pushed: dict = {}
+    ti = SimpleNamespace(dag_id="ctr_retrain", task_id="gate", run_id="manual__drift", try_number=1,
+                         xcom_push=lambda key, value: pushed.update({key: value}))
+    ctx = {"dag": DAG("ctr_retrain", schedule=None), "run_id": "manual__drift", "ti": ti, "params": {},
+           "logical_date": dt.datetime.combine(END_DAY, dt.time(2), dt.UTC)}
+    evaluated = {"gate": doc["gate"], "metrics_path": str(metrics), "candidate_auc": doc["candidate"]["auc"],
+                 "champion_version": None}
+    capfd.readouterr()
+    with caplog.at_level(logging.INFO, logger="ctr.dag"):
+        assert airflow_tasks.gate(ctx, evaluated) is False
+    assert sorted(pushed["decision"]["drifted"]) == sorted([SHIFTED, REPLACED]) and not pushed["decision"]["passed"]
+    # the task log (stdout under Airflow's structlog set-up, or the logging records)
+    out = capfd.readouterr().out.splitlines() + [r.getMessage() for r in caplog.records]
+    lines = [ln for ln in out if "gate: max_feature_psi:" in ln]
+    assert lines and all(f"{SHIFTED} PSI" in ln and f"{REPLACED} PSI" in ln for ln in lines), out

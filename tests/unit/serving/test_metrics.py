@@ -88,8 +88,8 @@ def test_bulk_observation_equals_observe() -> None:
     rng = np.random.default_rng(22)
     p = np.concatenate([rng.random(5000), np.array(PROB_BUCKETS), np.array([0.0, 1e-12, 0.9999999])])
     m = Metrics(ROUTES)
-    m.observe_predictions(p)
-    m.observe_predictions(p[:1])
+    m.observe_predictions(p, "7")  # the per-version histogram takes the same counts
+    m.observe_predictions(p[:1], "7")
     ref = Histogram("ctr_predicted_probability", "x", buckets=PROB_BUCKETS, registry=None)
     for v in np.concatenate([p, p[:1]]).tolist():
         ref.observe(v)
@@ -99,6 +99,11 @@ def test_bulk_observation_equals_observe() -> None:
     for k in want:
         assert got[k] == pytest.approx(want[k], rel=1e-12), k
     assert got["ctr_predicted_probability_count"] == len(p) + 1
+    per_version = {s.name.replace("ctr_model_", "ctr_") + s.labels.get("le", ""): s.value
+                   for s in m.version_prob.collect()[0].samples if s.labels.get("version") == "7"}
+    assert per_version.keys() == want.keys()
+    for k in want:
+        assert per_version[k] == pytest.approx(want[k], rel=1e-12), k
     assert samples(families(m)["ctr_rows_scored"]) == {("ctr_rows_scored_total", ()): len(p) + 1.0}
 
 

@@ -316,3 +316,29 @@ def test_column_encoder_equals_the_checked_path_on_mixed_candidates(model: Serve
     x = ranking._columns_matrix(model.rows, base, [dict(c) for c in cands])
     ref = model.bundle.transform.rows_matrix(check_rows([{**ctx, **c} for c in cands]))
     assert x is not None and np.array_equal(x, ref, equal_nan=True)
+
+
+def test_column_encoder_takes_uniform_candidates_a_row_pattern_at_a_time(model: ServedModel) -> None:
+    """Candidates that all set the same fields in the same order (the repeated-positions path) and the
+    same fields in another order for one of them (the per-field path) both equal the checked path."""
+    from ctr.serving.validation import check_rows
+
+    rng = np.random.default_rng(21)
+    ctx = {"I1": 7, "C1": _vocab_value(model, "C1", 2)}
+    fields = ["C14", "I5", "C20", "label", "C3"]
+
+    def cand(j: int) -> dict:
+        return {"C14": _vocab_value(model, "C14", j % 40), "I5": None if j % 7 == 0 else int(rng.integers(0, 99)),
+                "C20": f"{int(rng.integers(0, 2**32)):08X}", "label": j % 2, "C3": None if j % 5 == 0 else
+                _vocab_value(model, "C3", j % 30)}
+
+    uniform = [cand(j) for j in range(120)]
+    assert all(list(c) == fields for c in uniform)
+    shuffled = [dict(c) for c in uniform]
+    shuffled[57] = dict(reversed(list(shuffled[57].items())))  # same fields, another order
+    base = model.rows.encode([ctx])[0]
+    for cands in (uniform, shuffled):
+        x = model.rows.encode_columns(base, [dict(c) for c in cands])
+        ref = model.bundle.transform.rows_matrix(check_rows([{**ctx, **c} for c in cands]))
+        assert x is not None and np.array_equal(x, ref, equal_nan=True)
+    assert model.rows.encode_columns(base, [{"C14": "0badf00d", "I99": 1}] * 3) is None  # unknown field, uniform
