@@ -118,14 +118,55 @@ def _payload_rows(route: str, payload: Any) -> list[Any]:
     return score_rows(payload)
 
 
-def _rows_of(route: str, ctype: bytes, body: bytes, n: int) -> list[Any]:
-    """The request's rows as sent, in scoring order (what the probabilities belong to)."""
+def _nan_none(v: Any) -> Any:
+    return None if v.__class__ is float and v != v else v
+
+
+def _picked_payload_rows(route: str, payload: Any, idx: list[int], n: int) -> list[Any]:
+    """Rows `idx` of a parsed (already answered, so valid) JSON request, each exactly as `_payload_rows` gives
+    it, without building the others: at rate 0.01 a 100-candidate /v1/rank request has about one picked row,
+    and merging every candidate with the context cost the service ~30% of its /v1/rank throughput."""
+    if route == "/v1/rank":
+        ctx = payload.get("context") or {}
+        cands = payload["candidates"]
+        _count(len(cands), n)
+        rows = []
+        for i in idx:
+            c = cands[i]
+            row = {**ctx, **{k: v for k, v in c.items() if k != "id"}}
+            if "id" in c:
+                row["item_id"] = c["id"]
+            rows.append(row)
+        return rows
+    if route == "/invocations" and isinstance(payload, dict) and "dataframe_split" in payload:
+        split = payload["dataframe_split"]
+        cols, data = split["columns"], split["data"]
+        _count(len(data), n)
+        return [{c: _nan_none(v) for c, v in zip(cols, data[i], strict=True)} for i in idx]
+    if route == "/invocations" and isinstance(payload, dict) and "dataframe_records" in payload:
+        recs = payload["dataframe_records"]
+        _count(len(recs), n)
+        return [{k: _nan_none(v) for k, v in r.items()} if isinstance(r, dict) else r for r in (recs[i] for i in idx)]
+    rows = _payload_rows(route, payload)  # /v1/score: the body's own list, nothing built
+    _count(len(rows), n)
+    return [rows[i] for i in idx]
+
+
+def _count(got: int, n: int) -> None:
+    if got != n:
+        raise ValueError(f"{got} rows parsed for {n} probabilities")
+
+
+def _rows_of(route: str, ctype: bytes, body: bytes, n: int, idx: list[int]) -> list[Any]:
+    """The request's rows `idx` (positions in scoring order: what the probabilities belong to) as sent."""
     from ctr.serving.validation import parse_json
 
     if route in _JSON_ROUTES or ctype == b"application/json":
-        return _payload_rows(route, parse_json(body))
+        return _picked_payload_rows(route, parse_json(body), idx, n)
     lines = [ln for ln in body.decode("utf-8", errors="replace").splitlines() if ln.strip(" \r")]
-    return [{"tsv": ln} for ln in lines[-n:]]  # a header line, if any, is the first
+    _count(len(lines[-n:]), n)
+    lines = lines[-n:]  # a header line, if any, is the first
+    return [{"tsv": lines[i]} for i in idx]
 
 
 def _raw_json(body: bytes) -> bytes | None:
@@ -363,15 +404,13 @@ class PredictionLog:
             if rid is None:
                 rid = b"%s-%d" % (self._boot, next(self._ids))
             try:
-                rows = _rows_of(route, ctype, body, n)
-                if len(rows) != n:
-                    raise ValueError(f"{len(rows)} rows parsed for {n} probabilities")
+                idx = list(range(n)) if picked is None else picked.tolist()
+                rows = _rows_of(route, ctype, body, n, idx)  # only the picked rows are built
                 iso = f"{second.decode()}.{ms:03d}+00:00"
-                idx = range(n) if picked is None else picked.tolist()
                 rid_s = rid.decode("ascii", "replace")
                 buf = b"".join(orjson.dumps({"request_id": rid_s, "time": iso, "model_version": version,
-                                             "route": route, "row_index": i, "row": rows[i], "probability": p}) + b"\n"
-                               for i, p in zip(idx, probs.tolist(), strict=True))
+                                             "route": route, "row_index": i, "row": row, "probability": p}) + b"\n"
+                               for i, row, p in zip(idx, rows, probs.tolist(), strict=True))
             except Exception as e:  # the service answered it, so this is our bug: counted and logged, never silent
                 log.warning("prediction log: %d sampled rows of a %s request not logged: %s", len(probs), route,
                             str(e)[:200])

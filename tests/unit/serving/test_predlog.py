@@ -153,3 +153,29 @@ def test_a_one_row_json_request_is_stored_as_its_raw_body_and_read_as_its_row(tm
         *_, odd = read_log(tmp_path, dt.datetime.now(dt.UTC).date())
     assert odd["row"] is None and "row not derivable" in odd["row_error"] and odd["probability"] == 0.5
     assert "1 line(s) of" in caplog.text and "are not JSON" in caplog.text
+
+
+def test_only_the_picked_rows_are_built_and_equal_the_full_parse(tmp_path) -> None:
+    """At a low rate the writer builds just the sampled rows of a multi-row body; each equals what parsing
+    every row (`_payload_rows`, the old way, and read_log's rule) gives at its row_index, for every route."""
+    from ctr.serving.predlog import _payload_rows
+
+    cands = [{"id": f"i{j}", "C9": f"{j:08x}"} if j % 3 else {"C9": "q"} for j in range(40)]
+    bodies = {
+        "/v1/rank": {"context": {"I1": 7, "C1": "05db9164"}, "candidates": cands, "k": 3},
+        "/invocations": {"dataframe_split": {"columns": ["I1", "C1"], "data": [[j, None] for j in range(40)]}},
+        "/v1/score": {"rows": [{**ROW, "I1": j} for j in range(40)]},
+    }
+    records = {"dataframe_records": [{"I1": float("nan"), "C1": "a"}] + [{"I1": j} for j in range(39)]}
+    plog = PredictionLog(tmp_path, rate=0.2, seed=3).start()
+    for route, body in bodies.items():
+        plog.log(route, b"application/json", orjson.dumps(body), np.linspace(0, 1, 40), "v1", route.encode())
+    raw = b'{"dataframe_records": [{"I1": NaN, "C1": "a"}' + b"".join(b', {"I1": %d}' % j for j in range(39)) + b"]}"
+    plog.log("/invocations", b"application/json", raw, np.linspace(0, 1, 40), "v1", b"records")
+    plog.close()
+    recs = list(read_log(tmp_path, dt.datetime.now(dt.UTC).date()))
+    assert len(recs) == plog.sampled == int((np.random.default_rng(3).random(160) < 0.2).sum())
+    full = {route: _payload_rows(route, body) for route, body in bodies.items()}
+    full["records"] = _payload_rows("/invocations", records)  # NaN -> None, as the stored record has it
+    assert all(r["row"] == full[r["request_id"]][r["row_index"]] for r in recs)
+    assert {r["request_id"] for r in recs} == set(full)
