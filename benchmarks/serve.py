@@ -356,9 +356,15 @@ def metrics_cost(bundle_dir: Path, single: bytes, want: float, env: dict[str, st
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process, all its threads (/proc/PID/stat utime, stime)."""
+    """User + system CPU seconds of a process, all its threads (/proc/PID/stat utime, stime), and of its live
+    child processes (the prediction log's writer process, the batch lane's workers)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    try:
+        kids = [int(k) for t in Path(f"/proc/{pid}/task").iterdir() for k in (t / "children").read_text().split()]
+    except OSError:
+        kids = []
+    return own + sum(cpu_seconds(k) for k in kids if Path(f"/proc/{k}").exists())
 
 
 def log_cost(bundle_dir: Path, single: bytes, want: float, env: dict[str, str], a: argparse.Namespace,
