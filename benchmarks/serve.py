@@ -364,7 +364,13 @@ def cpu_seconds(pid: int) -> float:
         kids = [int(k) for t in Path(f"/proc/{pid}/task").iterdir() for k in (t / "children").read_text().split()]
     except OSError:
         kids = []
-    return own + sum(cpu_seconds(k) for k in kids if Path(f"/proc/{k}").exists())
+    total = own
+    for k in kids:
+        try:
+            total += cpu_seconds(k)
+        except OSError:  # it exited meanwhile
+            pass
+    return total
 
 
 def log_cost(bundle_dir: Path, single: bytes, want: float, env: dict[str, str], a: argparse.Namespace,
