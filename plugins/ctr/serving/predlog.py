@@ -1,38 +1,48 @@
-"""The prediction log: a sampled share of scored rows, written off the request path to gzip JSON Lines.
+"""The prediction log: a sampled share of scored rows, written off the request path (by a child process) to gzip JSON Lines.
 
 The request path calls `PredictionLog.log(route, ctype, body, probs, version, request_id)` once per
-answered batch. It only decides which rows are sampled (a seeded `numpy` generator, one draw per row in
+answered batch. It decides which rows are sampled (a seeded `numpy` generator, one draw per row in
 the order rows are scored, so the number of rows logged for N scored rows is a fixed function of the
-seed and N) and puts one tuple holding the request body (a reference, no copy) on a bounded queue (a
-`deque` with a length check: no lock on the request path);
-when the queue is full the sampled rows are dropped and counted (`ctr_prediction_log_dropped_total`
-by reason), never silently. The writer thread turns each sampled row into one JSON object a line,
-as readers (`read_log`, so `ctr monitor`) see it
+seed and N) and holds them in a bounded list (`queue_size` requests not yet handed over; beyond it the
+sampled rows are dropped and counted, `ctr_prediction_log_dropped_total{reason="queue_full"}`, never
+silently). Records, as readers (`read_log`, so `ctr monitor`) see them, one JSON object a line:
 
     {"request_id", "time", "model_version", "route", "row_index", "row", "probability"}
 
 (`request_id` is the service's X-Request-Id of the request; `row` is the request's row as sent: a JSON
 object, or the raw Criteo line of a TSV body under {"tsv": ...}; for /v1/rank the context merged with
 the candidate, its id as "item_id"). On disk, a one-row JSON request (the common single-row call) is
-stored without parsing it: the line holds its validated body verbatim under "body" instead of "row"
-(newlines turned into spaces), built by bytes formatting on the request path itself (about 4 us: cheaper for the event loop
-than the GIL hand-offs of a writer thread doing it), and `read_log` derives "row" from it with the
-same rules. Multi-row and TSV requests are queued as tuples and parsed by the writer into "row". So
-for a single-row request the writer only joins, compresses and writes, the JSON parsing happens when
-the monitor reads the log, and files written before (all "row") read the same.
+stored without parsing it: its line, formatted by bytes formatting on the request path (about 4 us),
+holds the validated body verbatim under "body" instead of "row" (newlines turned into spaces), and
+`read_log` derives "row" from it with the same rules. A multi-row or TSV request is held as a tuple (a
+reference to its body, the picked positions and their probabilities); only its picked rows are ever built
+(at rate 0.01 a 100-candidate /v1/rank request has about one), by the writer process.
 
-Each drained batch is appended to the open file as one complete gzip member (zlib compresses with the
-GIL released), flushed. Files live under
-`<root>/date=YYYY-MM-DD/` (the record's UTC date); the open file is a dot-named `.tmp` that readers
-skip, renamed to `part-<UTC stamp>-<pid>-<seq>.jsonl.gz` when it reaches `rotate_rows` rows, is
-`rotate_s` seconds old, the date changes, or the service stops. So a reader never sees a half-written
-file. A crash (SIGKILL) leaves the `.tmp` holding every flushed member: the next start of any
-service on the same root salvages the complete members of a dead process's `.tmp` into a final file,
-so a crash loses at most what was still queued (plus a member cut mid-write).
+The writer is a child process (`ctr.serving.predlog_writer`, niced like the batch lane's workers), so the
+service has no writer thread: nothing of the log's parsing, gzip or disk work competes for the event loop's
+GIL. Every BATCH_WAIT_S (a timer on the running event loop; at once without one) the loop joins the held
+lines, pickles the batch into one length-prefixed frame and makes one non-blocking write to the child's
+stdin (a 1 MiB pipe); what the pipe does not take stays held and counts against `queue_size`, so a slow
+or stuck writer means drops (`queue_full`), never a blocked loop. The child reports `written` and
+`dropped` (unparsable, write_error) counts and closed files back on its stdout, read non-blocking at
+each tick, and the service counts them in /metrics (`bind_metrics`). A writer that dies is noticed at the
+next tick (its stdout ends or the pipe breaks): the rows handed to it and not reported written are
+counted `writer_lost` (its restart's salvage may still recover those it had flushed), and a new writer
+starts a second later. The service stopping (or dying) closes the pipe: the child writes everything it
+read, renames its file and exits; it also exits when its parent is gone.
 
-JSON Lines rather than Parquet: records are appended a few at a time from a thread, the raw rows
-have free-form shapes (JSON objects, raw TSV lines, raw bodies) and gzip members make every flushed
-batch recoverable after a crash; Parquet needs a footer written at close, so a crash loses the whole file.
+Each batch the child reads is appended to the open file as one complete gzip member per date, flushed.
+Files live under `<root>/date=YYYY-MM-DD/` (the record's UTC date); the open file is a dot-named `.tmp`
+(named with the writer's pid) that readers skip, renamed to `part-<UTC stamp>-<pid>-<seq>.jsonl.gz` when it
+reaches `rotate_rows` rows, is `rotate_s` seconds old, the date changes, or the input ends. So a reader
+never sees a half-written file. A crash of the writer (SIGKILL) leaves the `.tmp` holding every flushed
+member: the next writer on the same root (a restart, or any service's start) salvages the complete members
+of a dead process's `.tmp` into a final file, so a crash loses at most what was still held or in the
+pipe (plus a member cut mid-write).
+
+JSON Lines rather than Parquet: records are appended a few at a time, the raw rows have free-form shapes
+(JSON objects, raw TSV lines, raw bodies) and gzip members make every flushed batch recoverable after a
+crash; Parquet needs a footer written at close, so a crash loses the whole file.
 """
 
 from __future__ import annotations
@@ -330,8 +340,8 @@ class PredictionLog:
 
     def _soon(self) -> None:
         """Hand over within BATCH_WAIT_S: a timer on the running event loop, or at once without one (tests)."""
-        if self._scheduled:
-            return
+        if self._scheduled or not self._started:
+            return  # before start() rows wait (bounded by queue_size); start() hands them over
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -343,7 +353,7 @@ class PredictionLog:
     def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
         self._scheduled = False
         self._handover()
-        if self._items or self._pending or self._inflight:
+        if self._started and not self._closing and (self._items or self._pending or self._inflight):
             self._scheduled = True  # until the writer has reported every row handed over
             loop.call_later(BATCH_WAIT_S, self._tick, loop)
 
@@ -367,16 +377,18 @@ class PredictionLog:
         if self._pending:
             self._send()
 
-    def _send(self, block: bool = False) -> None:
+    def _send(self, block_s: float = 0.0) -> None:
+        """Write what the pipe takes now (or wait up to `block_s` for it to take everything: flush, close)."""
         assert self._proc is not None and self._proc.stdin is not None
         fd = self._proc.stdin.fileno()
+        end = time.monotonic() + block_s
         while self._pending:
             try:
                 n = os.write(fd, self._pending)
             except BlockingIOError:
-                if not block:
+                if time.monotonic() >= end:
                     return  # the pipe is full: the rows stay held (and count against queue_size)
-                select.select([], [fd], [], 1.0)
+                select.select([], [fd], [], max(0.0, end - time.monotonic()))
                 continue
             except OSError:  # BrokenPipeError: the writer died
                 self._lost()
@@ -495,32 +507,40 @@ class PredictionLog:
         self._items.append(("flush", token))
         self._handover()
         if self._proc is not None and self._pending:
-            self._send(block=True)
+            self._send(block_s=timeout)
         self._read_reports(block_until=token, timeout=timeout)
         self._acks.discard(token)
 
     def close(self, timeout: float = 10.0) -> None:
         """Write what is held, close (rename) the open file, stop the writer process."""
-        if self._proc is None:
-            return
-        self._handover()
+        if self._proc is not None:
+            self._handover()
         if self._proc is not None and self._pending:
-            self._send(block=True)
+            self._send(block_s=timeout)
         self._closing = True
         proc = self._proc
-        if proc is None:
-            return
-        assert proc.stdin is not None
-        proc.stdin.close()  # end of input: the writer writes everything, renames its file and exits
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log.error("prediction log writer (pid %d) did not stop in %gs; killed (the next start salvages)",
-                      proc.pid, timeout)
-            proc.kill()
-            proc.wait(5)
-        self._read_reports()
-        self._lost()  # whatever it did not report written is counted (0 after a clean stop)
+        if proc is not None:
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.close()  # end of input: the writer writes everything, renames its file and exits
+            end = time.monotonic() + timeout
+            fd = proc.stdout.fileno()
+            while select.select([fd], [], [], max(0.0, end - time.monotonic()))[0]:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                self._reports += chunk
+                self._parse_reports()
+            try:
+                proc.wait(max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("prediction log writer (pid %d) did not stop in %gs; killed (the next start salvages)",
+                          proc.pid, timeout)
+                proc.kill()
+            self._lost()  # whatever it did not report written is counted (0 after a clean stop)
+        # rows never handed over (no writer running: not started, or between restarts) are counted, not lost silently
+        self._drop("writer_lost", sum(len(it[1]) if type(it[1]) is list else len(it[5]) if len(it) == 9 else 0
+                                      for it in self._items))
+        self._items, self._run, self._held = [], None, 0
 
     def salvage(self) -> list[Path]:
         """Turn dead processes' `.tmp` files into final files holding their complete gzip members."""
