@@ -473,7 +473,10 @@ class PredictionLog:
         if self._uploader is not None:
             args.append(self._uploader.url)
             env.update(self._uploader.env or {})
-        self._proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, bufsize=0)
+        # its own process group: a stop signal for the service's group (Ctrl-C, `kill -- -PGID`) is the service's to
+        # handle; the writer stops at the end of its input, after the service closed the pipe (or died)
+        self._proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, bufsize=0,
+                                      process_group=0)
         assert self._proc.stdin is not None and self._proc.stdout is not None
         for f in (self._proc.stdin, self._proc.stdout):
             os.set_blocking(f.fileno(), False)

@@ -24,6 +24,7 @@ import logging
 import os
 import pickle
 import select
+import signal
 import struct
 import sys
 import time
@@ -157,6 +158,10 @@ def frames(buf: bytearray) -> Iterator[list[Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     root, rotate_rows, rotate_s, nice, *url = argv if argv is not None else sys.argv[1:]
+    # a stop signal for the service's process group (Ctrl-C, `kill -- -PGID`, a supervisor's SIGTERM) is the
+    # service's to handle: it closes the pipe when it stops, and the end of input is this process's stop
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         os.nice(int(nice))

@@ -147,6 +147,20 @@ def test_a_killed_writer_loses_nothing_flushed_and_leaves_no_torn_file(tmp_path)
     assert whole and content.count(b"\n") == 15
 
 
+def test_a_stop_signal_to_the_writer_is_left_to_the_service(tmp_path) -> None:
+    """The writer ignores SIGTERM (and is not in the service's process group): only the service's close() ends
+    it, after every row is written and the file renamed (a group-wide SIGTERM used to kill it first)."""
+    plog = PredictionLog(tmp_path, rate=1.0).start()
+    plog.log("/v1/score", b"application/json", _body(3), np.full(3, 0.5), "v1")
+    plog.flush()  # the writer is past its start-up
+    assert plog._proc is not None and os.getpgid(plog._proc.pid) != os.getpgid(0)
+    os.kill(plog._proc.pid, signal.SIGTERM)
+    plog.log("/v1/score", b"application/json", _body(2), np.full(2, 0.5), "v1")
+    plog.close()
+    assert plog.rows_written == 5 and plog.drops["writer_lost"] == 0 and not list(tmp_path.rglob("*.tmp"))
+    assert len(list(read_log(tmp_path, dt.datetime.now(dt.UTC).date()))) == 5
+
+
 def test_a_killed_writer_process_is_counted_and_replaced(tmp_path) -> None:
     """Rows handed to a writer that dies are counted (writer_lost) in the metrics hook, never silent; a new
     writer starts and later rows are written: sampled = written + dropped."""
