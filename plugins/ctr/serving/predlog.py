@@ -453,6 +453,7 @@ class PredictionLog:
                 f.close()
             except OSError:
                 pass
+        self._reports = b""  # a dead writer's cut-off report line
         self._pending.clear()  # a frame partly in the dead pipe cannot be resumed: its rows are lost too
         lost = self._inflight + sum(f[2] for f in self._frames)
         self._held -= sum(f[1] for f in self._frames)
