@@ -396,7 +396,7 @@ def log_cost(bundle_dir: Path, single: bytes, want: float, env: dict[str, str], 
                 wrk(srv.url + "/invocations", single, "application/json", a.connections, 3, work)  # warm-up
                 cpu0 = cpu_seconds(srv.proc.pid)
                 res = wrk(srv.url + "/invocations", single, "application/json", a.connections, a.duration, work)
-                # the service's CPU per request (writer thread and zlib included): robust to a shared machine's load
+                # the service's CPU per request (its child processes, so the log's writer, included): robust to a shared machine's load
                 res["service_cpu_us_per_request"] = round((cpu_seconds(srv.proc.pid) - cpu0) / res["requests"] * 1e6, 1)
                 with urllib.request.urlopen(srv.url + "/metrics", timeout=10) as resp:
                     text = resp.read().decode()
