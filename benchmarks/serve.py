@@ -356,9 +356,21 @@ def metrics_cost(bundle_dir: Path, single: bytes, want: float, env: dict[str, st
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process, all its threads (/proc/PID/stat utime, stime)."""
+    """User + system CPU seconds of a process, all its threads (/proc/PID/stat utime, stime), and of its live
+    child processes (the prediction log's writer process, the batch lane's workers)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    try:
+        kids = [int(k) for t in Path(f"/proc/{pid}/task").iterdir() for k in (t / "children").read_text().split()]
+    except OSError:
+        kids = []
+    total = own
+    for k in kids:
+        try:
+            total += cpu_seconds(k)
+        except OSError:  # it exited meanwhile
+            pass
+    return total
 
 
 def log_cost(bundle_dir: Path, single: bytes, want: float, env: dict[str, str], a: argparse.Namespace,
@@ -384,7 +396,7 @@ def log_cost(bundle_dir: Path, single: bytes, want: float, env: dict[str, str], 
                 wrk(srv.url + "/invocations", single, "application/json", a.connections, 3, work)  # warm-up
                 cpu0 = cpu_seconds(srv.proc.pid)
                 res = wrk(srv.url + "/invocations", single, "application/json", a.connections, a.duration, work)
-                # the service's CPU per request (writer thread and zlib included): robust to a shared machine's load
+                # the service's CPU per request (its child processes, so the log's writer, included): robust to a shared machine's load
                 res["service_cpu_us_per_request"] = round((cpu_seconds(srv.proc.pid) - cpu0) / res["requests"] * 1e6, 1)
                 with urllib.request.urlopen(srv.url + "/metrics", timeout=10) as resp:
                     text = resp.read().decode()
