@@ -108,9 +108,10 @@ class Metrics:
         self.inflight = Gauge("ctr_inflight_requests", "Requests in flight.", registry=reg,
                               multiprocess_mode="livesum")
         self.log_dropped = Counter("ctr_prediction_log_dropped", "Sampled prediction-log records not written, by reason "
-                                   "(queue_full: back-pressure; unparsable; write_error).", ["reason"], registry=reg)
+                                   "(queue_full: back-pressure; unparsable; write_error; writer_lost: the writer process died "
+                                   "holding them).", ["reason"], registry=reg)
         self.log_written = Counter("ctr_prediction_log_records", "Prediction-log records written.", registry=reg)
-        for reason in ("queue_full", "unparsable", "write_error"):
+        for reason in ("queue_full", "unparsable", "write_error", "writer_lost"):
             self.log_dropped.labels(reason)  # present at 0 from the start: an alert can rate() it
         self.inflight_gauge: Gauge | None = None
         if multiproc or inflight is None:
