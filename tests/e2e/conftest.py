@@ -67,3 +67,21 @@ def airflow_install(tmp_path_factory: pytest.TempPathFactory):
     yield make
     for inst in made:
         inst.stop_service()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """The shared live Airflow stack (live_airflow.shared_stack: api-server, scheduler, dag-processor,
+    triggerer, PostgreSQL) stops as soon as the next test does not use it, instead of running (and taking
+    CPU) beside the rest of the suite until the session ends; a later test that needs it starts a new one."""
+    if "live" in item.fixturenames and (nextitem is None or "live" not in nextitem.fixturenames):
+        from tests.e2e import live_airflow as la
+
+        la.stop_shared()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Whatever happened (an interrupted run), no live stack outlives the session."""
+    from tests.e2e import live_airflow as la
+
+    la.stop_shared()

@@ -371,7 +371,9 @@ def shared_stack(tmp_path_factory: Any, make_landing: Any) -> tuple[LiveAirflow,
 
 
 def stop_shared() -> None:
+    """Stop the shared stack and receiver, if running (and forget its API run: a new stack makes its own)."""
     stack, receiver = _SHARED.pop("stack", None), _SHARED.pop("receiver", None)
+    _SHARED.pop("api_run", None)
     try:
         if stack is not None:
             stack.stop()

@@ -1,4 +1,4 @@
-"""A headless Chromium page on the live stack's UI, for tests outside test_browser.py (the same Debian
+"""A headless Chromium page on the live stack's UI, for tests outside test_live_airflow_ui.py (the same Debian
 chromium and Playwright setup; None when chromium is not installed)."""
 
 from __future__ import annotations
