@@ -72,6 +72,7 @@ import numpy as np
 import orjson
 
 from ctr.serving.predlog_writer import _HEAD
+from ctr.serving.validation import _is_nan
 
 log = logging.getLogger("ctr.serving.predlog")
 
@@ -128,18 +129,20 @@ def _payload_rows(route: str, payload: Any) -> list[Any]:
         return invocation_rows(payload)
     if route == "/v1/rank":
         ctx = payload.get("context") or {}
-        rows = []
-        for c in payload["candidates"]:
-            row = {**ctx, **{k: v for k, v in c.items() if k != "id"}}
-            if "id" in c:
-                row["item_id"] = c["id"]
-            rows.append(row)
-        return rows
+        return [_rank_row(ctx, c) for c in payload["candidates"]]
     return score_rows(payload)
 
 
+def _rank_row(ctx: dict[str, Any], cand: dict[str, Any]) -> dict[str, Any]:
+    """A /v1/rank candidate's row as logged: the context merged with the candidate, its id as "item_id"."""
+    row = {**ctx, **{k: v for k, v in cand.items() if k != "id"}}
+    if "id" in cand:
+        row["item_id"] = cand["id"]
+    return row
+
+
 def _nan_none(v: Any) -> Any:
-    return None if v.__class__ is float and v != v else v
+    return None if _is_nan(v) else v  # invocation_rows' rule: NaN = missing
 
 
 def _picked_payload_rows(route: str, payload: Any, idx: list[int], n: int) -> list[Any]:
@@ -150,14 +153,7 @@ def _picked_payload_rows(route: str, payload: Any, idx: list[int], n: int) -> li
         ctx = payload.get("context") or {}
         cands = payload["candidates"]
         _count(len(cands), n)
-        rows = []
-        for i in idx:
-            c = cands[i]
-            row = {**ctx, **{k: v for k, v in c.items() if k != "id"}}
-            if "id" in c:
-                row["item_id"] = c["id"]
-            rows.append(row)
-        return rows
+        return [_rank_row(ctx, cands[i]) for i in idx]
     if route == "/invocations" and isinstance(payload, dict) and "dataframe_split" in payload:
         split = payload["dataframe_split"]
         cols, data = split["columns"], split["data"]
