@@ -69,6 +69,15 @@ def airflow_install(tmp_path_factory: pytest.TempPathFactory):
         inst.stop_service()
 
 
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory):
+    """(stack, webhook receiver): the one live Airflow stack both live modules share (they run one after the
+    other); it is stopped after the last test that uses it (below), not at the end of the session."""
+    from tests.e2e import live_airflow as la
+
+    return la.shared_stack(tmp_path_factory, la.make_landing)
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
     """The shared live Airflow stack (live_airflow.shared_stack: api-server, scheduler, dag-processor,

@@ -32,13 +32,6 @@ DAY = dt.timedelta(days=1)
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory):
-    # one stack for both live modules (they run one after the other); tests/e2e/conftest.py stops it
-    # after the last test that uses it, so it does not idle beside the rest of the suite
-    return la.shared_stack(tmp_path_factory, la.make_landing)
-
-
-@pytest.fixture(scope="module")
 def first(live):
     return la.api_run(live[0])
 

@@ -16,13 +16,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 CHROMIUM, ARTIFACTS = ui.CHROMIUM, ui.ARTIFACTS
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory):
-    # one stack for both live modules (they run one after the other); tests/e2e/conftest.py stops it
-    # after the last test that uses it, so it does not idle beside the rest of the suite
-    return la.shared_stack(tmp_path_factory, la.make_landing)
-
-
 @pytest.fixture
 def browser_page():
     if not ui.have_chromium():
