@@ -380,7 +380,8 @@ def train_lightgbm(train_t: pa.Table, valid_t: pa.Table, transform: FeatureTrans
     dtrain = lgb.Dataset(d_tr, y_tr, feature_name=names, categorical_feature=CAT_INDEX, free_raw_data=True)
     dvalid = lgb.Dataset(d_va, y_va, reference=dtrain)
     evals: dict[str, Any] = {}
-    booster = lgb.train(cfg.lgb_params(), dtrain, num_boost_round=cfg.rounds, valid_sets=[dvalid], valid_names=["valid"],
+    params, _ = cfg.lgb_params_for(len(y_tr))  # the local path's rule (ctr.training.scaling)
+    booster = lgb.train(params, dtrain, num_boost_round=cfg.rounds, valid_sets=[dvalid], valid_names=["valid"],
                         callbacks=[lgb.early_stopping(cfg.early_stopping, first_metric_only=True, verbose=False),
                                    lgb.log_evaluation(period=25), lgb.record_evaluation(evals)])
     best = booster.best_iteration or cfg.rounds
@@ -394,7 +395,7 @@ def train_lightgbm(train_t: pa.Table, valid_t: pa.Table, transform: FeatureTrans
         f_all = np.concatenate([f_tr, f_va])
         d_all = served.derive(x_all, oof, f_all) if cfg.derived else x_all
         trees = max(1, round(best * (len(y_tr) + len(y_va)) / len(y_tr)))
-        params = {k: v for k, v in cfg.lgb_params().items() if k != "metric"}
+        params = {k: v for k, v in params.items() if k != "metric"}
         booster = lgb.train(params, lgb.Dataset(d_all, np.concatenate([y_tr, y_va]), feature_name=names,
                                                 categorical_feature=CAT_INDEX, free_raw_data=True),
                             num_boost_round=trees)
@@ -584,7 +585,7 @@ def run_job(spark, a: JobArgs) -> dict[str, Any]:
         bundle = work / "model"
         bundle.mkdir()
         t2 = time.monotonic()
-        refit_info: dict[str, Any] = {}
+        engine_info: dict[str, Any] = {}
         drift_rows: list[pa.Table] | None = None
         if a.engine == "lightgbm":
             train_t, valid_t = to_arrow(train_df), to_arrow(valid_df)
@@ -603,14 +604,16 @@ def run_job(spark, a: JobArgs) -> dict[str, Any]:
                                         "from the driver's count of the same rows; refusing an inconsistent bundle")
             trees_built = booster.current_iteration()
             if cfg.refit:
-                refit_info = {"refit": {"rows": train_t.num_rows + valid_t.num_rows, "trees": trees,
+                engine_info = {"refit": {"rows": train_t.num_rows + valid_t.num_rows, "trees": trees,
                                         "rule": "best_iteration x (training + validation rows) / training rows"}}
             booster.save_model(str(bundle / "model.txt"), num_iteration=trees)
             n_train, n_valid, sample = train_t.num_rows, valid_t.num_rows, valid_t
             if cfg.sample_fraction >= 1.0:  # every valid training row, in landing-zone order: the drift reference's
                 drift_rows = [train_t, valid_t]
             click_rate = float(np.concatenate([train_t.column(LABEL).to_numpy(), valid_t.column(LABEL).to_numpy()]).mean())
-            params: dict[str, Any] = cfg.lgb_params()
+            params, scaled = cfg.lgb_params_for(n_train)
+            if scaled:
+                engine_info["scaled"] = scaled
         else:
             from ctr.training.synapseml import train_synapseml
 
@@ -638,7 +641,7 @@ def run_job(spark, a: JobArgs) -> dict[str, Any]:
                 "ctr_location": str(Path(ctr.__file__).parent), "spark_master": spark.sparkContext.master,
                 "data_report": {r.day: {"rows_in": r.rows_in, "rows_ok": r.rows_ok} for r in reports},
                 **({"holdout_fingerprint": {a.holdout.isoformat(): fingerprints[a.holdout.isoformat()]}} if a.holdout else {}),
-                **refit_info, **a.metadata})
+                **engine_info, **a.metadata})
         finalize_bundle(bundle, sample, metadata)
 
         # 4. evaluate on the holdout day, on the executors

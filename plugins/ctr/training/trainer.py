@@ -37,6 +37,7 @@ from ctr.features.transform import (
 from ctr.features.vocab_spill import SpillingVocabCounter
 from ctr.model.bundle import bundle_metadata, finalize_bundle
 from ctr.schema import INT_COLUMNS, LABEL
+from ctr.training.scaling import ROWS_PER_TREE, scale_to_rows
 
 if TYPE_CHECKING:
     from ctr.training.chunks import EncodedChunks
@@ -100,13 +101,15 @@ class TrainConfig:
     refit: bool = True                # after early stopping, retrain on training + validation rows
     derived: tuple[str, ...] = DEFAULT_DERIVED  # derived features per categorical (count, target); () = none
     target_smoothing: float = DEFAULT_SMOOTHING  # prior weight of the smoothed click rate per code
+    rows_per_tree: int = ROWS_PER_TREE  # above this many training rows, bag and speed up (ctr.training.scaling); 0 = off
     params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         """The DAG passes one object of training overrides (`lgb_params`); besides LightGBM's own
         parameters it may set the number of trees (`num_iterations` or an alias -> `rounds`), early
         stopping (`early_stopping_round` -> `early_stopping`), the vocabulary (`max_vocab`, `min_count`) and
-        the derived features (`derived`: a list of "count"/"target", `target_smoothing`) and `refit`."""
+        the derived features (`derived`: a list of "count"/"target", `target_smoothing`), `refit` and
+        `rows_per_tree` (ctr.training.scaling; 0 = never scale)."""
         params = dict(self.params)
         for key in ROUNDS_ALIASES:
             if key in params:
@@ -114,7 +117,7 @@ class TrainConfig:
         for key in EARLY_STOPPING_ALIASES:
             if key in params:
                 self.early_stopping = int(params.pop(key))
-        for key in ("max_vocab", "min_count"):
+        for key in ("max_vocab", "min_count", "rows_per_tree"):
             if key in params:
                 setattr(self, key, int(params.pop(key)))
         if "derived" in params:
@@ -131,6 +134,11 @@ class TrainConfig:
         p.update(seed=self.seed, num_threads=self.num_threads)
         return p
 
+    def lgb_params_for(self, rows: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """LightGBM parameters for `rows` training rows, and what ctr.training.scaling changed (None: nothing);
+        parameters set through `lgb_params` are never scaled."""
+        return scale_to_rows(self.lgb_params(), rows, self.rows_per_tree, explicit=set(self.params))
+
     def check(self) -> None:
         if self.end < self.start:
             raise TrainingError(f"training range {self.start}..{self.end} holds no days (--to is before --from); "
@@ -143,6 +151,8 @@ class TrainConfig:
             raise TrainingError(f"derived={list(self.derived)!r}: each must be one of {', '.join(DERIVED_KINDS)}, once")
         if not self.target_smoothing > 0:
             raise TrainingError(f"target_smoothing={self.target_smoothing} must be > 0")
+        if self.rows_per_tree < 0:
+            raise TrainingError(f"rows_per_tree={self.rows_per_tree} must be >= 0 (0 = never scale with the rows)")
         if self.min_count < 1 or self.max_vocab < 0:
             raise TrainingError(f"min_count={self.min_count} must be >= 1 and max_vocab={self.max_vocab} >= 0")
         for key in ("seed", "num_threads", "deterministic"):
@@ -475,7 +485,10 @@ def _train(staging: Path, out_dir: Path, cfg: TrainConfig, spill: Path, extra_me
         raise TrainingError(f"training rows of {days[0]}..{days[-1]} hold a single class; cannot train a click model")
     log.info("train rows=%d valid rows=%d (validation day %s) features=%d chunks=%d read_secs=%.1f",
              len(y_tr), len(y_va), split.valid_days, transform.n_features, len(enc["train"]), time.monotonic() - t0)
-    params = _per_tree_metrics(cfg.lgb_params())
+    params, scaled = cfg.lgb_params_for(len(y_tr))
+    params = _per_tree_metrics(params)
+    if scaled:
+        log.info("parameters scaled with the training rows (ctr.training.scaling): %s", scaled)
     # the Datasets are never bound here, so they are freed as soon as _fit returns
     booster, built, best, evals, train_secs = _fit(params, *_datasets(enc, y_tr, y_va, params, transform.feature_names), cfg)
     valid_metrics = {m: float(v[best - 1]) for m, v in evals.get("valid", {}).items()}
@@ -512,7 +525,7 @@ def _train(staging: Path, out_dir: Path, cfg: TrainConfig, spill: Path, extra_me
         click_rate=(y_tr.sum() + y_va.sum()) / (len(y_tr) + len(y_va)), transform=transform, feature_notes=notes,
         params=params, trees_built=built, best_iteration=best, valid_auc=valid_metrics.get("auc"),
         valid_logloss=valid_metrics.get("binary_logloss"), data_fingerprints=fingerprints,
-        extra={**refit_info, **(extra_metadata or {})})
+        extra={**refit_info, **({"scaled": scaled} if scaled else {}), **(extra_metadata or {})})
     finalize_bundle(out_dir, probe_rows, metadata)
     log.info("bundle written path=%s trees=%d train_secs=%.1f total_secs=%.1f", out_dir, trees, train_secs,
              time.monotonic() - t0)

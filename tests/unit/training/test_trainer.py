@@ -172,3 +172,18 @@ def test_out_of_fold_folds_per_day_or_in_blocks(staging: Path, days: int) -> Non
         np.testing.assert_array_equal(folds, np.repeat([0, 1], ROWS))
     else:
         assert split.n_folds == 4 and list(np.unique(folds)) == [0, 1, 2, 3] and np.all(np.diff(folds) >= 0)
+
+
+def test_a_range_above_rows_per_tree_trains_bagged_deterministically_and_records_it(staging: Path,
+                                                                                   tmp_path: Path) -> None:
+    cfg = _cfg(params={"rows_per_tree": 600})  # 3,000 training rows: bags of 600, learning rate x sqrt(2.5)
+    a = train(staging, tmp_path / "a", cfg)
+    md = json.loads((a / "metadata.json").read_text())
+    assert md["scaled"] == {"rows": 2 * ROWS, "rows_per_tree": 600, "bagging_fraction": 0.2,
+                            "learning_rate": round(0.1 * 2.5 ** 0.5, 4)}
+    assert md["params"]["bagging_fraction"] == 0.2 and md["params"]["bagging_freq"] == 1
+    assert md["params"]["learning_rate"] == md["scaled"]["learning_rate"]
+    assert (train(staging, tmp_path / "b", cfg) / "model.txt").read_bytes() == (a / "model.txt").read_bytes()
+    unscaled = train(staging, tmp_path / "c", _cfg())
+    assert "scaled" not in json.loads((unscaled / "metadata.json").read_text())
+    assert (unscaled / "model.txt").read_bytes() != (a / "model.txt").read_bytes()
