@@ -426,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         "lgb_params": {**md["params"], "rounds": md["rounds"], "early_stopping": md["early_stopping"]},
         "lgb_params_source": "SCALE_LGB_PARAMS (--speed-tuned)" if a.speed_tuned else "the DAG's defaults",
         "refit": md.get("refit"),
+        "scaled": md.get("scaled"),  # what ctr.training.scaling changed for this many training rows (None: nothing)
         "registered_version": results["register"]["result"]["version"],
         "served": {"url": results["verify"]["result"].get("url"), "version": results["verify"]["result"].get("version")},
         "machine": {**machine, "loadavg_at_end": os.getloadavg()},
