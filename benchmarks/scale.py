@@ -39,6 +39,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -88,19 +89,31 @@ print(json.dumps({"secs": time.monotonic() - t0, "trees": b.current_iteration(),
 
 # ---- the task runner (a child process per task) -------------------------------------------------
 class _TI:
-    def __init__(self, task_id: str, run_id: str) -> None:
+    def __init__(self, task_id: str, run_id: str, results: Path | None = None) -> None:
         self.dag_id, self.task_id, self.run_id, self.try_number = "ctr_retrain", task_id, run_id, 1
         self.pushed: dict[str, Any] = {}
+        self.results = results  # the folder of every earlier task's <task>.result.json
 
     def xcom_push(self, key: str, value: Any) -> None:
         self.pushed[key] = value
 
+    def xcom_pull(self, task_ids: str, key: str = "return_value") -> Any:
+        """An earlier task's return value (or pushed key), as Airflow's XCom would give it; None if it never ran
+        (e.g. `review`, which only a borderline gate runs)."""
+        done = self.results / f"{task_ids}.result.json" if self.results else None
+        if done is None or not done.exists():
+            return None
+        doc = json.loads(done.read_text())
+        return doc.get("result") if key == "return_value" else doc.get("xcom", {}).get(key)
 
-def _context(task: str, run_id: str, params: dict[str, Any]) -> dict[str, Any]:
+
+def _context(task: str, run_id: str, params: dict[str, Any], results: Path | None = None) -> dict[str, Any]:
     logical = dt.datetime(END.year, END.month, END.day, 2, tzinfo=dt.UTC)
     return {"dag": SimpleNamespace(dag_id="ctr_retrain"), "run_id": run_id, "params": params,
             "logical_date": logical, "data_interval_start": logical,
-            "data_interval_end": logical + dt.timedelta(days=1), "ti": _TI(task, run_id),
+            "data_interval_end": logical + dt.timedelta(days=1), "ti": _TI(task, run_id, results),
+            # promote sets the champion asset event's extra (Airflow's outlet_events accessor: any asset, an object)
+            "outlet_events": defaultdict(SimpleNamespace),
             "task": SimpleNamespace(task_id=task)}
 
 
@@ -114,7 +127,7 @@ def run_task(task: str, spec_path: Path) -> int:
     else:
         from ctr.airflow import tasks as airflow_tasks
 
-        ctx = _context(task, spec["run_id"], spec["params"])
+        ctx = _context(task, spec["run_id"], spec["params"], Path(spec["result"]).parent)
         fn = getattr(airflow_tasks, task)
         out = fn(ctx) if spec.get("upstream") is None else fn(ctx, spec["upstream"])
         out = {"result": out, "xcom": ctx["ti"].pushed}
