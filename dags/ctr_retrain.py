@@ -49,7 +49,7 @@ with DAG(
                                  description="train on this fraction of rows (below 1 only for drills)"),
         "lgb_params": Param({}, type="object", description=(
             "LightGBM parameter overrides, plus derived, target_smoothing, refit, min_count, max_vocab and "
-            "rows_per_tree (default 5000000: above it each tree bags that many rows and the learning rate grows, "
+            "rows_per_tree (default 2500000: above it each tree bags that many rows and the learning rate grows, "
             "at most 2x; 0 = off; a parameter given here is never scaled)")),
         "data_wait_timeout": Param(14_400, type="integer", minimum=0,
                                    description="seconds check_data waits (deferred) for late landing days; 0 = fail at once"),
