@@ -380,7 +380,7 @@ def train_lightgbm(train_t: pa.Table, valid_t: pa.Table, transform: FeatureTrans
     dtrain = lgb.Dataset(d_tr, y_tr, feature_name=names, categorical_feature=CAT_INDEX, free_raw_data=True)
     dvalid = lgb.Dataset(d_va, y_va, reference=dtrain)
     evals: dict[str, Any] = {}
-    params, _ = cfg.lgb_params_for(len(y_tr))  # the local path's rule (ctr.training.scaling)
+    cfg, params, _ = cfg.for_rows(len(y_tr))  # the local path's rule (ctr.training.scaling)
     booster = lgb.train(params, dtrain, num_boost_round=cfg.rounds, valid_sets=[dvalid], valid_names=["valid"],
                         callbacks=[lgb.early_stopping(cfg.early_stopping, first_metric_only=True, verbose=False),
                                    lgb.log_evaluation(period=25), lgb.record_evaluation(evals)])
@@ -594,6 +594,7 @@ def run_job(spark, a: JobArgs) -> dict[str, Any]:
             log.info("train rows=%d valid rows=%d (driver-side LightGBM over Arrow)", train_t.num_rows, valid_t.num_rows)
             day_rows = [int(r["count"]) for r in train_df.groupBy("day").count().orderBy("day").collect()] \
                 if len(train_days) >= 2 else [train_t.num_rows]
+            cfg, params, scaled = cfg.for_rows(train_t.num_rows)  # refit decided here: the tables below follow it
             booster, best, valid_auc, valid_logloss, trees, served = train_lightgbm(train_t, valid_t, transform, cfg,
                                                                                    day_rows)
             if cfg.derived:  # the bundle's tables: Spark's aggregation, which must equal the driver's counts
@@ -611,7 +612,6 @@ def run_job(spark, a: JobArgs) -> dict[str, Any]:
             if cfg.sample_fraction >= 1.0:  # every valid training row, in landing-zone order: the drift reference's
                 drift_rows = [train_t, valid_t]
             click_rate = float(np.concatenate([train_t.column(LABEL).to_numpy(), valid_t.column(LABEL).to_numpy()]).mean())
-            params, scaled = cfg.lgb_params_for(n_train)
             if scaled:
                 engine_info["scaled"] = scaled
         else:

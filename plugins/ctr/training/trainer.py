@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +37,7 @@ from ctr.features.transform import (
 from ctr.features.vocab_spill import SpillingVocabCounter
 from ctr.model.bundle import bundle_metadata, finalize_bundle
 from ctr.schema import INT_COLUMNS, LABEL
-from ctr.training.scaling import ROWS_PER_TREE, scale_to_rows
+from ctr.training.scaling import ROWS_PER_TREE, refit_by_rows, scale_to_rows
 
 if TYPE_CHECKING:
     from ctr.training.chunks import EncodedChunks
@@ -98,7 +98,8 @@ class TrainConfig:
     min_count: int = DEFAULT_MIN_COUNT
     max_vocab: int = DEFAULT_MAX_VOCAB
     missing: str = "nan"              # categorical missing: NaN or its own code (ctr.features.transform)
-    refit: bool = True                # after early stopping, retrain on training + validation rows
+    refit: bool | None = None         # after early stopping, retrain on training + validation rows;
+    #                                   None: at or below rows_per_tree training rows only (ctr.training.scaling)
     derived: tuple[str, ...] = DEFAULT_DERIVED  # derived features per categorical (count, target); () = none
     target_smoothing: float = DEFAULT_SMOOTHING  # prior weight of the smoothed click rate per code
     rows_per_tree: int = ROWS_PER_TREE  # above this many training rows, bag and speed up (ctr.training.scaling); 0 = off
@@ -134,10 +135,16 @@ class TrainConfig:
         p.update(seed=self.seed, num_threads=self.num_threads)
         return p
 
-    def lgb_params_for(self, rows: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """LightGBM parameters for `rows` training rows, and what ctr.training.scaling changed (None: nothing);
-        parameters set through `lgb_params` are never scaled."""
-        return scale_to_rows(self.lgb_params(), rows, self.rows_per_tree, explicit=set(self.params))
+    def for_rows(self, rows: int) -> tuple[TrainConfig, dict[str, Any], dict[str, Any] | None]:
+        """For `rows` training rows (ctr.training.scaling): this config with `refit` decided, the LightGBM
+        parameters, and what the rule changed (None: nothing). What `lgb_params` set is never scaled."""
+        params, scaled = scale_to_rows(self.lgb_params(), rows, self.rows_per_tree, explicit=set(self.params))
+        if self.refit is not None:
+            return self, params, scaled
+        refit = refit_by_rows(rows, self.rows_per_tree)
+        if not refit:
+            scaled = {**(scaled or {"rows": int(rows), "rows_per_tree": int(self.rows_per_tree)}), "refit": False}
+        return replace(self, refit=refit), params, scaled
 
     def check(self) -> None:
         if self.end < self.start:
@@ -485,7 +492,7 @@ def _train(staging: Path, out_dir: Path, cfg: TrainConfig, spill: Path, extra_me
         raise TrainingError(f"training rows of {days[0]}..{days[-1]} hold a single class; cannot train a click model")
     log.info("train rows=%d valid rows=%d (validation day %s) features=%d chunks=%d read_secs=%.1f",
              len(y_tr), len(y_va), split.valid_days, transform.n_features, len(enc["train"]), time.monotonic() - t0)
-    params, scaled = cfg.lgb_params_for(len(y_tr))
+    cfg, params, scaled = cfg.for_rows(len(y_tr))
     params = _per_tree_metrics(params)
     if scaled:
         log.info("parameters scaled with the training rows (ctr.training.scaling): %s", scaled)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
-from ctr.training.scaling import ROWS_PER_TREE, scale_to_rows
+from ctr.training.scaling import ROWS_PER_TREE, refit_by_rows, scale_to_rows
 from ctr.training.trainer import DEFAULT_PARAMS, TrainConfig, TrainingError
 
 FULL_CRITEO_TRAIN_ROWS = 32_743_299  # the 5 fit days of the 45.8M-row set (6 train days, the 6th validates) (benchmarks/results/scale.json)
@@ -15,7 +15,8 @@ def test_at_or_below_the_budget_nothing_changes() -> None:
     p = dict(DEFAULT_PARAMS)
     for rows in (1, 1_000_000, ROWS_PER_TREE):
         out, scaled = scale_to_rows(p, rows)
-        assert out == p and scaled is None
+        assert out == p and scaled is None and refit_by_rows(rows)
+    assert not refit_by_rows(ROWS_PER_TREE + 1) and refit_by_rows(10 ** 9, rows_per_tree=0)
 
 
 def test_above_the_budget_each_tree_bags_the_budget_and_the_learning_rate_grows_at_most_twofold() -> None:
@@ -49,11 +50,16 @@ def test_an_explicit_learning_rate_is_never_scaled(key: str) -> None:
 def test_train_config_reads_rows_per_tree_from_lgb_params_and_never_scales_what_they_set() -> None:
     day = dt.date(2026, 3, 1)
     cfg = TrainConfig(day, day, params={"rows_per_tree": 1000, "learning_rate": 0.07})
-    assert cfg.rows_per_tree == 1000 and "rows_per_tree" not in cfg.params
-    p, scaled = cfg.lgb_params_for(100_000)
+    assert cfg.rows_per_tree == 1000 and "rows_per_tree" not in cfg.params and cfg.refit is None
+    resolved, p, scaled = cfg.for_rows(100_000)
     assert p["learning_rate"] == 0.07 and p["bagging_fraction"] == 0.01 and p["bagging_freq"] == 1
-    assert p["seed"] == 42 and scaled == {"rows": 100_000, "rows_per_tree": 1000, "bagging_fraction": 0.01}
+    assert p["seed"] == 42 and resolved.refit is False and cfg.refit is None
+    assert scaled == {"rows": 100_000, "rows_per_tree": 1000, "bagging_fraction": 0.01, "refit": False}
+    small, p, scaled = cfg.for_rows(1000)
+    assert small.refit is True and scaled is None and "bagging_fraction" not in p
+    forced, _, scaled = TrainConfig(day, day, params={"rows_per_tree": 1000, "refit": True}).for_rows(100_000)
+    assert forced.refit is True and "refit" not in scaled  # an explicit refit is kept
     off = TrainConfig(day, day, params={"rows_per_tree": 0})
-    assert off.lgb_params_for(10 ** 9) == (off.lgb_params(), None)
+    assert off.for_rows(10 ** 9)[1:] == (off.lgb_params(), None) and off.for_rows(10 ** 9)[0].refit is True
     with pytest.raises(TrainingError, match="rows_per_tree=-1 must be >= 0"):
         TrainConfig(day, day, params={"rows_per_tree": -1}).check()

@@ -176,11 +176,12 @@ def test_out_of_fold_folds_per_day_or_in_blocks(staging: Path, days: int) -> Non
 
 def test_a_range_above_rows_per_tree_trains_bagged_deterministically_and_records_it(staging: Path,
                                                                                    tmp_path: Path) -> None:
-    cfg = _cfg(params={"rows_per_tree": 600})  # 3,000 training rows: bags of 600, learning rate x sqrt(2.5)
+    cfg = _cfg(params={"rows_per_tree": 600})  # 3,000 training rows: bags of 600, learning rate x sqrt(2.5), no refit
     a = train(staging, tmp_path / "a", cfg)
     md = json.loads((a / "metadata.json").read_text())
     assert md["scaled"] == {"rows": 2 * ROWS, "rows_per_tree": 600, "bagging_fraction": 0.2,
-                            "learning_rate": round(0.1 * 2.5 ** 0.5, 4)}
+                            "learning_rate": round(0.1 * 2.5 ** 0.5, 4), "refit": False}
+    assert "refit" not in md and Bundle.load(a).booster.current_iteration() == md["best_iteration"]
     assert md["params"]["bagging_fraction"] == 0.2 and md["params"]["bagging_freq"] == 1
     assert md["params"]["learning_rate"] == md["scaled"]["learning_rate"]
     assert (train(staging, tmp_path / "b", cfg) / "model.txt").read_bytes() == (a / "model.txt").read_bytes()
