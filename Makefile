@@ -19,6 +19,9 @@ DAYS ?= 8
 ROWS ?= 50000
 # The holdout day of the demo run; defaults to the last generated day.
 DATE ?=
+# pytest-xdist workers for `make test`: test modules run two at a time (one worker per core here);
+# TEST_WORKERS=0 runs the suite in this one process, in file order
+TEST_WORKERS ?= 2
 
 .PHONY: venv demo test airflow stop bench lint clean node-deps system-deps jars
 
@@ -51,7 +54,7 @@ demo: venv
 
 test: venv node-deps system-deps
 	$(BIN)/ruff check plugins dags jobs tests benchmarks
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
 
 # npm packages the tests start (Azurite), pinned in package.json / package-lock.json
 node-deps: node_modules/.installed

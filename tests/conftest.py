@@ -36,6 +36,17 @@ CSV_SAMPLE = TEST_DATA / "criteo_deepctr_sample_200.csv"
 END_DAY = dt.date(2026, 11, 20)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook turns the marks into scheduling groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`make test` runs the suite on two workers (`pytest -n 2 --dist loadgroup`): every test module is one
+    unit of work, so its module-scoped servers, clusters and trained models are started once, on one
+    worker, and its tests run in file order. Modules that share a stack name one group with an
+    `xdist_group` mark of their own (the two live-Airflow modules, tests/e2e)."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
