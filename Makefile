@@ -54,7 +54,7 @@ demo: venv
 
 test: venv node-deps system-deps
 	$(BIN)/ruff check plugins dags jobs tests benchmarks
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # npm packages the tests start (Azurite), pinned in package.json / package-lock.json
 node-deps: node_modules/.installed

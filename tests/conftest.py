@@ -36,15 +36,25 @@ CSV_SAMPLE = TEST_DATA / "criteo_deepctr_sample_200.csv"
 END_DAY = dt.date(2026, 11, 20)
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook turns the marks into scheduling groups
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """`make test` runs the suite on two workers (`pytest -n 2 --dist loadgroup`): every test module is one
-    unit of work, so its module-scoped servers, clusters and trained models are started once, on one
-    worker, and its tests run in file order. Modules that share a stack name one group with an
-    `xdist_group` mark of their own (the two live-Airflow modules, tests/e2e)."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
+# Test modules that share one session-wide stack run on one pytest-xdist worker, one after the other: the
+# live-Airflow UI module uses the stack test_live_airflow.py starts (tests/e2e/conftest.py).
+SHARED_SCOPES = {"tests/e2e/test_live_airflow_ui.py": "tests/e2e/test_live_airflow.py"}
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):  # noqa: ANN001 (xdist's Producer)
+    """`make test` runs pytest on two pytest-xdist workers with `--dist loadfile`: each test module is one
+    unit of work, so its module-scoped servers, clusters and trained models start once, on one worker, and
+    its tests run in file order; the modules in SHARED_SCOPES join the unit of the module they name."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class ModuleScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            return SHARED_SCOPES.get(path, path)
+
+    return ModuleScheduling(config, log)
 
 
 def free_port() -> int:

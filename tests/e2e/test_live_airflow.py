@@ -27,7 +27,7 @@ from ctr.registry import Registry
 
 from tests.e2e import live_airflow as la
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800), pytest.mark.xdist_group("live-airflow")]  # one stack
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 DAY = dt.timedelta(days=1)
 
 

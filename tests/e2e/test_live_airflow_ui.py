@@ -12,7 +12,7 @@ import pytest
 from tests.e2e import live_airflow as la
 from tests.e2e import ui
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800), pytest.mark.xdist_group("live-airflow")]  # one stack
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 CHROMIUM, ARTIFACTS = ui.CHROMIUM, ui.ARTIFACTS
 
 
