@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from ctr.settings import Settings
 
@@ -109,10 +110,23 @@ def rank_example(url: str, token: str = "", example: dict | None = None) -> list
     return [f"  curl -s {url}/v1/rank -H 'Content-Type: application/json'{token} \\", f"    -d '{body}'"]
 
 
+def spread_rows(table: Any, n: int) -> list[dict[str, Any]]:
+    """`n` rows of `table` (all if fewer) at evenly spaced positions, first and last included, as dicts."""
+    import numpy as np
+    import pyarrow as pa
+
+    if table.num_rows == 0 or n <= 0:
+        return []
+    at = np.unique(np.linspace(0, table.num_rows - 1, num=min(n, table.num_rows)).round().astype(np.int64))
+    return table.take(pa.array(at)).to_pylist()
+
+
 def send_traffic(s: Settings, day: dt.date, requests: int = 300) -> int:
     """Score `requests` single rows of day `day` on the live endpoint, so the prediction log has something
-    for `ctr monitor`; returns how many were answered."""
+    for `ctr monitor`; returns how many were answered. The rows are spread evenly over the whole day (the
+    first rows of a day are not a sample of it: `ctr monitor` flagged their skew as drift)."""
     import httpx
+    import pyarrow as pa
 
     from ctr.data.landing import read_staged
     from ctr.schema import FEATURE_COLUMNS
@@ -121,11 +135,10 @@ def send_traffic(s: Settings, day: dt.date, requests: int = 300) -> int:
     url = json.loads(state_path.read_text()).get("url") if state_path.exists() else None
     if not url:
         return 0
-    rows = []
-    for t in read_staged(s.staging_dir, day, columns=FEATURE_COLUMNS):
-        rows += t.slice(0, requests - len(rows)).to_pylist()
-        if len(rows) >= requests:
-            break
+    tables = list(read_staged(s.staging_dir, day, columns=FEATURE_COLUMNS))
+    if not tables:
+        return 0
+    rows = spread_rows(pa.concat_tables(tables), requests)
     headers = {"Authorization": f"Bearer {s.serve_token}"} if s.serve_token else {}
     ok = 0
     with httpx.Client(base_url=url, timeout=10, headers=headers) as c:
@@ -134,20 +147,27 @@ def send_traffic(s: Settings, day: dt.date, requests: int = 300) -> int:
     return ok
 
 
-def monitor_now(s: Settings) -> dict:
-    """`ctr monitor --day <today>` on what the demo just sent (the log is partitioned by UTC date)."""
+def _logged(root: Path, day: dt.date) -> int:
+    """Records in `day`'s closed prediction-log files."""
+    from ctr.serving.predlog import read_log
+
+    return sum(1 for _ in read_log(root, day))
+
+
+def monitor_now(s: Settings, logged_before: int, sent: int) -> dict:
+    """`ctr monitor --day <today>` on what the demo just sent (the log is partitioned by UTC date), once the
+    service has closed the files holding all `sent` of its requests beyond the `logged_before` records
+    already in today's log (or after its rotation time)."""
     import time
 
     from ctr.monitoring.monitor import monitor_day
     from ctr.registry import Registry
-    from ctr.serving.predlog import log_files
 
     today = dt.datetime.now(dt.UTC).date()
     wait = min(s.prediction_log_rotate_s, 120) + 5  # the service closes its open file within CTR_PREDICTION_LOG_ROTATE_S
-    if not log_files(s.predictions_dir, today):
-        print(f"demo: waiting up to {wait} s for the service to close its prediction-log file ...")
+    print(f"demo: waiting up to {wait} s for the service to close the prediction-log file of those {sent} requests ...")
     end = time.monotonic() + wait
-    while not log_files(s.predictions_dir, today) and time.monotonic() < end:
+    while _logged(s.predictions_dir, today) < logged_before + sent and time.monotonic() < end:
         time.sleep(1)
     return monitor_day(today, s.predictions_dir, s.home / "monitor" / today.isoformat(), registry=Registry.from_settings(s))
 
@@ -185,9 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     conf = json.dumps({"data_wait_timeout": 0, "completion_marker": "", "review_band": 1})
     r = _airflow("dags", "test", "ctr_retrain", day.isoformat(), "--conf", conf, check=False)
     rc = summary(s, day)
+    logged_before = _logged(s.predictions_dir, dt.datetime.now(dt.UTC).date())
     sent = send_traffic(s, day)
     if sent:
-        doc = monitor_now(s)
+        doc = monitor_now(s, logged_before, sent)
         print(f"demo: sent {sent} scoring requests; ctr monitor --day {doc['day']}: {doc['status']}"
               + (f" ({doc.get('rows', 0)} logged rows)" if doc.get("rows") else f" ({doc.get('reason', '')})"))
         for a in doc["alerts"]:
