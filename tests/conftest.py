@@ -41,7 +41,7 @@ END_DAY = dt.date(2026, 11, 20)
 SHARED_SCOPES = {"tests/e2e/test_live_airflow_ui.py": "tests/e2e/test_live_airflow.py"}
 
 
-def pytest_xdist_make_scheduler(config: pytest.Config, log):  # noqa: ANN001 (xdist's Producer)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):  # log: xdist's Producer
     """`make test` runs pytest on two pytest-xdist workers with `--dist loadfile`: each test module is one
     unit of work, so its module-scoped servers, clusters and trained models start once, on one worker, and
     its tests run in file order; the modules in SHARED_SCOPES join the unit of the module they name."""

@@ -58,7 +58,7 @@ class AirflowInstall:
 def migrated_airflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One sqlite metadata DB migrated by `airflow db migrate` (the schema of the Airflow installed), copied
     into each installation below: every install starts from the same fresh, real schema without paying
-    the migration (~15 s) again."""
+    the migration (about 4 s on a quiet machine) again."""
     template = AirflowInstall(tmp_path_factory.mktemp("airflow-db-template"), tmp_path_factory.mktemp("no-landing"))
     template.airflow("db", "migrate")
     return template.root / "airflow" / "airflow.db"
